@@ -1,0 +1,298 @@
+"""Search spaces over sub-networks (Klein et al. 2024, section 3).
+
+A *config* is a flat ``dict[str, int]`` (what Ray Tune samples and what the results store
+flattens into columns); a space turns it into the `SubNetwork` the supernet selects. Every space
+is a product of integer ranges (`Dim`), so sampling, one-dimension mutation (local search), the
+largest / smallest / middle configs and the Ray Tune ``param_space`` are written once here;
+each space says only what its dimensions are and what a config keeps.
+
+For a model with L layers, H heads and F FFN neurons per layer:
+
+========  ============================================================  =========
+space     config                                                        dims
+========  ============================================================  =========
+small     num_layers in [0, L], num_heads in [1, H], num_units in        3
+          [1, F]; the same for every kept layer (the first num_layers)
+medium    heads_i in [0, H], units_i in [0, F] per layer; 0 removes       2L
+          that block
+layer     layer_i in {0, 1}: keep or drop layer i                        L
+large     head_i_j, unit_i_k in {0, 1}: one bit per head and neuron       L(H+F)
+========  ============================================================  =========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from nas_prune.supernet import IllegalSubNetworkError, SubNetwork
+
+Config = dict[str, int]
+
+
+class SearchSpaceError(ValueError):
+    """A search space that cannot be built (bounds empty, inverted or outside the model)."""
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One integer dimension of a search space, both ends included."""
+
+    name: str
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise SearchSpaceError(
+                f"range of {self.name!r} is empty: low {self.low} > high {self.high}; "
+                "give bounds with low <= high"
+            )
+
+
+class SearchSpace:
+    """A product of integer ranges whose configs map to sub-networks of one model shape.
+
+    Args:
+        num_layers: layers of the full model (L).
+        num_heads: attention heads per layer (H).
+        num_units: FFN neurons per layer (F).
+        bounds: optional narrower ranges, ``{dim name: (low, high)}``, inside the defaults.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        num_units: int,
+        bounds: Mapping[str, tuple[int, int]] | None = None,
+    ):
+        if min(num_layers, num_heads, num_units) < 1:
+            raise SearchSpaceError(
+                f"model shape must be positive, got layers={num_layers}, heads={num_heads}, "
+                f"units={num_units}"
+            )
+        self.num_layers, self.num_heads, self.num_units = num_layers, num_heads, num_units
+        dims = {d.name: d for d in self._default_dims()}
+        for key, value in (bounds or {}).items():
+            if key not in dims:
+                raise SearchSpaceError(
+                    f"unknown dimension {key!r} for the {self.name} space; "
+                    f"its dimensions are {_preview(list(dims))}"
+                )
+            low, high = (int(v) for v in value)
+            full = dims[key]
+            if low > high:
+                raise SearchSpaceError(
+                    f"bounds for {key!r} are inverted: ({low}, {high}); give (low, high)"
+                )
+            if low < full.low or high > full.high:
+                raise SearchSpaceError(
+                    f"bounds for {key!r} ({low}, {high}) leave the model's range "
+                    f"[{full.low}, {full.high}]"
+                )
+            dims[key] = Dim(key, low, high)
+        self.dims: list[Dim] = list(dims.values())
+        self._index = {d.name: d for d in self.dims}
+
+    @classmethod
+    def for_model(cls, model_config: Any, bounds=None) -> SearchSpace:
+        """The space for a supernet's `EncoderConfig`."""
+        return cls(
+            model_config.num_hidden_layers,
+            model_config.num_attention_heads,
+            model_config.intermediate_size,
+            bounds,
+        )
+
+    # -- what each space defines ------------------------------------------------------------
+    def _default_dims(self) -> list[Dim]:
+        raise NotImplementedError
+
+    def _sub_network(self, config: Config) -> SubNetwork:
+        raise NotImplementedError
+
+    def middle(self) -> Config:
+        """The config halfway between smallest and largest in every dimension."""
+        return {d.name: (d.low + d.high + 1) // 2 for d in self.dims}
+
+    # -- shared -----------------------------------------------------------------------------
+    def validate(self, config: Mapping[str, int]) -> Config:
+        """Return `config` as a clean dict, or raise IllegalSubNetworkError naming the problem."""
+        missing = [d.name for d in self.dims if d.name not in config]
+        extra = [k for k in config if k not in self._index]
+        if missing or extra:
+            raise IllegalSubNetworkError(
+                f"config does not fit the {self.name} space: missing {_preview(missing)}, "
+                f"unknown {_preview(extra)}"
+            )
+        clean = {}
+        for d in self.dims:
+            value = int(config[d.name])
+            if not d.low <= value <= d.high:
+                raise IllegalSubNetworkError(
+                    f"{d.name}={value} is outside [{d.low}, {d.high}] of the {self.name} space"
+                )
+            clean[d.name] = value
+        return clean
+
+    def to_sub_network(self, config: Mapping[str, int]) -> SubNetwork:
+        """The supernet selection for `config`."""
+        return self._sub_network(self.validate(config))
+
+    def sample(self, rng: np.random.Generator) -> Config:
+        """A config drawn uniformly from each dimension."""
+        lows = np.array([d.low for d in self.dims])
+        highs = np.array([d.high for d in self.dims])
+        values = rng.integers(lows, highs + 1)
+        return {d.name: int(v) for d, v in zip(self.dims, values, strict=True)}
+
+    def mutate(self, config: Mapping[str, int], rng: np.random.Generator) -> Config:
+        """`config` with exactly one dimension re-sampled to a different value (local search)."""
+        config = self.validate(config)
+        free = [d for d in self.dims if d.high > d.low]
+        if not free:
+            raise SearchSpaceError(f"every dimension of the {self.name} space is fixed")
+        d = free[rng.integers(len(free))]
+        value = int(rng.integers(d.low, d.high))  # one of the other high - low values
+        config[d.name] = value if value < config[d.name] else value + 1
+        return config
+
+    def largest(self) -> Config:
+        return {d.name: d.high for d in self.dims}
+
+    def smallest(self) -> Config:
+        return {d.name: d.low for d in self.dims}
+
+    def param_space(self) -> dict[str, Any]:
+        """Ray Tune ``param_space``: one ``tune.randint`` per dimension."""
+        from ray import tune
+
+        return {d.name: tune.randint(d.low, d.high + 1) for d in self.dims}
+
+    def __len__(self) -> int:
+        return len(self.dims)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layers={self.num_layers}, heads={self.num_heads}, "
+            f"units={self.num_units}, dims={len(self.dims)})"
+        )
+
+
+def _preview(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(names[:n])
+    return f"[{shown}{', ...' if len(names) > n else ''}]" if names else "[]"
+
+
+class SmallSpace(SearchSpace):
+    """The same number of heads and neurons in each of the first `num_layers` layers."""
+
+    name = "small"
+
+    def _default_dims(self) -> list[Dim]:
+        return [
+            Dim("num_layers", 0, self.num_layers),
+            Dim("num_heads", 1, self.num_heads),
+            Dim("num_units", 1, self.num_units),
+        ]
+
+    def _sub_network(self, config: Config) -> SubNetwork:
+        return SubNetwork.uniform(
+            self.num_layers, config["num_layers"], config["num_heads"], config["num_units"]
+        )
+
+
+class MediumSpace(SearchSpace):
+    """Heads and neurons chosen per layer; 0 removes the attention or FFN block."""
+
+    name = "medium"
+
+    def _default_dims(self) -> list[Dim]:
+        layers = range(self.num_layers)
+        return [Dim(f"heads_{i}", 0, self.num_heads) for i in layers] + [
+            Dim(f"units_{i}", 0, self.num_units) for i in layers
+        ]
+
+    def _sub_network(self, config: Config) -> SubNetwork:
+        layers = range(self.num_layers)
+        return SubNetwork(
+            heads=tuple(config[f"heads_{i}"] for i in layers),
+            units=tuple(config[f"units_{i}"] for i in layers),
+        )
+
+
+class LayerSpace(SearchSpace):
+    """Keep or drop each whole layer."""
+
+    name = "layer"
+
+    def _default_dims(self) -> list[Dim]:
+        return [Dim(f"layer_{i}", 0, 1) for i in range(self.num_layers)]
+
+    def _sub_network(self, config: Config) -> SubNetwork:
+        keep = [config[f"layer_{i}"] for i in range(self.num_layers)]
+        return SubNetwork(
+            heads=tuple(self.num_heads * k for k in keep),
+            units=tuple(self.num_units * k for k in keep),
+        )
+
+    def middle(self) -> Config:
+        """The first half of the layers (rounded up)."""
+        half = (self.num_layers + 1) // 2
+        return {d.name: min(d.high, max(d.low, int(i < half))) for i, d in enumerate(self.dims)}
+
+
+class LargeSpace(SearchSpace):
+    """One bit per attention head and per FFN neuron (any subset, not only prefixes)."""
+
+    name = "large"
+
+    def _default_dims(self) -> list[Dim]:
+        dims = []
+        for i in range(self.num_layers):
+            dims += [Dim(f"head_{i}_{j}", 0, 1) for j in range(self.num_heads)]
+            dims += [Dim(f"unit_{i}_{k}", 0, 1) for k in range(self.num_units)]
+        return dims
+
+    def _sub_network(self, config: Config) -> SubNetwork:
+        layers = range(self.num_layers)
+        return SubNetwork(
+            heads=tuple(
+                tuple(j for j in range(self.num_heads) if config[f"head_{i}_{j}"]) for i in layers
+            ),
+            units=tuple(
+                tuple(k for k in range(self.num_units) if config[f"unit_{i}_{k}"]) for i in layers
+            ),
+        )
+
+    def middle(self) -> Config:
+        """The first half of every layer's heads and neurons (rounded up)."""
+        config = {}
+        for d in self.dims:
+            kind, _, index = d.name.split("_")
+            half = ((self.num_heads if kind == "head" else self.num_units) + 1) // 2
+            config[d.name] = min(d.high, max(d.low, int(int(index) < half)))
+        return config
+
+
+SPACES: dict[str, type[SearchSpace]] = {
+    cls.name: cls for cls in (SmallSpace, MediumSpace, LayerSpace, LargeSpace)
+}
+"""Search spaces by name; the CLI's choices come from here."""
+
+
+def make_space(name: str, model_config: Any, bounds=None) -> SearchSpace:
+    """The search space `name` for a supernet with config `model_config`."""
+    try:
+        cls = SPACES[name]
+    except KeyError:
+        raise SearchSpaceError(
+            f"unknown search space {name!r}; choose one of {', '.join(SPACES)}"
+        ) from None
+    return cls.for_model(model_config, bounds)

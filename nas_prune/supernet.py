@@ -1,0 +1,610 @@
+"""A BERT/RoBERTa encoder whose sub-networks are selected by slicing weights.
+
+This one file is the whole model. It is the weight-sharing *supernet* of two-stage NAS
+(Klein et al., "Structural Pruning of Pre-trained Language Models via Neural Architecture
+Search", TMLR 2024): `set_sub_network` selects, per layer, which attention heads and which
+FFN neurons are kept, and the forward pass runs on *slices* of the weight tensors, so a
+sub-network with 25% of the encoder costs about 25% of the compute (the reference code masks
+instead, which computes the full network whatever the mask).
+
+Heads and neurons can first be sorted by importance (DynaBERT, Hou et al. 2020, "network
+rewiring"), so that the prefixes the search spaces select are the most important units; the
+full network's function does not change.
+
+The same class, built with per-layer sizes (`EncoderConfig.layer_heads` / `layer_units`), is the
+physically smaller *exported* model: `extract_sub_network` copies the kept slices into it.
+This file imports only torch and transformers, so it can travel with an exported checkpoint
+and load through the transformers Auto classes with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+FAMILIES = ("bert", "roberta")
+"""Hugging Face `model_type`s whose weights load into this encoder."""
+
+
+class IllegalSubNetworkError(ValueError):
+    """A sub-network that the supernet cannot select (wrong layer count, too many units, ...)."""
+
+
+Selection = int | tuple[int, ...]
+"""What is kept of one block: the first k units (an int), or the sorted indices of kept units."""
+
+
+def _normalise(selection: Selection | Sequence[int]) -> Selection:
+    if hasattr(selection, "__index__"):  # int, numpy integer, 0-d tensor
+        return int(selection)
+    indices = tuple(sorted(int(i) for i in selection))
+    if len(set(indices)) != len(indices):
+        raise IllegalSubNetworkError(f"duplicate unit indices in {indices}")
+    return len(indices) if indices == tuple(range(len(indices))) else indices
+
+
+def _count(selection: Selection) -> int:
+    return selection if isinstance(selection, int) else len(selection)
+
+
+@dataclass(frozen=True)
+class SubNetwork:
+    """Which attention heads and FFN neurons of each layer a sub-network keeps.
+
+    Entry i of `heads` (`units`) describes layer i: an int k keeps the first k heads (neurons), a
+    tuple keeps exactly those indices. 0 removes the block: a layer with 0 heads and 0 units is
+    skipped entirely (the identity), as layer dropping does.
+    """
+
+    heads: tuple[Selection, ...]
+    """Per layer: the first k attention heads, or the indices of the kept heads."""
+    units: tuple[Selection, ...]
+    """Per layer: the first k FFN neurons, or the indices of the kept neurons."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(_normalise(h) for h in self.heads))
+        object.__setattr__(self, "units", tuple(_normalise(u) for u in self.units))
+        if len(self.heads) != len(self.units):
+            raise IllegalSubNetworkError(
+                f"heads has {len(self.heads)} layers but units has {len(self.units)}; "
+                "give one entry per layer in both"
+            )
+        for selection in (*self.heads, *self.units):
+            if isinstance(selection, int) and selection < 0:
+                raise IllegalSubNetworkError(f"negative unit count {selection}")
+            if isinstance(selection, tuple) and selection and selection[0] < 0:
+                raise IllegalSubNetworkError(f"negative unit index in {selection}")
+
+    @classmethod
+    def uniform(cls, total_layers: int, num_layers: int, num_heads: int, num_units: int):
+        """The first `num_layers` layers keep the first `num_heads` heads and `num_units` neurons."""
+        kept = range(total_layers)
+        return cls(
+            heads=tuple(num_heads if i < num_layers else 0 for i in kept),
+            units=tuple(num_units if i < num_layers else 0 for i in kept),
+        )
+
+    @property
+    def num_heads(self) -> tuple[int, ...]:
+        """Number of kept heads per layer."""
+        return tuple(_count(h) for h in self.heads)
+
+    @property
+    def num_units(self) -> tuple[int, ...]:
+        """Number of kept FFN neurons per layer."""
+        return tuple(_count(u) for u in self.units)
+
+    @property
+    def is_prefix(self) -> bool:
+        """True when every block keeps a prefix of its units (so slicing needs no copy)."""
+        return all(isinstance(s, int) for s in (*self.heads, *self.units))
+
+
+class EncoderConfig(PretrainedConfig):
+    """Architecture of the encoder (supernet or exported sub-network)."""
+
+    model_type = "nas_prune_encoder"
+
+    family: str = "bert"
+    """Which Hugging Face family the weights come from: "bert" or "roberta"."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    """Heads per layer of the full (super)network."""
+    head_dim: int = 64
+    intermediate_size: int = 3072
+    """FFN neurons per layer of the full (super)network."""
+    layer_heads: list[int] | None = None
+    """Per-layer head counts of an exported sub-network; None means the full network."""
+    layer_units: list[int] | None = None
+    """Per-layer FFN widths of an exported sub-network; None means the full network."""
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+
+    @property
+    def heads_per_layer(self) -> list[int]:
+        if self.layer_heads is not None:
+            return list(self.layer_heads)
+        return [self.num_attention_heads] * self.num_hidden_layers
+
+    @property
+    def units_per_layer(self) -> list[int]:
+        if self.layer_units is not None:
+            return list(self.layer_units)
+        return [self.intermediate_size] * self.num_hidden_layers
+
+
+def _take(weight: torch.Tensor, dim: int, selection: int | torch.Tensor | None) -> torch.Tensor:
+    """Slice `weight` along `dim`: a prefix is a free view, an index set a gather."""
+    if selection is None:
+        return weight
+    if isinstance(selection, int):
+        return weight.narrow(dim, 0, selection)
+    return weight.index_select(dim, selection)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.family = config.family
+        self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.family == "roberta":
+            # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id.
+            not_pad = input_ids.ne(self.pad_token_id).int()
+            positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with residual + LayerNorm (post-norm, as in BERT)."""
+
+    def __init__(self, config: EncoderConfig, num_heads: int):
+        super().__init__()
+        width = num_heads * config.head_dim
+        self.num_heads, self.head_dim = num_heads, config.head_dim
+        self.query = nn.Linear(config.hidden_size, width)
+        self.key = nn.Linear(config.hidden_size, width)
+        self.value = nn.Linear(config.hidden_size, width)
+        self.out = nn.Linear(width, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def forward(self, x, mask, heads: int, rows: int | torch.Tensor | None) -> torch.Tensor:
+        """`heads` heads are kept; `rows` selects their rows of Q/K/V (None: all)."""
+        batch, length, _ = x.shape
+
+        def project(linear: nn.Linear) -> torch.Tensor:
+            y = F.linear(x, _take(linear.weight, 0, rows), _take(linear.bias, 0, rows))
+            return y.view(batch, length, heads, self.head_dim).transpose(1, 2)
+
+        context = F.scaled_dot_product_attention(
+            project(self.query),
+            project(self.key),
+            project(self.value),
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        context = context.transpose(1, 2).reshape(batch, length, heads * self.head_dim)
+        out = F.linear(context, _take(self.out.weight, 1, rows), self.out.bias)
+        return self.norm(x + self.dropout(out))
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN with residual + LayerNorm."""
+
+    def __init__(self, config: EncoderConfig, num_units: int):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, num_units)
+        self.down = nn.Linear(num_units, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, units: int | torch.Tensor | None) -> torch.Tensor:
+        h = self.act(F.linear(x, _take(self.up.weight, 0, units), _take(self.up.bias, 0, units)))
+        out = F.linear(h, _take(self.down.weight, 1, units), self.down.bias)
+        return self.norm(x + self.dropout(out))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: EncoderConfig, num_heads: int, num_units: int):
+        super().__init__()
+        self.attention = Attention(config, num_heads) if num_heads else None
+        self.ffn = FeedForward(config, num_units) if num_units else None
+
+
+class ClassificationHead(nn.Module):
+    """BERT: pooler (dense + tanh on the first token) then classifier; RoBERTa: the same dense
+    + tanh layer inside its head. Both are dense -> tanh -> dropout -> out on token 0."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        p = config.classifier_dropout
+        p = config.hidden_dropout_prob if p is None else p
+        self.family = config.family
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden[:, 0]
+        if self.family == "roberta":
+            x = self.dropout(x)
+        return self.out(self.dropout(torch.tanh(self.dense(x))))
+
+
+class EncoderForSequenceClassification(PreTrainedModel):
+    """Encoder + classification head; the supernet when built with the full configuration."""
+
+    config_class = EncoderConfig
+    base_model_prefix = "encoder"
+    _supports_sdpa = True
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__(config)
+        heads, units = config.heads_per_layer, config.units_per_layer
+        if len(heads) != len(units):
+            raise ValueError("layer_heads and layer_units must have one entry per layer")
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, h, u) for h, u in zip(heads, units, strict=True))
+        self.head = ClassificationHead(config)
+        self._active: list[tuple[int, int | torch.Tensor | None, int, int | torch.Tensor | None]]
+        self.sub_network: SubNetwork | None = None
+        self.reset_super_network()
+        self.post_init()
+
+    # ----------------------------------------------------------------------------- selection
+    @property
+    def full_sub_network(self) -> SubNetwork:
+        """The whole network as a SubNetwork."""
+        return SubNetwork(tuple(self.config.heads_per_layer), tuple(self.config.units_per_layer))
+
+    def validate(self, sub: SubNetwork) -> None:
+        """Raise IllegalSubNetworkError unless this network can select `sub`."""
+        heads, units = self.config.heads_per_layer, self.config.units_per_layer
+        if len(sub.heads) != len(heads):
+            raise IllegalSubNetworkError(
+                f"sub-network has {len(sub.heads)} layers, this model has {len(heads)}"
+            )
+        for i, (sh, su, h, u) in enumerate(zip(sub.heads, sub.units, heads, units, strict=True)):
+            for what, sel, limit in (("heads", sh, h), ("units", su, u)):
+                top = sel if isinstance(sel, int) else (sel[-1] + 1 if sel else 0)
+                if top > limit:
+                    raise IllegalSubNetworkError(
+                        f"layer {i} keeps {what} up to {top} but has only {limit}"
+                    )
+
+    def set_sub_network(self, sub: SubNetwork) -> None:
+        """Run every following forward pass on sub-network `sub` (sliced weights, no masks)."""
+        self.validate(sub)
+        device = self.embeddings.word.weight.device
+        dim = self.config.head_dim
+        active = []
+        full = zip(self.config.heads_per_layer, self.config.units_per_layer, strict=True)
+        for (full_h, full_u), h_sel, u_sel in zip(full, sub.heads, sub.units, strict=True):
+            if isinstance(h_sel, int):
+                rows = None if h_sel == full_h else h_sel * dim
+            else:
+                idx = torch.tensor(h_sel, device=device)
+                rows = (idx[:, None] * dim + torch.arange(dim, device=device)).flatten()
+            if isinstance(u_sel, int):
+                cols = None if u_sel == full_u else u_sel
+            else:
+                cols = torch.tensor(u_sel, device=device)
+            active.append((_count(h_sel), rows, _count(u_sel), cols))
+        self._active = active
+        self.sub_network = sub
+
+    def reset_super_network(self) -> None:
+        """Select the full network again."""
+        heads, units = self.config.heads_per_layer, self.config.units_per_layer
+        self._active = [(h, None, u, None) for h, u in zip(heads, units, strict=True)]
+        self.sub_network = None
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        x = self.embeddings(input_ids, token_type_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask[:, None, None, :].bool()
+        for layer, (heads, rows, units, cols) in zip(self.layers, self._active, strict=True):
+            if heads:
+                x = layer.attention(x, mask, heads, rows)
+            if units:
+                x = layer.ffn(x, cols)
+        logits = self.head(x)
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    # ------------------------------------------------------------------------------ costs
+    def num_params(self, sub: SubNetwork | None = None, *, encoder_only: bool = False) -> int:
+        """Exact parameter count of sub-network `sub` (default: the full network), which equals
+        the parameter count of the model `extract_sub_network(sub)` / export produce.
+        `encoder_only` counts the transformer layers alone (no embeddings, no head)."""
+        sub = sub or self.full_sub_network
+        self.validate(sub)
+        hidden, dim = self.config.hidden_size, self.config.head_dim
+        total = 0
+        for h, n in zip(sub.num_heads, sub.num_units, strict=True):
+            if h:  # Q, K, V (weight + bias), output projection, LayerNorm
+                total += 3 * (hidden * h * dim + h * dim) + h * dim * hidden + hidden + 2 * hidden
+            if n:  # up, down, LayerNorm
+                total += hidden * n + n + n * hidden + hidden + 2 * hidden
+        if not encoder_only:
+            total += sum(p.numel() for p in self.embeddings.parameters())
+            total += sum(p.numel() for p in self.head.parameters())
+        return total
+
+    def flops(self, sub: SubNetwork | None = None, seq_len: int = 128) -> int:
+        """Floating-point operations (2 x multiply-adds of the matrix products) to classify one
+        sequence of `seq_len` tokens with sub-network `sub`. Element-wise work is not counted."""
+        sub = sub or self.full_sub_network
+        self.validate(sub)
+        hidden, dim, t = self.config.hidden_size, self.config.head_dim, seq_len
+        total = 0
+        for h, n in zip(sub.num_heads, sub.num_units, strict=True):
+            width = h * dim
+            total += 2 * t * hidden * width * 4  # Q, K, V and output projections
+            total += 2 * t * t * width * 2  # scores and weighted values
+            total += 2 * t * hidden * n * 2  # FFN up and down
+        total += 2 * hidden * hidden + 2 * hidden * self.config.num_labels  # head on token 0
+        return total
+
+    # ------------------------------------------------------------------------------ extract
+    def extract_sub_network(self, sub: SubNetwork) -> EncoderForSequenceClassification:
+        """A physically smaller model holding copies of `sub`'s weights. Layers that keep
+        nothing are left out; its outputs equal this model's with `sub` selected."""
+        self.validate(sub)
+        kept = [i for i, (h, n) in enumerate(zip(sub.num_heads, sub.num_units)) if h or n]
+        config = EncoderConfig.from_dict(self.config.to_dict())
+        config.num_hidden_layers = len(kept)
+        config.layer_heads = [sub.num_heads[i] for i in kept]
+        config.layer_units = [sub.num_units[i] for i in kept]
+        small = type(self)(config).to(self.device, self.dtype)
+        state = self.state_dict()
+        new_state = {k: v for k, v in state.items() if not k.startswith("layers.")}
+        dim = self.config.head_dim
+        for j, i in enumerate(kept):
+            h_sel, u_sel = sub.heads[i], sub.units[i]
+            rows = _rows(h_sel, dim)
+            units = torch.arange(u_sel) if isinstance(u_sel, int) else torch.tensor(u_sel)
+            src, dst = f"layers.{i}.", f"layers.{j}."
+            if sub.num_heads[i]:
+                for name in ("query", "key", "value"):
+                    for p in ("weight", "bias"):
+                        new_state[f"{dst}attention.{name}.{p}"] = state[
+                            f"{src}attention.{name}.{p}"
+                        ][rows]
+                new_state[f"{dst}attention.out.weight"] = state[f"{src}attention.out.weight"][
+                    :, rows
+                ]
+                for p in ("out.bias", "norm.weight", "norm.bias"):
+                    new_state[f"{dst}attention.{p}"] = state[f"{src}attention.{p}"]
+            if sub.num_units[i]:
+                new_state[f"{dst}ffn.up.weight"] = state[f"{src}ffn.up.weight"][units]
+                new_state[f"{dst}ffn.up.bias"] = state[f"{src}ffn.up.bias"][units]
+                new_state[f"{dst}ffn.down.weight"] = state[f"{src}ffn.down.weight"][:, units]
+                for p in ("down.bias", "norm.weight", "norm.bias"):
+                    new_state[f"{dst}ffn.{p}"] = state[f"{src}ffn.{p}"]
+        small.load_state_dict({k: v.clone() for k, v in new_state.items()}, strict=True)
+        return small.train(self.training)
+
+    # ------------------------------------------------------------------------------ rewiring
+    @torch.no_grad()
+    def reorder(self, head_order: Sequence[torch.Tensor], unit_order: Sequence[torch.Tensor]):
+        """Permute heads and neurons of each layer (new unit j = old unit order[j]). The full
+        network computes the same function afterwards."""
+        if self.config.layer_heads is not None or self.config.layer_units is not None:
+            raise ValueError("reorder applies to a full supernet, not an exported sub-network")
+        dim = self.config.head_dim
+        for layer, h_order, u_order in zip(self.layers, head_order, unit_order, strict=True):
+            rows = (h_order.long()[:, None] * dim + torch.arange(dim)).flatten()
+            rows = rows.to(self.device)
+            att, ffn = layer.attention, layer.ffn
+            for linear in (att.query, att.key, att.value):
+                linear.weight.copy_(linear.weight[rows])
+                linear.bias.copy_(linear.bias[rows])
+            att.out.weight.copy_(att.out.weight[:, rows])
+            u_order = u_order.long().to(self.device)
+            ffn.up.weight.copy_(ffn.up.weight[u_order])
+            ffn.up.bias.copy_(ffn.up.bias[u_order])
+            ffn.down.weight.copy_(ffn.down.weight[:, u_order])
+        self.reset_super_network()
+
+
+def _rows(selection: Selection, dim: int) -> torch.Tensor:
+    heads = torch.arange(selection) if isinstance(selection, int) else torch.tensor(selection)
+    return (heads[:, None] * dim + torch.arange(dim)).flatten()
+
+
+def importance(model: EncoderForSequenceClassification, batches) -> tuple[list, list]:
+    """Per-layer importance of each head and each FFN neuron on the full network.
+
+    The importance of a unit is |dL/dg| for a gate g multiplying its output (Michel et al. 2019
+    for heads, DynaBERT for neurons), accumulated over `batches` (dicts of tensors with
+    `labels`). The gate's gradient needs no gate: for head h it equals the sum over the output
+    projection's columns of h of weight x gradient, and likewise for a neuron with the FFN's
+    down projection.
+    """
+    model.reset_super_network()
+    was_training = model.training
+    model.eval()
+    dim = model.config.head_dim
+    heads = [torch.zeros(layer.attention.num_heads) for layer in model.layers]
+    units = [torch.zeros(layer.ffn.up.out_features) for layer in model.layers]
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for i, layer in enumerate(model.layers):
+            out = layer.attention.out.weight
+            per_col = (out * out.grad).sum(0).detach().cpu()
+            heads[i] += per_col.view(-1, dim).sum(1).abs()
+            down = layer.ffn.down.weight
+            units[i] += (down * down.grad).sum(0).detach().cpu().abs()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return heads, units
+
+
+def rewire(model: EncoderForSequenceClassification, batches) -> tuple[list, list]:
+    """Sort every layer's heads and neurons by decreasing importance (DynaBERT rewiring), so
+    that prefix sub-networks keep the most important units. Returns the importances in the
+    new order."""
+    heads, units = importance(model, batches)
+    head_order = [torch.argsort(h, descending=True, stable=True) for h in heads]
+    unit_order = [torch.argsort(u, descending=True, stable=True) for u in units]
+    model.reorder(head_order, unit_order)
+    return (
+        [h[o] for h, o in zip(heads, head_order, strict=True)],
+        [u[o] for u, o in zip(units, unit_order, strict=True)],
+    )
+
+
+# ---------------------------------------------------------------------------------- loading
+def hf_state_map(family: str, num_layers: int, prefix: str) -> dict[str, str]:
+    """Our parameter name -> the Hugging Face checkpoint's name."""
+    m = {
+        "embeddings.word.weight": "embeddings.word_embeddings.weight",
+        "embeddings.position.weight": "embeddings.position_embeddings.weight",
+        "embeddings.token_type.weight": "embeddings.token_type_embeddings.weight",
+        "embeddings.norm.weight": "embeddings.LayerNorm.weight",
+        "embeddings.norm.bias": "embeddings.LayerNorm.bias",
+    }
+    m = {k: prefix + v for k, v in m.items()}
+    for i in range(num_layers):
+        ours, theirs = f"layers.{i}.", f"{prefix}encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            for name in ("query", "key", "value"):
+                m[f"{ours}attention.{name}.{p}"] = f"{theirs}attention.self.{name}.{p}"
+            m[f"{ours}attention.out.{p}"] = f"{theirs}attention.output.dense.{p}"
+            m[f"{ours}attention.norm.{p}"] = f"{theirs}attention.output.LayerNorm.{p}"
+            m[f"{ours}ffn.up.{p}"] = f"{theirs}intermediate.dense.{p}"
+            m[f"{ours}ffn.down.{p}"] = f"{theirs}output.dense.{p}"
+            m[f"{ours}ffn.norm.{p}"] = f"{theirs}output.LayerNorm.{p}"
+    for p in ("weight", "bias"):
+        if family == "bert":
+            m[f"head.dense.{p}"] = f"{prefix}pooler.dense.{p}"
+            m[f"head.out.{p}"] = f"classifier.{p}"
+        else:
+            m[f"head.dense.{p}"] = f"classifier.dense.{p}"
+            m[f"head.out.{p}"] = f"classifier.out_proj.{p}"
+    return m
+
+
+def config_from_hf(hf_config: PretrainedConfig) -> EncoderConfig:
+    """Our EncoderConfig for a Hugging Face BERT/RoBERTa config."""
+    family = getattr(hf_config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(
+            f"model_type {family!r} is not supported; nas_prune loads BERT and RoBERTa "
+            f"checkpoints ({', '.join(FAMILIES)}). Choose a BERT- or RoBERTa-family model."
+        )
+    if getattr(hf_config, "position_embedding_type", "absolute") not in ("absolute", None):
+        raise ValueError("only absolute position embeddings are supported")
+    c = hf_config
+    return EncoderConfig(
+        family=family,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        head_dim=c.hidden_size // c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        hidden_act=c.hidden_act,
+        hidden_dropout_prob=c.hidden_dropout_prob,
+        attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+        classifier_dropout=getattr(c, "classifier_dropout", None),
+        max_position_embeddings=c.max_position_embeddings,
+        type_vocab_size=c.type_vocab_size,
+        layer_norm_eps=c.layer_norm_eps,
+        initializer_range=c.initializer_range,
+        pad_token_id=c.pad_token_id,
+        num_labels=c.num_labels,
+        id2label=c.id2label,
+        label2id=c.label2id,
+        problem_type=c.problem_type,
+    )
+
+
+def from_hf(hf_model: PreTrainedModel) -> EncoderForSequenceClassification:
+    """Copy a transformers BERT/RoBERTa `...ForSequenceClassification` model into our encoder."""
+    config = config_from_hf(hf_model.config)
+    model = EncoderForSequenceClassification(config)
+    state = hf_model.state_dict()
+    prefix = hf_model.base_model_prefix + "."
+    names = hf_state_map(config.family, config.num_hidden_layers, prefix)
+    missing = [theirs for theirs in names.values() if theirs not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} expected tensors, e.g. {missing[:3]}")
+    model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, strict=True)
+    return model.to(hf_model.dtype)
+
+
+def load_pretrained(
+    name_or_path: str, num_labels: int = 2, **hf_kwargs
+) -> EncoderForSequenceClassification:
+    """Load any Hugging Face BERT/RoBERTa checkpoint (hub name or local directory; a base model
+    gets a freshly initialised classification head) or a nas_prune encoder checkpoint."""
+    config = AutoConfig.from_pretrained(name_or_path, num_labels=num_labels, **hf_kwargs)
+    if isinstance(config, EncoderConfig):
+        return EncoderForSequenceClassification.from_pretrained(name_or_path, config=config)
+    config_from_hf(config)  # fail early, before loading weights, for other families
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, config=config, **hf_kwargs
+    )
+    model = from_hf(hf_model)
+    del hf_model
+    return model
+
+
+AutoConfig.register(EncoderConfig.model_type, EncoderConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(
+    EncoderConfig, EncoderForSequenceClassification, exist_ok=True
+)
+EncoderConfig.register_for_auto_class()
+EncoderForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
