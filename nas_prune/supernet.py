@@ -47,7 +47,8 @@ Selection = int | tuple[int, ...]
 
 
 def _normalise(selection: Selection | Sequence[int]) -> Selection:
-    if hasattr(selection, "__index__"):  # int, numpy integer, 0-d tensor
+    # int, numpy integer, 0-d tensor; a 1-d array/tensor also has __index__ but lists indices
+    if hasattr(selection, "__index__") and getattr(selection, "ndim", 0) == 0:
         return int(selection)
     indices = tuple(sorted(int(i) for i in selection))
     if len(set(indices)) != len(indices):
@@ -89,11 +90,12 @@ class SubNetwork:
 
     @classmethod
     def uniform(cls, total_layers: int, num_layers: int, num_heads: int, num_units: int):
-        """The first `num_layers` layers keep the first `num_heads` heads and `num_units` neurons."""
-        kept = range(total_layers)
+        """The first `num_layers` layers keep their first `num_heads` heads and `num_units`
+        neurons; the other layers are dropped."""
+        layers = range(total_layers)
         return cls(
-            heads=tuple(num_heads if i < num_layers else 0 for i in kept),
-            units=tuple(num_units if i < num_layers else 0 for i in kept),
+            heads=tuple(num_heads if i < num_layers else 0 for i in layers),
+            units=tuple(num_units if i < num_layers else 0 for i in layers),
         )
 
     @property
@@ -400,7 +402,8 @@ class EncoderForSequenceClassification(PreTrainedModel):
         """A physically smaller model holding copies of `sub`'s weights. Layers that keep
         nothing are left out; its outputs equal this model's with `sub` selected."""
         self.validate(sub)
-        kept = [i for i, (h, n) in enumerate(zip(sub.num_heads, sub.num_units)) if h or n]
+        pairs = enumerate(zip(sub.num_heads, sub.num_units, strict=True))
+        kept = [i for i, (h, n) in pairs if h or n]
         config = EncoderConfig.from_dict(self.config.to_dict())
         config.num_hidden_layers = len(kept)
         config.layer_heads = [sub.num_heads[i] for i in kept]
