@@ -581,14 +581,15 @@ def make_loader(dataset: datasets.Dataset, tokenizer: Any, batch_size: int,
     if missing:
         raise DataError(f"dataset lacks columns {sorted(missing)} (has {dataset.column_names}); "
                         "run nas_prune.data.tokenize on the TaskData first")
-    if shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
+    # The loader's own generator also seeds each iterator, which would otherwise draw from
+    # (and so shift) the global torch RNG that dropout uses: resumed training needs both fixed.
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     float_labels = dataset.features["labels"].dtype.startswith("float")
     # Each sampled item is a whole list of indices, so Arrow fetches a batch in one call.
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last),
-                      batch_size=None, collate_fn=_PadCollator(tokenizer, float_labels))
+                      batch_size=None, collate_fn=_PadCollator(tokenizer, float_labels),
+                      generator=generator)
 
 
 # ------------------------------------------------------------------- tokenizer and model paths

@@ -454,7 +454,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[EncoderForSequenceClassifi
     meta = read_meta(path)
     try:
         model = load_pretrained(str(path), num_labels=meta.get("num_labels", 2))
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise TrainingError(f"cannot load checkpoint {path}: {e}") from e
     return model.eval(), meta
 
@@ -534,6 +534,7 @@ def train(
     ds_config = deepspeed_config(opts, strategy.passes_per_step, total, world, use_gpu)
 
     resume = _resumable(out, opts, total)
+    torch.manual_seed(opts.seed + rank)  # dropout; a resumed run restores the saved state
     if resume is None and opts.rewire and opts.strategy != "standard":
         rewire_loader = data_lib.make_loader(task.train, tokenizer, opts.batch_size,
                                              shuffle=True, seed=opts.seed + 1)
@@ -751,3 +752,82 @@ def train_supernet(
                 "base_model": meta.get("base_model"), "family": model.config.family}
     with _quiet_deepspeed():
         return train(model.train(), task, tokenizer, out_dir, opts, meta=new_meta, **kwargs)
+
+
+# ------------------------------------------------------------------------------- many workers
+def _worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: load the task, run one training stage, report the result."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO)
+    task = data_lib.load_task(**config["task"])
+    tokenizer = data_lib.load_tokenizer(config["tokenizer"])
+    task = data_lib.tokenize(task, tokenizer, max_length=config["opts"].max_length)
+    stage = finetune if config["stage"] == "finetune" else train_supernet
+    result = stage(config["source"], task, config["out_dir"], config["opts"], **config["kwargs"])
+    metrics = {"steps": result.steps, "examples_per_second": result.examples_per_second}
+    if result.losses:
+        metrics["final_loss"] = result.losses[-1]
+    if result.valid:
+        metrics.update({f"valid_{k}": v for k, v in result.valid.items()})
+    ray.train.report(metrics)
+
+
+def train_distributed(
+    stage: str,
+    source: str | os.PathLike,
+    task_kwargs: dict[str, Any],
+    out_dir: str | os.PathLike,
+    opts: TrainOptions,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    tokenizer: str | None = None,
+    storage_path: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run `finetune` (stage "finetune", `source` = pre-trained model) or `train_supernet`
+    (stage "supernet", `source` = teacher checkpoint) on `num_workers` Ray Train workers, each
+    running the same DeepSpeed training function (data split between workers by rank).
+
+    `out_dir` must be reachable by every worker (a shared filesystem on a cluster). Returns the
+    final metrics rank 0 reported.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if stage not in ("finetune", "supernet"):
+        raise TrainingError(f"unknown stage {stage!r}; choose finetune or supernet")
+    if num_workers < 1:
+        raise TrainingError(f"num_workers must be >= 1, got {num_workers}")
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    need = "GPU" if use_gpu else "CPU"
+    if resources.get(need, 0) < num_workers:
+        raise TrainingError(
+            f"{num_workers} workers need {num_workers} {need}s but the Ray cluster has "
+            f"{resources.get(need, 0):g}; lower num_workers or add nodes"
+        )
+    config = {
+        "stage": stage,
+        "source": str(source),
+        "task": task_kwargs,
+        "tokenizer": str(tokenizer or source),
+        "out_dir": str(Path(out_dir).resolve()),
+        "opts": opts,
+        "kwargs": kwargs,
+    }
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=f"nas_prune_{stage}",
+            storage_path=storage_path or str(Path(out_dir).resolve().parent / "ray_train"),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})

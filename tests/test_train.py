@@ -1,0 +1,318 @@
+"""Training through a real DeepSpeed engine (CPU, gloo, fp32) on tiny random-weight models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
+
+from nas_prune import data, train
+from nas_prune.space import SmallSpace
+from nas_prune.supernet import SubNetwork
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.load_tokenizer(data.default_model_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random BERT with the MiniLM vocabulary, saved like a Hugging Face checkpoint."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, num_labels=2)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _synthetic_csv(path, n=320, seed=0):
+    """Sentiment a model can learn in a few steps: the label is which word the text contains."""
+    rng = np.random.default_rng(seed)
+    filler = ["the", "movie", "was", "a", "plot", "actor", "film", "scene"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = list(rng.choice(filler, size=int(rng.integers(3, 9))))
+        words.insert(int(rng.integers(len(words) + 1)), "wonderful" if label else "awful")
+        rows.append(f"{' '.join(words)},{'pos' if label else 'neg'}")
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def task_kwargs(tmp_path_factory):
+    return {"task": _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv"), "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def task(task_kwargs, tokenizer):
+    return data.tokenize(data.load_task(**task_kwargs), tokenizer, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_model_dir, task):
+    out = tmp_path_factory.mktemp("teacher")
+    opts = train.TrainOptions(epochs=4, batch_size=16, lr=3e-3, log_every=5)
+    result = train.finetune(tiny_model_dir, task, out, opts)
+    return out, result
+
+
+# --------------------------------------------------------------------------------- strategies
+def _plan(name, **kw):
+    space = SmallSpace(2, 4, 48)
+    strategy = train.make_strategy(name, **kw)
+    ctx = train.StepContext(space, np.random.default_rng(0), step=5, total_steps=10)
+    return strategy, strategy.plan(ctx)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "passes", "full", "distil"),
+    [
+        ("standard", {}, 1, 1, 0),
+        ("random", {}, 1, 0, 0),
+        ("random", {"num_random": 3}, 3, 0, 0),
+        ("sandwich", {}, 4, 1, 0),
+        ("sandwich", {"num_random": 5}, 7, 1, 0),
+        ("kd", {"num_random": 2}, 2, 0, 2),
+        ("full", {}, 4, 1, 3),
+        ("full", {"num_random": 1}, 3, 1, 2),
+    ],
+)
+def test_strategy_plans(name, kwargs, passes, full, distil):
+    strategy, plan = _plan(name, **kwargs)
+    assert strategy.passes_per_step == len(plan) == passes
+    assert sum(p.sub is None for p in plan) == full
+    assert sum(p.distil for p in plan) == distil
+
+
+def test_sandwich_ends_with_smallest_and_starts_with_full():
+    _, plan = _plan("sandwich")
+    assert plan[0].sub is None
+    assert plan[-1].sub == SubNetwork.uniform(2, 0, 1, 1)
+
+
+def test_random_linear_probability_rises():
+    space = SmallSpace(2, 4, 48)
+    strategy = train.make_strategy("random_linear")
+    rng = np.random.default_rng(0)
+
+    def share(step):
+        ctx = train.StepContext(space, rng, step=step, total_steps=101)
+        return np.mean([strategy.plan(ctx)[0].sub is not None for _ in range(400)])
+
+    assert share(0) == 0.0
+    assert 0.35 < share(50) < 0.65
+    assert share(100) == 1.0
+
+
+def test_kd_loss_formula_and_temperature():
+    student = torch.tensor([[1.0, -1.0, 0.5]])
+    teacher = torch.tensor([[2.0, 0.0, -1.0]])
+    labels = torch.tensor([2])
+    for t in (1.0, 4.0):
+        p_teacher = torch.softmax(teacher / t, -1)
+        log_p_student = torch.log_softmax(student / t, -1)
+        soft = -(p_teacher * log_p_student).sum() * t * t
+        hard = -torch.log_softmax(student, -1)[0, 2]
+        got = train._kd_loss(student, teacher, labels, t)
+        assert got.item() == pytest.approx((soft + hard).item(), rel=1e-6)
+    assert train._kd_loss(student, teacher, labels, 1.0) != train._kd_loss(
+        student, teacher, labels, 4.0
+    )
+
+
+def test_kd_loss_regression_uses_mse():
+    student, teacher = torch.tensor([[0.5]]), torch.tensor([[1.5]])
+    got = train._kd_loss(student, teacher, torch.tensor([2.0]), 2.0)
+    assert got.item() == pytest.approx(1.0 + 2.25)
+
+
+# --------------------------------------------------------------------------------- bad input
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(train.TrainingError, match="unknown strategy 'bogus'.*sandwich"):
+        train.TrainOptions(strategy="bogus")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"train_batch_size": 999}, "contradicts itself"),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "both fp16 and bf16"),
+        ({"zero_optimization": {"stage": 7}}, "stage must be 0-3"),
+        ({"gradient_accumulation_steps": 3}, "multiple of the strategy"),
+    ],
+)
+def test_contradictory_deepspeed_config(override, message):
+    opts = train.TrainOptions(strategy="sandwich", deepspeed=override)
+    with pytest.raises(train.TrainingError, match=message):
+        train.deepspeed_config(opts, passes_per_step=4, total_steps=10, world_size=1,
+                               use_gpu=False)
+
+
+def test_deepspeed_config_accumulates_every_pass():
+    opts = train.TrainOptions(strategy="full", num_random=3, gradient_accumulation=2)
+    strategy = train.make_strategy("full", 3)
+    config = train.deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=False)
+    assert config["gradient_accumulation_steps"] == 2 * 5
+    assert config["optimizer"]["params"]["torch_adam"] is True
+    assert config["bf16"]["enabled"] is False
+    gpu = train.deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=True)
+    assert gpu["bf16"]["enabled"] is True
+
+
+def test_bf16_on_cpu_is_rejected():
+    opts = train.TrainOptions(precision="bf16")
+    with pytest.raises(train.TrainingError, match="needs a GPU"):
+        train.deepspeed_config(opts, 1, 10, 1, use_gpu=False)
+
+
+def test_teacher_must_be_finetuned_for_the_task(tiny_model_dir, task, tmp_path, teacher_dir):
+    with pytest.raises(train.TrainingError, match="not a fine-tuned nas_prune model"):
+        train.train_supernet(tiny_model_dir, task, tmp_path / "a", train.TrainOptions())
+    other = data.TaskData(
+        data.TaskSpec("other_task", "text", None, "label", 2, "accuracy"),
+        task.train, task.valid, task.test,
+    )
+    with pytest.raises(train.TrainingError, match="fine-tuned for task"):
+        train.train_supernet(teacher_dir[0], other, tmp_path / "b", train.TrainOptions())
+    three = data.TaskData(
+        data.TaskSpec(task.spec.name, "text", None, "label", 3, "accuracy"),
+        task.train, task.valid, task.test,
+    )
+    with pytest.raises(train.TrainingError, match="predicts 2 labels"):
+        train.train_supernet(teacher_dir[0], three, tmp_path / "c", train.TrainOptions())
+
+
+def test_checkpoint_of_another_family_or_corrupt(tmp_path, teacher_dir):
+    gpt = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(gpt)
+    with pytest.raises(train.TrainingError, match="BERT and RoBERTa"):
+        train.load_checkpoint(gpt)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in teacher_dir[0].iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(train.TrainingError, match="cannot load checkpoint"):
+        train.load_checkpoint(broken)
+    with pytest.raises(train.TrainingError, match="no config.json"):
+        train.load_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------------- training
+def test_finetune_loss_falls_and_checkpoint_loads(teacher_dir, task, tokenizer):
+    out, result = teacher_dir
+    assert result.steps == 4 * math.ceil(len(task.train) / 16)
+    assert np.mean(result.losses[-5:]) < 0.5 * np.mean(result.losses[:5])
+    model, meta = train.load_checkpoint(out)
+    assert meta["kind"] == "teacher" and meta["finished"] and meta["steps_done"] == result.steps
+    valid = train.evaluate(model, data.make_loader(task.valid, tokenizer, 32), task.spec)
+    assert valid["metric"] == pytest.approx(result.valid["metric"])
+    assert valid["metric"] > 0.9
+    assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()
+
+
+def test_finished_run_is_not_silently_overwritten(teacher_dir, tiny_model_dir, task):
+    with pytest.raises(train.TrainingError, match="already holds a finished"):
+        train.finetune(tiny_model_dir, task, teacher_dir[0],
+                       train.TrainOptions(epochs=4, batch_size=16, lr=3e-3, log_every=5))
+
+
+def _forward_counter(monkeypatch):
+    calls = []
+    original = train.EncoderForSequenceClassification.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.sub_network)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.EncoderForSequenceClassification, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("strategy", "num_random", "forwards"),
+                         [("sandwich", 1, 3), ("sandwich", 3, 5), ("kd", 2, 3)])
+def test_num_random_changes_training(teacher_dir, task, tmp_path, monkeypatch, strategy,
+                                     num_random, forwards):
+    calls = _forward_counter(monkeypatch)
+    opts = train.TrainOptions(strategy=strategy, num_random=num_random, max_steps=2,
+                              batch_size=16, rewire=False)
+    steps = []
+    train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts,
+                         on_step=lambda s, _: steps.append((s, len(calls))))
+    assert [n for _, n in steps] == [forwards, 2 * forwards]
+
+
+def _state(path):
+    model, _ = train.load_checkpoint(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_supernet_resume_repeats_and_loses_no_step(teacher_dir, task, tmp_path):
+    opts = train.TrainOptions(strategy="full", max_steps=6, batch_size=16, lr=1e-3,
+                              rewire_batches=2)
+    straight = []
+    train.train_supernet(teacher_dir[0], task, tmp_path / "straight", opts,
+                         on_step=lambda s, loss: straight.append((s, loss)))
+    resumed = []
+    first = train.train_supernet(teacher_dir[0], task, tmp_path / "resumed", opts, stop_after=3,
+                                 on_step=lambda s, loss: resumed.append((s, loss)))
+    assert first.steps == 3 and first.valid is None
+    meta = json.loads((tmp_path / "resumed" / "nas_prune.json").read_text())
+    assert meta["steps_done"] == 3 and not meta["finished"]
+    second = train.train_supernet(teacher_dir[0], task, tmp_path / "resumed", opts,
+                                  on_step=lambda s, loss: resumed.append((s, loss)))
+    assert second.steps == 6
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6] == [s for s, _ in straight]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight])
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    teacher = _state(teacher_dir[0])
+    assert any(not torch.equal(a[k], teacher[k]) for k in a)
+
+
+def test_resume_with_other_options_is_rejected(teacher_dir, task, tmp_path):
+    opts = train.TrainOptions(strategy="random", max_steps=4, batch_size=16, rewire=False)
+    train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts, stop_after=1)
+    other = train.TrainOptions(strategy="sandwich", max_steps=4, batch_size=16, rewire=False)
+    with pytest.raises(train.TrainingError, match="other options.*strategy"):
+        train.train_supernet(teacher_dir[0], task, tmp_path / "sn", other)
+
+
+def test_full_supernet_improves_small_subnetworks(teacher_dir, task, tokenizer, tmp_path):
+    """`full` training makes small sub-networks better than cutting them from the teacher."""
+    teacher, _ = train.load_checkpoint(teacher_dir[0])
+    small = SubNetwork.uniform(2, 1, 1, 6)
+    loader = data.make_loader(task.valid, tokenizer, 64)
+    before = train.evaluate(teacher, loader, task.spec, small)["loss"]
+    opts = train.TrainOptions(strategy="full", epochs=3, batch_size=16, lr=3e-3, rewire=True)
+    train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts)
+    supernet, meta = train.load_checkpoint(tmp_path / "sn")
+    assert meta["kind"] == "supernet" and meta["strategy"] == "full"
+    after = train.evaluate(supernet, loader, task.spec, small)["loss"]
+    assert after < before
+
+
+def test_zero3_equals_zero0(teacher_dir, task, tmp_path):
+    """ZeRO-3 partitions the parameters our blocks slice; training must not change."""
+    results = {}
+    for stage in (0, 3):
+        opts = train.TrainOptions(strategy="sandwich", max_steps=4, batch_size=16, lr=1e-3,
+                                  zero_stage=stage, rewire=False)
+        result = train.train_supernet(teacher_dir[0], task, tmp_path / f"z{stage}", opts)
+        results[stage] = (result.losses, _state(tmp_path / f"z{stage}"))
+    teacher = _state(teacher_dir[0])
+    assert results[3][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert any(not torch.equal(results[3][1][k], teacher[k]) for k in teacher)
+    for k in teacher:
+        torch.testing.assert_close(results[3][1][k], results[0][1][k], rtol=1e-5, atol=1e-6)
