@@ -632,7 +632,8 @@ def train(
     if rank == 0 and step >= total:
         valid_loader = data_lib.make_loader(task.valid, tokenizer, opts.batch_size)
         valid = evaluate(module, valid_loader, task.spec)
-        meta_now = {**base_meta, "steps_done": step, "finished": True, "valid": valid}
+        meta_now = {**base_meta, "steps_done": step, "finished": True, "valid": valid,
+                    "losses": losses}
         (out / CHECKPOINT_META).write_text(json.dumps(meta_now, indent=2, default=str))
         log.info("validation %s %.4f after %d steps", task.spec.metric, valid["metric"], step)
     return TrainResult(
@@ -790,7 +791,7 @@ def train_distributed(
     running the same DeepSpeed training function (data split between workers by rank).
 
     `out_dir` must be reachable by every worker (a shared filesystem on a cluster). Returns the
-    final metrics rank 0 reported.
+    checkpoint's metadata (steps, validation metric, losses of the last call).
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -830,4 +831,4 @@ def train_distributed(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return dict(result.metrics or {})
+    return read_meta(out_dir)
