@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random-weight BERT / RoBERTa models and padded input batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+TINY_SHAPE = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 48,
+    "max_position_embeddings": 64,
+}
+"""L=3 layers, H=4 heads of dimension 8, F=48 FFN neurons: a few thousand parameters."""
+
+
+def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter O(0.1..1) random values (the HF init, std 0.02 and zero biases,
+    makes all logits nearly equal, so a wrong head or neuron would barely change them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            is_norm_scale = name.endswith("weight") and "norm" in name.lower()
+            p.copy_(1.0 + 0.1 * noise if is_norm_scale else 0.2 * noise)
+    return model
+
+
+@pytest.fixture
+def make_hf_bert():
+    """Factory: a tiny random `BertForSequenceClassification` in eval mode."""
+
+    def make(num_labels: int = 3, seed: int = 0, **overrides) -> BertForSequenceClassification:
+        config = BertConfig(**{**TINY_SHAPE, **overrides}, num_labels=num_labels)
+        return randomise_(BertForSequenceClassification(config), seed).eval()
+
+    return make
+
+
+@pytest.fixture
+def make_hf_roberta():
+    """Factory: a tiny random `RobertaForSequenceClassification` (pad id 1, one token type)."""
+
+    def make(num_labels: int = 3, seed: int = 0, **overrides) -> RobertaForSequenceClassification:
+        shape = {**TINY_SHAPE, "pad_token_id": 1, "type_vocab_size": 1, **overrides}
+        config = RobertaConfig(**shape, num_labels=num_labels)
+        return randomise_(RobertaForSequenceClassification(config), seed).eval()
+
+    return make
+
+
+@pytest.fixture
+def make_batch():
+    """Factory: 3 sequences of 12 tokens; the second ends in 4 pad tokens, the third in 2."""
+
+    def make(
+        pad_id: int = 0, vocab_size: int = 100, token_types: bool = True, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(pad_id + 1, vocab_size, (3, 12), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        for row, pads in ((1, 4), (2, 2)):
+            attention_mask[row, -pads:] = 0
+            input_ids[row, -pads:] = pad_id
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_types:
+            token_type_ids = torch.zeros_like(input_ids)
+            token_type_ids[:, 5:] = 1
+            batch["token_type_ids"] = token_type_ids * attention_mask
+        return batch
+
+    return make
