@@ -1,0 +1,19 @@
+"""Measure the Pareto set's latency on each hardware type: `nas-prune profile` as a Ray job.
+
+Submit it to a running cluster from the repository root::
+
+    ray job submit --working-dir . -- python jobs/profile.py --supernet /mnt/shared/nas/supernet --results /mnt/shared/nas/results
+
+Every option of `nas-prune profile --help` works here; on a cluster, put output directories on
+shared storage (a shared filesystem, see README) so every node reads and writes the same files.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
+
+from nas_prune.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["profile", *sys.argv[1:]]))

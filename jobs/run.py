@@ -1,0 +1,19 @@
+"""The whole pipeline: `nas-prune run` as a Ray job (fine-tune ... export).
+
+Submit it to a running cluster from the repository root::
+
+    ray job submit --working-dir . -- python jobs/run.py --out /mnt/shared/nas --preset default
+
+Every option of `nas-prune run --help` works here; on a cluster, put output directories on
+shared storage (a shared filesystem, see README) so every node reads and writes the same files.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
+
+from nas_prune.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

@@ -1,0 +1,19 @@
+"""Train the weight-sharing supernet from the teacher: `nas-prune supernet` as a Ray job.
+
+Submit it to a running cluster from the repository root::
+
+    ray job submit --working-dir . -- python jobs/supernet.py --teacher /mnt/shared/nas/teacher --out /mnt/shared/nas/supernet --strategy full --workers 2
+
+Every option of `nas-prune supernet --help` works here; on a cluster, put output directories on
+shared storage (a shared filesystem, see README) so every node reads and writes the same files.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
+
+from nas_prune.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["supernet", *sys.argv[1:]]))

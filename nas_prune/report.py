@@ -1,0 +1,144 @@
+"""Report of a search: Pareto-front plots (PNG), hypervolume, and a Markdown summary.
+
+The plots are what users look at first: every evaluated sub-network as a dot, the Pareto front
+as a step line, the dense (unpruned) model as a star and the baselines (PINS, GRAIN, layer
+dropping) as their own markers, error against parameters and against measured latency.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nas_prune.search import pareto
+
+log = logging.getLogger(__name__)
+
+REFERENCE_POINT = (1.1, 1.1)
+"""Hypervolume reference point in normalised objective space (each objective in [0, 1])."""
+
+
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial: its last (highest-fidelity) result among completed evaluations."""
+    if df.empty:
+        return df
+    ok = df[df["status"].isin(["ok", "stopped"])]
+    ok = ok.sort_values(["trial_id", "fidelity"])
+    return ok.groupby(["experiment", "trial_id"], as_index=False, sort=False).tail(1)
+
+
+def front(df: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
+    """Rows of `df` (status ok, all objectives present) on the Pareto front, sorted by the
+    first objective."""
+    done = df[(df["status"] == "ok")].dropna(subset=list(objectives))
+    if done.empty:
+        return done
+    mask = pareto.pareto_mask(done[list(objectives)].to_numpy(float))
+    return done[mask].sort_values(list(objectives))
+
+
+def hypervolume_table(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[pd.DataFrame, dict]:
+    """Hypervolume of each experiment's final results, with one normalisation fitted over all
+    experiments (min-max per objective) and REFERENCE_POINT; returns the table and the
+    normalisation used, so it can be recorded beside the numbers."""
+    rows = df[df["status"] == "ok"].dropna(subset=list(objectives))
+    if rows.empty:
+        return pd.DataFrame(columns=["experiment", "hypervolume", "evaluations"]), {}
+    normaliser = pareto.Normaliser.fit(rows[list(objectives)].to_numpy(float))
+    table = []
+    for name, group in rows.groupby("experiment"):
+        points = normaliser.transform(group[list(objectives)].to_numpy(float))
+        hv = pareto.hypervolume(points, np.array(REFERENCE_POINT[:1] * len(objectives)))
+        table.append({"experiment": name, "hypervolume": hv, "evaluations": len(group)})
+    meta = {"objectives": list(objectives), "normaliser": normaliser.to_dict(),
+            "reference_point": [REFERENCE_POINT[0]] * len(objectives)}
+    return pd.DataFrame(table), meta
+
+
+def _plot_panel(ax, df: pd.DataFrame, x: str, xlabel: str, dense: pd.Series | None) -> None:
+    nas = df[df["method"] == "nas"]
+    for name, group in nas.groupby("experiment"):
+        done = group[group["status"] == "ok"].dropna(subset=[x, "error"])
+        if done.empty:
+            continue
+        ax.scatter(done[x], done["error"], s=12, alpha=0.35, label=f"{name} (evaluated)")
+        f = front(done, [x, "error"])
+        ax.step(f[x], f["error"], where="post", linewidth=1.8, label=f"{name} Pareto front")
+    markers = iter("sD^vP")
+    for method, group in df[~df["method"].isin(["nas", "dense"])].groupby("method"):
+        group = group.dropna(subset=[x, "error"])
+        if not group.empty:
+            ax.scatter(group[x], group["error"], marker=next(markers, "o"), s=50, label=method)
+    if dense is not None and pd.notna(dense.get(x)):
+        ax.scatter([dense[x]], [dense["error"]], marker="*", s=250, color="black", zorder=5,
+                   label="dense model")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation error")
+    ax.grid(alpha=0.3)
+
+
+def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series | None = None,
+                latency: pd.DataFrame | None = None) -> Path:
+    """Error vs parameter ratio, and vs measured latency when there is any, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("params_ratio", "parameters (fraction of the dense model)")]
+    if latency is not None and not latency.empty and "latency_ms" in df:
+        hardware = latency["hardware"].iloc[0]
+        panels.append(("latency_ms", f"latency on {hardware} (ms, median)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, (x, label) in zip(axes[0], panels, strict=True):
+        _plot_panel(ax, df, x, label, dense)
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("nas_prune: error vs. size and latency")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_report(df: pd.DataFrame, out_dir: str | os.PathLike,
+                 objectives: Sequence[str] = ("error", "params_ratio"),
+                 latency: pd.DataFrame | None = None, dense: pd.Series | None = None) -> Path:
+    """Write `pareto.png` and `summary.md` (Pareto set table, hypervolume) to `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = final_rows(df)
+    plot_pareto(rows, out / "pareto.png", dense=dense, latency=latency)
+    hv, hv_meta = hypervolume_table(rows[rows["method"] == "nas"], objectives)
+    lines = ["# nas_prune report", ""]
+    if dense is not None:
+        lines += [f"Dense model: error {dense['error']:.4f}, {int(dense['params']):,} parameters.",
+                  ""]
+    lines += ["![Pareto front](pareto.png)", "", "## Hypervolume", ""]
+    lines += [hv.to_markdown(index=False, floatfmt=".4f") if not hv.empty else "(no results)", ""]
+    if hv_meta:
+        lines += ["Normalisation and reference point:", "", "```json",
+                  json.dumps(hv_meta, indent=2), "```", ""]
+    lines += ["## Pareto-optimal sub-networks", ""]
+    nas = rows[rows["method"] == "nas"]
+    best = front(nas, list(objectives))
+    columns = [c for c in ["experiment", "trial_id", "error", "params", "params_ratio", "flops",
+                           "latency_ms", "config"] if c in best]
+    lines += [best[columns].to_markdown(index=False, floatfmt=".4f") if not best.empty
+              else "(none)", ""]
+    others = rows[~rows["method"].isin(["nas"])]
+    if not others.empty:
+        lines += ["## Baselines", ""]
+        cols = [c for c in ["method", "error", "params", "params_ratio", "latency_ms",
+                            "message"] if c in others]
+        lines += [others[cols].to_markdown(index=False, floatfmt=".4f"), ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    log.info("report written to %s", out)
+    return out

@@ -1,0 +1,859 @@
+"""The results store: an append-only, hive-partitioned Parquet dataset (DESIGN.md item 6).
+
+Every evaluated sub-network (and every rung result of a multi-fidelity scheduler) becomes one row
+of the ``evaluations`` table; every latency measurement (or prediction) one row of the
+``latency`` table. Each table is its own pyarrow Parquet dataset under the store's root, hive
+partitioned by experiment::
+
+    <root>/evaluations/experiment=<name>/part-<uuid>.parquet
+    <root>/latency/experiment=<name>/part-<uuid>.parquet
+
+Writes are append-only and atomic: one call writes one file, first to a hidden temporary file
+(``.part-<uuid>.parquet.tmp``) in the same directory, fsync'ed, then renamed into place with
+:func:`os.replace`. Readers (:func:`load`, ``pyarrow.dataset``, ``pandas.read_parquet``) ignore
+names starting with ``"."`` or ``"_"``, so they never see a partial file; a writer killed mid-write
+leaves at most a hidden temporary file behind. File names hold a time-ordered UUID, so several
+processes can append to the same experiment at once without clashing and the sorted file list is
+(about) the order of writing.
+
+The experiment is the partition key: it is stored in the directory name (URI-encoded), not inside
+the files, and :func:`load` returns it as a plain string column. The columns and their Arrow types
+are fixed by :data:`EVALUATION_SCHEMA` and :data:`LATENCY_SCHEMA`; non-nullable columns are
+required in every row (a ``double`` column may hold NaN, e.g. the error of a crashed trial),
+nullable ones default to null, and ``experiment``/``timestamp`` (and the latency table's
+``config_hash``) are filled in when absent.
+
+Configs are stored as canonical JSON (sorted keys, no spaces), identical in both tables, so the
+``config`` column can be used to join evaluations with latencies. In the evaluations table a
+config is also flattened into ``cfg_<key>`` int64 columns (``cfg_num_layers``, ``cfg_heads_0``,
+...). Their schema is inferred per write and unified on read, so rows of different search spaces
+can share an experiment; a row without a given ``cfg_`` column reads as NaN there. A config with
+more than :data:`MAX_FLATTEN_KEYS` keys (the ``large`` space has one bit per head and neuron:
+thousands of keys) is **not** flattened; only its JSON is stored.
+
+Reading is robust to damaged files: a corrupt or truncated Parquet file (a crashed copy, a disk
+error) is skipped with a logged warning naming it, and the rest of the dataset is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CFG_PREFIX",
+    "EVALUATION_SCHEMA",
+    "LATENCY_SCHEMA",
+    "MAX_FLATTEN_KEYS",
+    "STATUSES",
+    "TABLES",
+    "ResultStore",
+    "ResultsError",
+    "config_hash",
+    "load",
+    "pareto_rows",
+]
+
+
+class ResultsError(ValueError):
+    """A row that does not fit the schema, or a bad store path/name; the message says what."""
+
+
+CFG_PREFIX = "cfg_"
+"""Prefix of the flattened config columns of the evaluations table."""
+
+MAX_FLATTEN_KEYS = 64
+"""Configs with more keys than this (the ``large`` space) are stored as JSON only."""
+
+STATUSES = ("ok", "stopped", "error")
+"""Allowed values of the evaluations table's ``status`` column."""
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+EVALUATION_SCHEMA: pa.Schema = pa.schema(
+    [
+        _field("experiment", pa.string()),  # partition key (directory name), set by the store
+        _field("method", pa.string()),  # "nas", "pins", "grain", "layer_drop", "dense", ...
+        _field("searcher", pa.string(), nullable=True),
+        _field("scheduler", pa.string(), nullable=True),
+        _field("strategy", pa.string(), nullable=True),  # supernet training strategy
+        _field("space", pa.string(), nullable=True),
+        _field("task", pa.string()),
+        _field("model", pa.string()),
+        _field("seed", pa.int64()),
+        _field("trial_id", pa.string()),
+        _field("config", pa.string()),  # canonical JSON of the sub-network config
+        _field("fidelity", pa.float64()),  # e.g. validation examples seen or epochs
+        _field("fidelity_unit", pa.string()),
+        _field("error", pa.float64()),
+        _field("metric_name", pa.string()),
+        _field("metric_value", pa.float64()),
+        _field("params", pa.int64()),
+        _field("params_ratio", pa.float64()),
+        _field("flops", pa.int64()),
+        _field("latency_ms", pa.float64(), nullable=True),  # on the primary hardware, if any
+        _field("hardware", pa.string(), nullable=True),
+        _field("wall_time_s", pa.float64()),  # seconds since the experiment started
+        _field("eval_time_s", pa.float64()),
+        _field("timestamp", _TIMESTAMP),
+        _field("status", pa.string()),  # one of STATUSES
+        _field("message", pa.string(), nullable=True),
+    ]
+)
+"""Fixed columns of the evaluations table; ``cfg_<key>`` int64 columns are added per write."""
+
+LATENCY_SCHEMA: pa.Schema = pa.schema(
+    [
+        _field("experiment", pa.string()),
+        _field("hardware", pa.string()),  # hardware type, e.g. "cpu", "A10G"
+        _field("device_name", pa.string()),  # e.g. the CUDA device name or the CPU model
+        _field("config", pa.string()),  # canonical JSON
+        _field("config_hash", pa.string()),  # config_hash(config) unless given
+        _field("batch_size", pa.int64()),
+        _field("seq_len", pa.int64()),
+        _field("dtype", pa.string()),
+        _field("median_ms", pa.float64()),
+        _field("p90_ms", pa.float64()),
+        _field("mean_ms", pa.float64()),
+        _field("std_ms", pa.float64()),
+        _field("repeats", pa.int64()),
+        _field("predicted", pa.bool_()),  # True: from the lookup-table predictor, not measured
+        _field("params", pa.int64()),
+        _field("timestamp", _TIMESTAMP),
+        _field("method", pa.string(), nullable=True),
+        _field("trial_id", pa.string(), nullable=True),
+    ]
+)
+"""Columns of the latency table."""
+
+TABLES: dict[str, pa.Schema] = {"evaluations": EVALUATION_SCHEMA, "latency": LATENCY_SCHEMA}
+"""Table name -> schema; each table is the dataset directory ``<root>/<name>``."""
+
+_AUTO_COLUMNS = {
+    "evaluations": ("experiment", "timestamp"),
+    "latency": ("experiment", "timestamp", "config_hash"),
+}
+_PARTITION = "experiment"
+_PARTITION_SCHEMA = pa.schema([pa.field(_PARTITION, pa.string())])
+_HIDDEN_PREFIXES = (".", "_")
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _as_config_dict(config: Mapping[str, Any] | str, where: str = "config") -> dict[str, Any]:
+    """A config given as a mapping or a JSON object string, as a dict with string keys."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as exc:
+            raise ResultsError(f"{where}: not valid JSON ({exc}): {config[:80]!r}") from exc
+    if not isinstance(config, Mapping):
+        raise ResultsError(
+            f"{where} must be a dict or a JSON object string, got {type(config).__name__}"
+        )
+    return {str(key): value for key, value in config.items()}
+
+
+def _canonical_json(config: Mapping[str, Any] | str, where: str = "config") -> str:
+    """Sorted-key, compact JSON of a config (the form stored and hashed)."""
+    try:
+        return json.dumps(
+            _as_config_dict(config, where),
+            sort_keys=True,
+            separators=(",", ":"),
+            default=_json_default,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ResultsError):
+            raise
+        raise ResultsError(f"{where} cannot be stored as JSON: {exc}") from exc
+
+
+def config_hash(config: Mapping[str, Any] | str) -> str:
+    """Stable 16-hex-digit key of a config: SHA-1 of its sorted-key JSON.
+
+    Args:
+        config: The config as a mapping (numpy scalars allowed) or a JSON object string; key
+            order does not matter.
+
+    Returns:
+        The first 16 hex digits of the SHA-1 digest.
+    """
+    return hashlib.sha1(_canonical_json(config).encode()).hexdigest()[:16]
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort key putting ``heads_2`` before ``heads_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _flatten_config(config: Mapping[str, Any], where: str) -> dict[str, int]:
+    """``cfg_<key>`` -> int (keys in natural order) for configs of at most MAX_FLATTEN_KEYS keys,
+    else ``{}``."""
+    if len(config) > MAX_FLATTEN_KEYS:
+        return {}
+    flat = {}
+    for key, value in sorted(config.items(), key=lambda item: _natural_key(item[0])):
+        if isinstance(value, bool | np.bool_):
+            value = int(value)
+        if not isinstance(value, int | np.integer):
+            raise ResultsError(
+                f"{where}: config value {key!r}={value!r} ({type(value).__name__}) is not an "
+                f"integer; configs are flat dict[str, int] and are flattened into int64 "
+                f"'{CFG_PREFIX}<key>' columns"
+            )
+        flat[CFG_PREFIX + key] = _check_int64(int(value), f"{where}: config key {key!r}")
+    return flat
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _is_null(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _check_int64(value: int, where: str) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise ResultsError(f"{where}: {value} does not fit in int64")
+    return value
+
+
+def _convert(value: Any, field: pa.Field, where: str) -> Any:
+    """A Python value of the field's Arrow type, or ResultsError naming the column."""
+    kind = field.type
+
+    def bad(expected: str) -> ResultsError:
+        return ResultsError(
+            f"{where}: column {field.name!r} ({kind}) must be {expected}, got "
+            f"{type(value).__name__} {value!r:.80}"
+        )
+
+    if pa.types.is_string(kind):
+        if not isinstance(value, str):
+            raise bad("a str")
+        return str(value)
+    if pa.types.is_int64(kind):
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            raise bad("an integer")
+        return _check_int64(int(value), f"{where}: column {field.name!r}")
+    if pa.types.is_float64(kind):
+        if isinstance(value, bool | np.bool_) or not isinstance(
+            value, int | float | np.integer | np.floating
+        ):
+            raise bad("a number")
+        return float(value)
+    if pa.types.is_boolean(kind):
+        if not isinstance(value, bool | np.bool_):
+            raise bad("a bool")
+        return bool(value)
+    if pa.types.is_timestamp(kind):
+        return _to_utc(value, bad)
+    raise AssertionError(f"no conversion for {kind}")  # pragma: no cover - schema is fixed
+
+
+def _to_utc(value: Any, bad: Callable[[str], ResultsError]) -> datetime:
+    """An aware UTC datetime; naive datetimes are taken to be UTC already."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise bad("a datetime or an ISO-8601 string") from None
+    elif isinstance(value, np.datetime64):
+        value = pd.Timestamp(value).to_pydatetime()
+    if not isinstance(value, datetime):
+        raise bad("a datetime (naive = UTC), pandas Timestamp or ISO-8601 string")
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime(warn=False)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _prepare_rows(
+    rows: Sequence[Mapping[str, Any]], table: str, experiment: str
+) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Validate rows, fill defaults, flatten configs; the Arrow table to write (no partition
+    column) and the converted rows."""
+    schema = TABLES[table]
+    if isinstance(rows, Mapping):
+        raise ResultsError(
+            f"{table} rows must be a sequence of mappings; wrap a single row in [...]"
+        )
+    rows = list(rows)
+    auto = _AUTO_COLUMNS[table]
+    required = [f.name for f in schema if not f.nullable and f.name not in auto]
+    optional = [f.name for f in schema if f.nullable]
+    known = set(schema.names)
+    now = datetime.now(UTC)
+    out: list[dict[str, Any]] = []
+    cfg_columns: dict[str, None] = {}  # ordered set, in order of first appearance
+    for index, row in enumerate(rows):
+        where = f"{table} row {index}"
+        if not isinstance(row, Mapping):
+            raise ResultsError(f"{where} is a {type(row).__name__}, not a mapping")
+        keys = [str(key) for key in row]
+        unknown = [k for k in keys if k not in known and not k.startswith(CFG_PREFIX)]
+        if unknown:
+            raise ResultsError(
+                f"{where} has unknown column(s) {unknown}; columns are {schema.names}"
+                + (f" (plus derived '{CFG_PREFIX}*')" if table == "evaluations" else "")
+            )
+        missing = [name for name in required if name not in row]
+        if missing:
+            raise ResultsError(
+                f"{where} is missing required column(s) {missing}; required: {required}; "
+                f"optional (null if absent): {optional}; filled in if absent: {list(auto)}"
+            )
+        converted: dict[str, Any] = {}
+        for field in schema:
+            name = field.name
+            value = row.get(name)
+            if name == "config":
+                config = _as_config_dict(value, f"{where}: column 'config'")
+                converted[name] = _canonical_json(config, f"{where}: column 'config'")
+                if table == "evaluations":
+                    flat = _flatten_config(config, where)
+                    converted.update(flat)
+                    cfg_columns.update(dict.fromkeys(flat))
+                continue
+            if _is_null(value):
+                if name == _PARTITION:
+                    value = experiment
+                elif name == "timestamp":
+                    value = now
+                elif name == "config_hash":
+                    value = config_hash(row["config"])
+                elif field.nullable:
+                    converted[name] = None
+                    continue
+                elif isinstance(value, float):  # NaN in a required double column is a value
+                    if pa.types.is_float64(field.type):
+                        converted[name] = value
+                        continue
+                    raise ResultsError(f"{where}: required column {name!r} is NaN")
+                else:
+                    raise ResultsError(f"{where}: required column {name!r} is {value!r}")
+            converted[name] = _convert(value, field, where)
+        if converted[_PARTITION] != experiment:
+            raise ResultsError(
+                f"{where}: experiment {converted[_PARTITION]!r} differs from the store's "
+                f"experiment {experiment!r}"
+            )
+        if table == "evaluations" and converted["status"] not in STATUSES:
+            raise ResultsError(
+                f"{where}: column 'status' must be one of {list(STATUSES)}, "
+                f"got {converted['status']!r}"
+            )
+        out.append(converted)
+
+    fields = [f for f in schema if f.name != _PARTITION]
+    fields += [pa.field(name, pa.int64(), nullable=True) for name in cfg_columns]
+    file_schema = pa.schema(fields, metadata={b"nas_prune.table": table.encode()})
+    columns = {f.name: [row.get(f.name) for row in out] for f in fields}
+    try:
+        arrow = pa.Table.from_pydict(columns, schema=file_schema)
+    except (pa.ArrowException, TypeError, ValueError) as exc:  # pragma: no cover - validated
+        raise ResultsError(f"{table} rows do not fit the schema: {exc}") from exc
+    return arrow, out
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+_uuid_lock = threading.Lock()
+_uuid_last_time = 0
+
+
+def _uuid7() -> uuid.UUID:
+    """A time-ordered UUID (version 7 layout): 48-bit milliseconds and 12 bits of sub-millisecond
+    time, strictly increasing within the process, then 62 random bits."""
+    global _uuid_last_time
+    now = time.time_ns()
+    stamp = (now // 1_000_000) << 12 | (now % 1_000_000) * 4096 // 1_000_000
+    with _uuid_lock:
+        stamp = max(stamp, _uuid_last_time + 1)
+        _uuid_last_time = stamp
+    millis, sub = stamp >> 12, stamp & 0xFFF
+    rand = int.from_bytes(os.urandom(8), "big") & (2**62 - 1)
+    value = (millis & (2**48 - 1)) << 80 | 0x7 << 76 | sub << 64 | 0b10 << 62 | rand
+    return uuid.UUID(int=value)
+
+
+def _check_experiment(experiment: str) -> str:
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise ResultsError(f"experiment must be a non-empty string, got {experiment!r}")
+    return experiment
+
+
+def _partition_dir(table_dir: Path, experiment: str) -> Path:
+    return table_dir / f"{_PARTITION}={urllib.parse.quote(experiment, safe='')}"
+
+
+def _write_atomic(table: pa.Table, directory: Path) -> Path:
+    """Write ``table`` to a new ``part-<uuid>.parquet`` in ``directory`` via a hidden temp file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{_uuid7()}.parquet"
+    final = directory / name
+    temp = directory / f".{name}.tmp"
+    try:
+        with open(temp, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (POSIX); not possible on every platform
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return final
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return final
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(_HIDDEN_PREFIXES)
+
+
+def _data_files(partition_dir: Path) -> list[Path]:
+    if not partition_dir.is_dir():
+        return []
+    return sorted(
+        p for p in partition_dir.iterdir() if _visible(p.name) and p.name.endswith(".parquet")
+    )
+
+
+def _partitions(table_dir: Path, experiment: str | None) -> list[tuple[str, Path]]:
+    """(experiment, directory) of the partitions to read, sorted by directory name."""
+    if experiment is not None:
+        directory = _partition_dir(table_dir, experiment)
+        return [(experiment, directory)] if directory.is_dir() else []
+    if not table_dir.is_dir():
+        return []
+    found = []
+    for directory in sorted(table_dir.iterdir()):
+        key, sep, value = directory.name.partition("=")
+        if sep and key == _PARTITION and _visible(directory.name) and directory.is_dir():
+            found.append((urllib.parse.unquote(value), directory))
+    return found
+
+
+def _resolve(path: str | os.PathLike, table: str | None) -> tuple[Path, str, str | None]:
+    """(table directory, table name, experiment implied by the path) for :func:`load`."""
+    path = Path(path)
+    if table is not None and table not in TABLES:
+        raise ResultsError(f"unknown table {table!r}; tables are {list(TABLES)}")
+    implied = None
+    if path.name.startswith(f"{_PARTITION}="):  # an experiment's partition directory
+        implied = urllib.parse.unquote(path.name.partition("=")[2])
+        path = path.parent
+    if path.name in TABLES and not (table is not None and (path / table).is_dir()):
+        if table is not None and table != path.name:
+            raise ResultsError(f"{path} is the {path.name!r} table, but table={table!r}")
+        return path, path.name, implied
+    table = table or "evaluations"
+    if implied is not None:  # a partition directory inside a table directory of another name
+        return path, table, implied
+    return path / table, table, None
+
+
+def _read_schema(file: Path) -> pa.Schema | None:
+    try:
+        return pq.read_schema(file)
+    except (OSError, pa.ArrowException) as exc:
+        logger.warning("skipping unreadable results file %s: %s", file, exc)
+        return None
+
+
+def _read_file(file: Path, columns: list[str] | None) -> pa.Table | None:
+    try:
+        table = pq.read_table(file)
+    except (OSError, pa.ArrowException) as exc:
+        logger.warning("skipping unreadable results file %s: %s", file, exc)
+        return None
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    return table
+
+
+def _read_table(
+    parts: list[tuple[str, Path]],
+    base: pa.Schema,
+    table_dir: Path,
+    columns: list[str] | None,
+) -> pa.Table:
+    """All rows of the given partitions, the partition column included, schemas unified."""
+    files: list[tuple[str, Path, pa.Schema]] = []
+    for experiment, directory in parts:
+        for file in _data_files(directory):
+            schema = _read_schema(file)
+            if schema is not None:
+                files.append((experiment, file, schema))
+    base_fields = pa.schema([f for f in base if f.name != _PARTITION])
+    try:
+        unified = pa.unify_schemas(
+            [base_fields, *(s.remove_metadata() for _, _, s in files)],
+            promote_options="permissive",
+        )
+    except (pa.ArrowException, TypeError) as exc:
+        logger.warning("results files in %s have conflicting schemas (%s)", table_dir, exc)
+        unified = None
+    if unified is not None and files:
+        unified = unified.insert(0, base.field(_PARTITION))
+        try:
+            dataset = ds.dataset(
+                [str(f) for _, f, _ in files],
+                schema=unified,
+                format="parquet",
+                partitioning=ds.partitioning(_PARTITION_SCHEMA, flavor="hive"),
+                partition_base_dir=str(table_dir),
+            )
+            wanted = None if columns is None else [c for c in columns if c in unified.names]
+            return dataset.to_table(columns=wanted)
+        except (OSError, pa.ArrowException) as exc:
+            logger.info("fast read of %s failed (%s); reading file by file", table_dir, exc)
+
+    tables = []
+    for experiment, file, _ in files:
+        arrow = _read_file(file, columns)
+        if arrow is None:
+            continue
+        if columns is None or _PARTITION in columns:
+            arrow = arrow.append_column(
+                base.field(_PARTITION), pa.array([experiment] * len(arrow), pa.string())
+            )
+        tables.append(arrow.replace_schema_metadata(None))
+    empty = base_fields.insert(0, base.field(_PARTITION)).empty_table()
+    if columns is not None:
+        empty = empty.select([c for c in columns if c in empty.column_names])
+    result = pa.concat_tables([empty, *tables], promote_options="permissive")
+    if columns is not None:
+        return result.select([c for c in columns if c in result.column_names])
+    return result
+
+
+def load(
+    path: str | os.PathLike,
+    table: str | None = None,
+    experiment: str | None = None,
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Read a results table (all experiments, or one) into a DataFrame.
+
+    Unreadable (corrupt, truncated) files are skipped with a logged warning naming the file.
+    Rows come in file-name order, which is about the order of writing.
+
+    Args:
+        path: The store root, a table directory (``<root>/evaluations``) or one experiment's
+            partition directory (``<root>/evaluations/experiment=<name>``).
+        table: ``"evaluations"`` or ``"latency"``; None means the table ``path`` names, else
+            ``"evaluations"``.
+        experiment: Only this experiment's rows (None: all experiments, or the one ``path``
+            names).
+        columns: Only these columns (unknown names are left out).
+
+    Returns:
+        One row per stored row, with ``experiment`` as a plain string column, UTC timestamps and
+        the union of the ``cfg_`` columns (NaN where a row has none). With nothing stored, an
+        empty DataFrame with the schema's columns.
+
+    Raises:
+        ResultsError: Unknown table name, or a table directory that contradicts ``table``.
+    """
+    table_dir, name, implied = _resolve(path, table)
+    if experiment is None:
+        experiment = implied
+    elif implied is not None and implied != experiment:
+        raise ResultsError(f"{path} holds experiment {implied!r}, not {experiment!r}")
+    columns = list(columns) if columns is not None else None
+    arrow = _read_table(_partitions(table_dir, experiment), TABLES[name], table_dir, columns)
+    frame = arrow.to_pandas()
+    if _PARTITION in frame.columns and isinstance(frame[_PARTITION].dtype, pd.CategoricalDtype):
+        frame[_PARTITION] = frame[_PARTITION].astype(str)  # pragma: no cover - defensive
+    return frame
+
+
+# --------------------------------------------------------------------------------------- store
+
+
+class ResultStore:
+    """Appends rows of one experiment to the results dataset under ``root`` and reads them back.
+
+    Safe to use from several processes at once (each write is its own uniquely named file).
+
+    Args:
+        root: The store root; ``<root>/evaluations`` and ``<root>/latency`` are created on the
+            first write.
+        experiment: The experiment name (any non-empty string; URI-encoded in the directory
+            name).
+    """
+
+    def __init__(self, root: str | os.PathLike, experiment: str) -> None:
+        self.root = Path(root)
+        self.experiment = _check_experiment(experiment)
+        self._latency_files: set[Path] = set()
+        self._latency_index: dict[tuple, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"ResultStore(root={str(self.root)!r}, experiment={self.experiment!r})"
+
+    def _dir(self, table: str) -> Path:
+        return _partition_dir(self.root / table, self.experiment)
+
+    def _append(self, table: str, rows: Sequence[Mapping[str, Any]]) -> tuple[Path | None, list]:
+        arrow, converted = _prepare_rows(rows, table, self.experiment)
+        if not converted:
+            return None, converted
+        file = _write_atomic(arrow, self._dir(table))
+        logger.debug("wrote %d %s row(s) to %s", len(converted), table, file)
+        return file, converted
+
+    def append_evaluations(self, rows: Sequence[Mapping[str, Any]]) -> Path | None:
+        """Validate and append evaluation rows as one new Parquet file (atomically).
+
+        Each row needs the non-nullable columns of :data:`EVALUATION_SCHEMA` (``config`` as a
+        dict or a JSON object string; ``status`` one of :data:`STATUSES`); nullable columns
+        default to null; ``experiment`` and ``timestamp`` (now, UTC; naive datetimes are taken
+        as UTC) are filled in if absent. ``cfg_*`` keys in a row are ignored: they are derived
+        from ``config`` (unless it has more than :data:`MAX_FLATTEN_KEYS` keys).
+
+        Args:
+            rows: The rows; an empty sequence writes nothing.
+
+        Returns:
+            The written file, or None if ``rows`` is empty.
+
+        Raises:
+            ResultsError: A row misses required columns, has unknown columns or a value of the
+                wrong type; nothing is written then.
+        """
+        return self._append("evaluations", rows)[0]
+
+    def append_latency(self, rows: Sequence[Mapping[str, Any]]) -> Path | None:
+        """Validate and append latency rows as one new Parquet file (atomically).
+
+        As :meth:`append_evaluations`, for :data:`LATENCY_SCHEMA`; ``config_hash`` defaults to
+        :func:`config_hash` of the row's config, and configs are not flattened.
+
+        Args:
+            rows: The rows; an empty sequence writes nothing.
+
+        Returns:
+            The written file, or None if ``rows`` is empty.
+
+        Raises:
+            ResultsError: As for :meth:`append_evaluations`.
+        """
+        file, converted = self._append("latency", rows)
+        if file is not None:
+            self._latency_files.add(file)
+            self._index_latency(converted)
+        return file
+
+    def evaluations(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """This experiment's evaluation rows (see :func:`load`)."""
+        return load(self.root, "evaluations", self.experiment, columns)
+
+    def latency(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """This experiment's latency rows (see :func:`load`)."""
+        return load(self.root, "latency", self.experiment, columns)
+
+    @staticmethod
+    def _latency_key(
+        hash_: str, hardware: str, batch_size: int, seq_len: int, dtype: str, predicted: bool
+    ) -> tuple:
+        return (str(hash_), str(hardware), int(batch_size), int(seq_len), str(dtype), predicted)
+
+    def _index_latency(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            key = self._latency_key(
+                row["config_hash"],
+                row["hardware"],
+                row["batch_size"],
+                row["seq_len"],
+                row["dtype"],
+                bool(row["predicted"]),
+            )
+            old = self._latency_index.get(key)
+            if old is None or row["timestamp"] >= old["timestamp"]:
+                self._latency_index[key] = dict(row)
+
+    def _refresh_latency_index(self) -> None:
+        """Index latency files written since the last look (by any process)."""
+        for file in _data_files(self._dir("latency")):
+            if file in self._latency_files:
+                continue
+            self._latency_files.add(file)  # an unreadable file is warned about only once
+            arrow = _read_file(file, None)
+            if arrow is not None:
+                rows = arrow.to_pylist()
+                for row in rows:
+                    row[_PARTITION] = self.experiment
+                self._index_latency(rows)
+
+    def cached_latency(
+        self,
+        config_hash: str,
+        hardware: str,
+        batch_size: int,
+        seq_len: int,
+        dtype: str,
+        include_predicted: bool = False,
+    ) -> dict[str, Any] | None:
+        """The latest stored latency row of this experiment for a config and setting, if any.
+
+        Lets the profiler skip configs already measured on a hardware type. Files written by
+        other processes are picked up; each file is read once per store object.
+
+        Args:
+            config_hash: The row's ``config_hash`` (by default :func:`config_hash` of the
+                config).
+            hardware: Hardware type, e.g. ``"cpu"``.
+            batch_size: Batch size of the measurement.
+            seq_len: Sequence length of the measurement.
+            dtype: Data type, e.g. ``"float32"``.
+            include_predicted: Also return a predicted (not measured) row when no measured one
+                exists.
+
+        Returns:
+            The row as a dict (Python values, ``timestamp`` an aware datetime), or None.
+        """
+        self._refresh_latency_index()
+        for predicted in (False, True) if include_predicted else (False,):
+            key = self._latency_key(config_hash, hardware, batch_size, seq_len, dtype, predicted)
+            row = self._latency_index.get(key)
+            if row is not None:
+                return dict(row)
+        return None
+
+    def finished_trials(self, max_fidelity: float | None = None) -> set[str]:
+        """Trial ids of this experiment that have a final row (for resuming a search).
+
+        A row is final if its status is ``"stopped"`` or ``"error"``, or ``"ok"`` at a fidelity
+        of at least ``max_fidelity``. With ``max_fidelity=None`` every row is final (any trial
+        with a result counts as done).
+
+        Args:
+            max_fidelity: The full fidelity of the search (e.g. MO-ASHA's maximum resource).
+
+        Returns:
+            The set of finished trial ids.
+        """
+        frame = self.evaluations(columns=["trial_id", "status", "fidelity"])
+        if frame.empty:
+            return set()
+        final = frame["status"].isin(["stopped", "error"])
+        if max_fidelity is None:
+            final |= frame["status"] == "ok"
+        else:
+            final |= (frame["status"] == "ok") & (frame["fidelity"] >= max_fidelity)
+        return {str(t) for t in frame.loc[final, "trial_id"]}
+
+
+# -------------------------------------------------------------------------------------- pareto
+
+
+def pareto_rows(
+    df: pd.DataFrame,
+    objectives: Sequence[str],
+    modes: Sequence[str] | str | None = None,
+) -> pd.DataFrame:
+    """The non-dominated rows of ``df`` for the given objectives.
+
+    Row a dominates row b if a is at least as good in every objective and strictly better in
+    one. Rows equal in all objectives do not dominate each other, so all copies are kept. Rows
+    with a NaN objective are left out.
+
+    Args:
+        df: Any DataFrame, e.g. from :func:`load`.
+        objectives: Numeric column names.
+        modes: ``"min"`` or ``"max"`` per objective, or one for all; None minimises all.
+
+    Returns:
+        The non-dominated rows, in their original order and with their original index.
+
+    Raises:
+        ResultsError: Unknown or non-numeric objective columns, or bad modes.
+    """
+    objectives = [objectives] if isinstance(objectives, str) else list(objectives)
+    if not objectives:
+        raise ResultsError("pareto_rows needs at least one objective")
+    missing = [name for name in objectives if name not in df.columns]
+    if missing:
+        raise ResultsError(f"objective column(s) {missing} not in the DataFrame")
+    if modes is None:
+        modes = ["min"] * len(objectives)
+    elif isinstance(modes, str):
+        modes = [modes] * len(objectives)
+    modes = list(modes)
+    if len(modes) != len(objectives) or any(m not in ("min", "max") for m in modes):
+        raise ResultsError(f"modes must be 'min'/'max' for each of {objectives}, got {modes!r}")
+    try:
+        values = df[objectives].to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise ResultsError(f"objective columns {objectives} are not numeric: {exc}") from exc
+    values = values * np.where(np.array(modes) == "max", -1.0, 1.0)  # all minimised now
+    candidates = np.flatnonzero(~np.isnan(values).any(axis=1))
+    # Lexicographic order: any dominator of a row comes before it, and a row dominated by a
+    # dominated row is dominated by a front row, so comparing with the front so far suffices.
+    order = candidates[np.lexsort(values[candidates].T[::-1])]
+    front: list[int] = []
+    for index in order:
+        if front:
+            kept = values[front]
+            point = values[index]
+            if np.any(np.all(kept <= point, axis=1) & np.any(kept < point, axis=1)):
+                continue
+        front.append(int(index))
+    return df.iloc[sorted(front)]

@@ -1,0 +1,487 @@
+"""Run a multi-objective search under Ray Tune: one trial per sub-network config.
+
+Two ways to score a trial (Klein et al. 2024):
+
+* weight-sharing (default): the config's sub-network is selected in a trained supernet and
+  scored on the validation split, no training. The fidelity is the number of validation
+  examples seen: a trial reports after each of `max_t` chunks of a fixed shuffled validation
+  set, so MO-ASHA can stop weak sub-networks after a few chunks.
+* standard NAS: the sub-network is cut from the fine-tuned model and fine-tuned for up to
+  `max_t` epochs (DeepSpeed, as in `nas_prune.train`), reporting after each epoch.
+
+Per-trial overhead is engineered: trials run with `reuse_actors=True`, and the supernet and the
+tokenised, pre-collated validation batches are loaded once per worker process and kept there
+(`_resident`), so a trial costs one forward pass over the validation set. Tune's automatic
+CSV/JSON/TensorBoard loggers are off; every result goes to the Parquet results store instead
+(`ResultsCallback`), one file per finished trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas_prune import data as data_lib
+from nas_prune import results as results_lib
+from nas_prune.search import pareto
+from nas_prune.search.searchers import EARLY_STOPPING_OK, SEARCHERS, make_searcher
+from nas_prune.space import SPACES, SearchSpace, make_space
+
+log = logging.getLogger(__name__)
+
+STATIC_OBJECTIVES = {
+    "error": "validation error (1 - metric)",
+    "params": "parameters of the sub-network (embeddings and head included)",
+    "params_ratio": "parameters relative to the full model",
+    "flops": "floating-point operations for one sequence of `flops_seq_len` tokens",
+}
+"""Objectives every trial reports. `latency:<hardware>` objectives come from nas_prune.profile."""
+
+SCHEDULERS = ("fifo", "moasha")
+"""Trial schedulers by name; `moasha` is nas_prune.search.moasha.MOASHA."""
+
+FIDELITY = "fidelity"
+
+
+class SearchError(ValueError):
+    """A search that cannot start as configured; raised before any trial runs."""
+
+
+@dataclass
+class SearchOptions:
+    """How to search."""
+
+    searcher: str = "random"
+    """One of SEARCHERS: random, local, morea, nsga2."""
+    scheduler: str = "fifo"
+    """fifo (every trial runs to the end) or moasha (multi-objective early stopping)."""
+    objectives: list[str] = field(default_factory=lambda: ["error", "params_ratio"])
+    """Minimised objectives: error, params, params_ratio, flops, latency:<hardware>."""
+    space: str | None = None
+    """Search space (default: the one the supernet was trained with)."""
+    num_samples: int = 100
+    """Trials (sub-network configs) to evaluate."""
+    seed: int = 0
+    num_workers: int | None = None
+    """Trials at a time (default: one per CPU of the Ray cluster)."""
+    mode: str = "weight_sharing"
+    """weight_sharing (score through the supernet) or standard (fine-tune each sub-network)."""
+    max_t: int = 1
+    """Fidelity steps of a full evaluation: validation chunks (weight sharing) or epochs."""
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    valid_examples: int | None = None
+    """Validation examples a full evaluation scores (default: the whole validation split)."""
+    batch_size: int = 64
+    flops_seq_len: int = 128
+    time_budget_s: float | None = None
+    """Stop starting trials after this many seconds."""
+    train_batch_size: int = 32
+    """Standard NAS: batch size of each sub-network's fine-tuning."""
+    lr: float = 5e-5
+    """Standard NAS: learning rate."""
+
+    def __post_init__(self) -> None:
+        if self.searcher not in SEARCHERS:
+            raise SearchError(
+                f"unknown searcher {self.searcher!r}; choose one of {', '.join(SEARCHERS)}"
+            )
+        if self.scheduler not in SCHEDULERS:
+            raise SearchError(
+                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+            )
+        if self.scheduler == "moasha" and self.searcher not in EARLY_STOPPING_OK:
+            raise SearchError(
+                f"searcher {self.searcher!r} cannot serve the moasha scheduler (it needs "
+                f"complete evaluations); use {', '.join(sorted(EARLY_STOPPING_OK))} with moasha"
+                f" or scheduler fifo with {self.searcher}"
+            )
+        if self.space is not None and self.space not in SPACES:
+            raise SearchError(f"unknown space {self.space!r}; choose one of {', '.join(SPACES)}")
+        if self.mode not in ("weight_sharing", "standard"):
+            raise SearchError(f"mode must be weight_sharing or standard, got {self.mode!r}")
+        if not self.objectives:
+            raise SearchError("give at least one objective")
+        for name in self.objectives:
+            if name not in STATIC_OBJECTIVES and not name.startswith("latency:"):
+                raise SearchError(
+                    f"unknown objective {name!r}; choose from {', '.join(STATIC_OBJECTIVES)} "
+                    "or latency:<hardware>"
+                )
+        if len(set(self.objectives)) != len(self.objectives):
+            raise SearchError(f"objectives repeat: {self.objectives}")
+        for name in ("num_samples", "max_t", "grace_period", "batch_size", "flops_seq_len"):
+            if getattr(self, name) < 1:
+                raise SearchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scheduler == "moasha" and self.max_t < 2:
+            raise SearchError("moasha needs max_t >= 2 fidelity steps to stop anything early")
+        if self.grace_period > self.max_t:
+            raise SearchError(f"grace_period {self.grace_period} exceeds max_t {self.max_t}")
+        if self.reduction_factor <= 1:
+            raise SearchError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What a trial process needs to (re)build its resident evaluator: paths and numbers only."""
+
+    checkpoint: str
+    task: dict[str, Any]
+    space: str
+    mode: str
+    max_t: int
+    batch_size: int
+    valid_examples: int | None
+    flops_seq_len: int
+    seed: int
+    max_length: int
+    objectives: tuple[str, ...]
+    train_batch_size: int
+    lr: float
+
+
+# --------------------------------------------------------------------------- resident state
+_RESIDENT: dict[str, Any] = {}
+
+
+@dataclass
+class _Evaluator:
+    model: Any
+    space: SearchSpace
+    spec: data_lib.TaskSpec
+    chunks: list[list[dict[str, torch.Tensor]]]
+    full_params: int
+    task: Any = None
+    tokenizer: Any = None
+
+
+def _resident(setup: TrialSetup) -> _Evaluator:
+    """The evaluator of this worker process, built on first use and kept for later trials."""
+    key = json.dumps(dataclasses.asdict(setup), sort_keys=True, default=str)
+    if key in _RESIDENT:
+        return _RESIDENT[key]
+    from nas_prune.train import load_checkpoint
+
+    started = time.perf_counter()
+    model, _ = load_checkpoint(setup.checkpoint)
+    tokenizer = data_lib.load_tokenizer(setup.checkpoint)
+    task = data_lib.tokenize(data_lib.load_task(**setup.task), tokenizer, setup.max_length)
+    valid = task.valid.shuffle(seed=setup.seed)
+    if setup.valid_examples is not None:
+        valid = valid.select(range(min(setup.valid_examples, len(valid))))
+    batches = list(data_lib.make_loader(valid, tokenizer, setup.batch_size))
+    bounds = np.linspace(0, len(batches), setup.max_t + 1).round().astype(int)
+    chunks = [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if any(not c for c in chunks):
+        raise SearchError(
+            f"{len(batches)} validation batches cannot make {setup.max_t} fidelity steps; "
+            "lower max_t or batch_size"
+        )
+    evaluator = _Evaluator(model, make_space(setup.space, model.config), task.spec, chunks,
+                           model.num_params(), task, tokenizer)
+    _RESIDENT.clear()  # one experiment per process at a time
+    _RESIDENT[key] = evaluator
+    log.info("worker %d loaded %s in %.1fs", os.getpid(), setup.checkpoint,
+             time.perf_counter() - started)
+    return evaluator
+
+
+def _costs(ev: _Evaluator, sub, setup: TrialSetup) -> dict[str, float]:
+    params = ev.model.num_params(sub)
+    return {
+        "params": params,
+        "params_ratio": params / ev.full_params,
+        "flops": ev.model.flops(sub, setup.flops_seq_len),
+    }
+
+
+def weight_sharing_trial(config: dict[str, int], setup: TrialSetup) -> None:
+    """Ray Tune function trainable: score `config` through the resident supernet, reporting
+    the error on growing prefixes of the validation set."""
+    from ray import tune
+
+    ev = _resident(setup)
+    sub = ev.space.to_sub_network(config)
+    costs = _costs(ev, sub, setup)
+    logits, labels, seen, started = [], [], 0, time.perf_counter()
+    ev.model.set_sub_network(sub)
+    try:
+        for chunk in ev.chunks:
+            with torch.no_grad():
+                for batch in chunk:
+                    logits.append(ev.model(**batch).logits.float())
+                    labels.append(batch["labels"])
+                    seen += len(batch["labels"])
+            metric = data_lib.compute_metric(
+                ev.spec, torch.cat(logits).numpy(), torch.cat(labels).numpy()
+            )
+            tune.report({
+                "error": data_lib.error_from_metric(metric),
+                "metric": metric,
+                "metric_name": ev.spec.metric,
+                FIDELITY: seen,
+                "eval_time_s": time.perf_counter() - started,
+                **costs,
+            })
+    finally:
+        ev.model.reset_super_network()
+
+
+def standard_trial(config: dict[str, int], setup: TrialSetup) -> None:
+    """Ray Tune function trainable: cut `config`'s sub-network from the fine-tuned model and
+    fine-tune it with DeepSpeed for up to `max_t` epochs, reporting after each."""
+    import tempfile
+
+    from ray import tune
+
+    from nas_prune.train import TrainOptions, evaluate, train
+
+    ev = _resident(setup)
+    sub = ev.space.to_sub_network(config)
+    costs = _costs(ev, sub, setup)
+    model = ev.model.extract_sub_network(sub)
+    valid = [b for chunk in ev.chunks for b in chunk]
+    opts = TrainOptions(strategy="standard", epochs=setup.max_t, batch_size=setup.train_batch_size,
+                        lr=setup.lr, rewire=False, seed=setup.seed, log_every=10**9)
+    steps_per_epoch = len(data_lib.make_loader(ev.task.train, ev.tokenizer,
+                                               setup.train_batch_size))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nas_prune_trial_") as workdir:
+        for epoch in range(1, setup.max_t + 1):
+            train(model, ev.task, ev.tokenizer, workdir, opts, stop_after=epoch * steps_per_epoch)
+            model = _load_trained(workdir)
+            scores = evaluate(model, valid, ev.spec)
+            tune.report({"error": scores["error"], "metric": scores["metric"],
+                         "metric_name": ev.spec.metric, FIDELITY: epoch,
+                         "eval_time_s": time.perf_counter() - started, **costs})
+
+
+def _load_trained(path: str):
+    from nas_prune.train import load_checkpoint
+
+    return load_checkpoint(path)[0]
+
+
+# --------------------------------------------------------------------------- results
+def _result_row(result: dict, trial, ctx: dict[str, Any], max_fidelity: float) -> dict:
+    fidelity = float(result.get(FIDELITY, 0))
+    row = {
+        **ctx,
+        "trial_id": trial.trial_id,
+        "config": {k: int(v) for k, v in trial.config.items()},
+        "fidelity": fidelity,
+        "error": float(result["error"]),
+        "metric_value": float(result["metric"]),
+        "params": int(result["params"]),
+        "params_ratio": float(result["params_ratio"]),
+        "flops": int(result["flops"]),
+        "eval_time_s": float(result.get("eval_time_s", 0.0)),
+        "wall_time_s": time.time() - ctx["_started"],
+        "metric_name": result.get("metric_name", ""),
+        "status": "ok" if fidelity >= max_fidelity else "stopped",
+    }
+    latency = [k for k in result if k.startswith("latency:")]
+    if latency:
+        row["hardware"] = latency[0].split(":", 1)[1]
+        row["latency_ms"] = float(result[latency[0]])
+    row.pop("_started")
+    return row
+
+
+def _callback_class():
+    from ray.tune import Callback
+
+    class ResultsCallback(Callback):
+        """Appends every reported result to the Parquet store (one file per finished trial)
+        and logs progress: trials done / to go and the current Pareto front."""
+
+        def __init__(self, store: results_lib.ResultStore, ctx: dict, objectives: Sequence[str],
+                     num_samples: int, max_fidelity: float):
+            self.store, self.ctx = store, ctx
+            self.objectives, self.num_samples = list(objectives), num_samples
+            self.max_fidelity = max_fidelity
+            self.pending: dict[str, list[dict]] = {}
+            self.done = len(store.finished_trials())
+            self.front: list[np.ndarray] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            row = _result_row(result, trial, {**self.ctx}, self.max_fidelity)
+            self.pending.setdefault(trial.trial_id, []).append(row)
+
+        def _flush(self, trial, status: str | None = None, message: str | None = None):
+            """Write the trial's buffered rows; rows below full fidelity are rung results
+            ("ok"), unless they are the last one ("stopped" early by the scheduler)."""
+            rows = self.pending.pop(trial.trial_id, [])
+            for row in rows[:-1]:
+                row["status"] = "ok"
+            if rows and status is not None:
+                rows[-1]["status"] = status
+                rows[-1]["message"] = message
+            if rows:
+                self.store.append_evaluations(rows)
+            return rows
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            rows = self._flush(trial)
+            self.done += 1
+            if rows and rows[-1]["status"] == "ok":
+                self.front.append(np.array([rows[-1][k] for k in self.objectives], float))
+            front = int(pareto.pareto_mask(np.array(self.front)).sum()) if self.front else 0
+            log.info("trials %d/%d done, Pareto front %d (%s)", self.done, self.num_samples,
+                     front, ", ".join(self.objectives))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if not self.pending.get(trial.trial_id):
+                return  # failed before reporting anything: nothing to record
+            self._flush(trial, "error", str(getattr(trial, "error_file", "") or "trial failed"))
+            self.done += 1
+
+        def on_experiment_end(self, trials, **info):
+            for trial in trials:
+                self._flush(trial)
+
+    return ResultsCallback
+
+
+# --------------------------------------------------------------------------- the search
+def _check_supernet(checkpoint: str | os.PathLike, space_name: str | None):
+    from nas_prune.train import TrainingError, read_meta
+
+    path = Path(checkpoint)
+    if not (path / "config.json").exists():
+        raise SearchError(f"{path} is not a supernet checkpoint (no config.json)")
+    try:
+        meta = read_meta(path)
+    except TrainingError as e:
+        raise SearchError(str(e)) from None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if getattr(config, "layer_heads", None) is not None:
+        raise SearchError(f"{path} is an exported sub-network, not a supernet")
+    space_name = space_name or meta.get("space") or "small"
+    trained = meta.get("space")
+    if trained and trained != space_name:
+        log.warning("supernet %s was trained on the %s space; searching the %s space", path,
+                    trained, space_name)
+    return meta, config, space_name
+
+
+def run_search(
+    checkpoint: str | os.PathLike,
+    task: dict[str, Any],
+    results_dir: str | os.PathLike,
+    experiment: str,
+    opts: SearchOptions,
+    *,
+    storage_path: str | os.PathLike | None = None,
+    max_length: int = 128,
+    space_bounds: dict[str, tuple[int, int]] | None = None,
+):
+    """Search sub-networks of the supernet (or, in standard mode, fine-tuned model) at
+    `checkpoint` on `task` (keyword arguments of `nas_prune.data.load_task`), writing every
+    result to the Parquet store at `results_dir` under `experiment`. If the experiment's Tune
+    state exists under `storage_path`, the search resumes: finished trials are not re-run.
+
+    Returns:
+        The experiment's evaluations as a pandas DataFrame.
+    """
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import ray
+    from ray import tune
+
+    from nas_prune.search.moasha import MOASHA
+
+    meta, model_config, space_name = _check_supernet(checkpoint, opts.space)
+    space = make_space(space_name, model_config, space_bounds)
+    if not ray.is_initialized():
+        ray.init()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    workers = opts.num_workers or max(1, int(cpus))
+    if workers > cpus:
+        raise SearchError(
+            f"{workers} concurrent trials need {workers} CPUs but the Ray cluster has {cpus:g}; "
+            "lower num_workers or add nodes"
+        )
+    max_fidelity = _max_fidelity(opts, task, max_length, checkpoint)
+    setup = TrialSetup(
+        checkpoint=str(Path(checkpoint).resolve()), task=task, space=space_name, mode=opts.mode,
+        max_t=opts.max_t, batch_size=opts.batch_size, valid_examples=opts.valid_examples,
+        flops_seq_len=opts.flops_seq_len, seed=opts.seed, max_length=max_length,
+        objectives=tuple(opts.objectives), train_batch_size=opts.train_batch_size, lr=opts.lr,
+    )
+    fn = weight_sharing_trial if opts.mode == "weight_sharing" else standard_trial
+    trainable = tune.with_resources(tune.with_parameters(fn, setup=setup), {"cpu": 1})
+    storage = Path(storage_path or Path(results_dir).parent / "tune").resolve()
+    store = results_lib.ResultStore(results_dir, experiment)
+    ctx = {
+        "method": "nas", "searcher": opts.searcher, "scheduler": opts.scheduler,
+        "strategy": meta.get("strategy"), "space": space_name, "task": _task_name(task),
+        "model": meta.get("base_model") or str(checkpoint), "seed": opts.seed,
+        "metric_name": None, "fidelity_unit": "examples" if opts.mode == "weight_sharing"
+        else "epochs", "_started": time.time(),
+    }
+    callback = _callback_class()(store, ctx, opts.objectives, opts.num_samples, max_fidelity)
+    exp_dir = storage / experiment
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log.info("resuming search %s from %s", experiment, exp_dir)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    else:
+        searcher = make_searcher(opts.searcher, space, opts.objectives, "min", opts.seed,
+                                 fidelity_attr=FIDELITY, max_fidelity=max_fidelity)
+        scheduler = None
+        if opts.scheduler == "moasha":
+            scheduler = MOASHA(opts.objectives, "min", time_attr="training_iteration",
+                               grace_period=opts.grace_period,
+                               reduction_factor=opts.reduction_factor, max_t=opts.max_t)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=opts.num_samples,
+                max_concurrent_trials=workers, reuse_actors=True,
+                time_budget_s=opts.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=str(storage), callbacks=[callback], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    # Tune's result grid looks for the per-trial JSON/CSV logs we switched off; our results
+    # are in the Parquet store, so its "failed to fetch metrics" warnings are noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tuner.fit()
+    return store.evaluations()
+
+
+def _task_name(task: dict[str, Any]) -> str:
+    name = str(task.get("task", ""))
+    return Path(name).stem if os.sep in name or "." in name else name
+
+
+def _max_fidelity(opts: SearchOptions, task: dict, max_length: int, checkpoint) -> float:
+    """Fidelity of a complete evaluation: validation examples scored, or epochs."""
+    if opts.mode == "standard":
+        return float(opts.max_t)
+    n = len(data_lib.load_task(**task).valid)
+    return float(min(n, opts.valid_examples) if opts.valid_examples else n)
+
+
+def search_options_from_dict(values: dict[str, Any]) -> SearchOptions:
+    """SearchOptions from a plain dict (e.g. a YAML file), naming unknown keys."""
+    known = {f.name for f in dataclasses.fields(SearchOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SearchError(f"unknown search option(s) {unknown}; known: {sorted(known)}")
+    return SearchOptions(**values)
