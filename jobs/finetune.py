@@ -11,7 +11,10 @@ shared storage (a shared filesystem, see README) so every node reads and writes 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
+# the uploaded working dir, and not jobs/ itself, which Python puts first for a script:
+# jobs/profile.py would shadow the standard library's `profile` (imported by cProfile -> torch)
+_JOBS = Path(__file__).resolve().parent
+sys.path[:] = [str(_JOBS.parent), *(p for p in sys.path if Path(p or ".").resolve() != _JOBS)]
 
 from nas_prune.cli import main  # noqa: E402
 

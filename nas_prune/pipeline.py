@@ -49,11 +49,14 @@ class TaskOptions:
     """accuracy, f1, matthews or spearman (default: the task's)."""
     max_examples: int | None = None
     """Cap on each split's size (quick runs)."""
-    seed: int = 0
+    split_seed: int = 0
     """Seed of the train/valid/test split."""
 
     def load_kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Keyword arguments of nas_prune.data.load_task."""
+        kwargs = dataclasses.asdict(self)
+        kwargs["seed"] = kwargs.pop("split_seed")
+        return kwargs
 
 
 @dataclass

@@ -147,6 +147,8 @@ class ProfileSettings:
         for name in ("batch_size", "seq_len", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ProfileError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ProfileError(f"warmup must be >= 0, got {self.warmup}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ProfileError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
 
@@ -185,8 +187,11 @@ class Profiler:
         }
 
     def describe(self) -> dict[str, Any]:
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"hardware": self.hardware, "device_name": self.device_name,
-                "dtype": self.dtype_name, "pid": os.getpid()}
+                "dtype": self.dtype_name, "pid": os.getpid(), "node_id": node_id}
 
     @torch.no_grad()
     def measure(self, config: Mapping[str, int]) -> dict[str, Any]:
@@ -297,12 +302,16 @@ def _actor_class():
 
 
 def start_pool(checkpoint: str, space: str, hardware: Hardware, settings: ProfileSettings,
-               size: int = 1):
-    """`size` profiler actors pinned to `hardware`."""
+               size: int = 1, name: str | None = None):
+    """`size` profiler actors pinned to `hardware` (one, named `name`, when a name is given,
+    so that trials can find it with `ray.get_actor`)."""
     actor = _actor_class()
-    size = max(1, min(size, int(hardware.count)))
-    return [actor.options(**hardware.actor_options()).remote(checkpoint, space, hardware.name,
-                                                              settings) for _ in range(size)]
+    size = 1 if name else max(1, min(size, int(hardware.count)))
+    options = hardware.actor_options()
+    if name:
+        options = {**options, "name": name, "get_if_exists": True}
+    return [actor.options(**options).remote(checkpoint, space, hardware.name, settings)
+            for _ in range(size)]
 
 
 def profile_configs(
@@ -335,7 +344,8 @@ def profile_configs(
             cached = store.cached_latency(key, hw.name, settings.batch_size, settings.seq_len,
                                           dtype) if store is not None else None
             if cached is not None:
-                rows.append({**cached, "cached": True})
+                # the store holds the config as JSON; return it as measured rows do (a dict)
+                rows.append({**cached, "config": dict(config), "cached": True})
             else:
                 todo.append((config, key, trial_id))
         if not todo:

@@ -86,6 +86,13 @@ class SearchOptions:
     flops_seq_len: int = 128
     time_budget_s: float | None = None
     """Stop starting trials after this many seconds."""
+    latency: str = "predicted"
+    """For latency:<hardware> objectives: "predicted" (lookup table measured once per hardware
+    type, Kwon et al.) or "measured" (each sub-network timed by the profiler actor there)."""
+    latency_batch_size: int = 1
+    """Batch size at which latency objectives are measured."""
+    latency_seq_len: int = 128
+    """Sequence length at which latency objectives are measured."""
     train_batch_size: int = 32
     """Standard NAS: batch size of each sub-network's fine-tuning."""
     lr: float = 5e-5
@@ -118,6 +125,8 @@ class SearchOptions:
                     f"unknown objective {name!r}; choose from {', '.join(STATIC_OBJECTIVES)} "
                     "or latency:<hardware>"
                 )
+        if self.latency not in ("predicted", "measured"):
+            raise SearchError(f"latency must be predicted or measured, got {self.latency!r}")
         if len(set(self.objectives)) != len(self.objectives):
             raise SearchError(f"objectives repeat: {self.objectives}")
         for name in ("num_samples", "max_t", "grace_period", "batch_size", "flops_seq_len"):
@@ -148,6 +157,10 @@ class TrialSetup:
     objectives: tuple[str, ...]
     train_batch_size: int
     lr: float
+    latency_tables: dict[str, dict] = field(default_factory=dict)
+    """Lookup tables (LatencyTable.to_dict) by hardware, for predicted latency objectives."""
+    latency_actors: dict[str, str] = field(default_factory=dict)
+    """Named profiler actors by hardware, for measured latency objectives."""
 
 
 # --------------------------------------------------------------------------- resident state
@@ -196,13 +209,24 @@ def _resident(setup: TrialSetup) -> _Evaluator:
     return evaluator
 
 
-def _costs(ev: _Evaluator, sub, setup: TrialSetup) -> dict[str, float]:
+def _costs(ev: _Evaluator, sub, config, setup: TrialSetup) -> dict[str, float]:
+    """Size, FLOPs and the latency objectives of one sub-network."""
+    import ray
+
+    from nas_prune.profile import LatencyTable
+
     params = ev.model.num_params(sub)
-    return {
+    costs = {
         "params": params,
         "params_ratio": params / ev.full_params,
         "flops": ev.model.flops(sub, setup.flops_seq_len),
     }
+    for hardware, table in setup.latency_tables.items():
+        costs[f"latency:{hardware}"] = LatencyTable(**table).predict(sub)
+    for hardware, name in setup.latency_actors.items():
+        measured = ray.get(ray.get_actor(name).measure.remote(dict(config)))
+        costs[f"latency:{hardware}"] = measured["median_ms"]
+    return costs
 
 
 def weight_sharing_trial(config: dict[str, int], setup: TrialSetup) -> None:
@@ -212,7 +236,7 @@ def weight_sharing_trial(config: dict[str, int], setup: TrialSetup) -> None:
 
     ev = _resident(setup)
     sub = ev.space.to_sub_network(config)
-    costs = _costs(ev, sub, setup)
+    costs = _costs(ev, sub, config, setup)
     logits, labels, seen, started = [], [], 0, time.perf_counter()
     ev.model.set_sub_network(sub)
     try:
@@ -248,7 +272,7 @@ def standard_trial(config: dict[str, int], setup: TrialSetup) -> None:
 
     ev = _resident(setup)
     sub = ev.space.to_sub_network(config)
-    costs = _costs(ev, sub, setup)
+    costs = _costs(ev, sub, config, setup)
     model = ev.model.extract_sub_network(sub)
     valid = [b for chunk in ev.chunks for b in chunk]
     opts = TrainOptions(strategy="standard", epochs=setup.max_t, batch_size=setup.train_batch_size,
@@ -311,10 +335,20 @@ def _callback_class():
             self.objectives, self.num_samples = list(objectives), num_samples
             self.max_fidelity = max_fidelity
             self.pending: dict[str, list[dict]] = {}
-            self.done = len(store.finished_trials())
+            self.recorded: set[str] = set()
+            self.done = 0
             self.front: list[np.ndarray] = []
 
+        def setup(self, **info):
+            """Called at the start of every fit, a resumed one too: trials the store already
+            holds (finished before an interruption) are not recorded twice."""
+            self.recorded = self.store.finished_trials()
+            self.done = len(self.recorded)
+            self.pending = {}
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if trial.trial_id in self.recorded:
+                return
             row = _result_row(result, trial, {**self.ctx}, self.max_fidelity)
             self.pending.setdefault(trial.trial_id, []).append(row)
 
@@ -399,6 +433,8 @@ def run_search(
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # save the experiment state often enough that a killed search loses little
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     import ray
     from ray import tune
 
@@ -416,11 +452,22 @@ def run_search(
             "lower num_workers or add nodes"
         )
     max_fidelity = _max_fidelity(opts, task, max_length, checkpoint)
+    tables, actors, cpu_actors = _latency_objectives(
+        opts, str(Path(checkpoint).resolve()), space_name, experiment)
+    # a CPU profiler actor holds a CPU for the whole search: leave it one
+    if cpu_actors and not opts.num_workers:
+        workers = max(1, workers - cpu_actors)
+    if workers + cpu_actors > cpus:
+        raise SearchError(
+            f"{workers} trials and {cpu_actors} CPU profiler actor(s) need more than the "
+            f"cluster's {cpus:g} CPUs; lower num_workers or use latency='predicted'"
+        )
     setup = TrialSetup(
         checkpoint=str(Path(checkpoint).resolve()), task=task, space=space_name, mode=opts.mode,
         max_t=opts.max_t, batch_size=opts.batch_size, valid_examples=opts.valid_examples,
         flops_seq_len=opts.flops_seq_len, seed=opts.seed, max_length=max_length,
         objectives=tuple(opts.objectives), train_batch_size=opts.train_batch_size, lr=opts.lr,
+        latency_tables=tables, latency_actors=actors,
     )
     fn = weight_sharing_trial if opts.mode == "weight_sharing" else standard_trial
     trainable = tune.with_resources(tune.with_parameters(fn, setup=setup), {"cpu": 1})
@@ -441,6 +488,16 @@ def run_search(
     else:
         searcher = make_searcher(opts.searcher, space, opts.objectives, "min", opts.seed,
                                  fidelity_attr=FIDELITY, max_fidelity=max_fidelity)
+        recorded = store.evaluations()
+        num_samples = opts.num_samples
+        if not recorded.empty:  # interrupted before Tune saved any state: keep what we have
+            finished = recorded["trial_id"].nunique()
+            num_samples = max(0, opts.num_samples - finished)
+            log.warning("no Tune state to resume in %s; %d trials of %s are already recorded, "
+                        "running the %d left", exp_dir, finished, experiment, num_samples)
+            _warm_start(searcher, recorded, opts.objectives)
+            if num_samples == 0:
+                return recorded
         scheduler = None
         if opts.scheduler == "moasha":
             scheduler = MOASHA(opts.objectives, "min", time_attr="training_iteration",
@@ -449,7 +506,7 @@ def run_search(
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=opts.num_samples,
+                search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                 max_concurrent_trials=workers, reuse_actors=True,
                 time_budget_s=opts.time_budget_s,
             ),
@@ -463,6 +520,55 @@ def run_search(
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner.fit()
     return store.evaluations()
+
+
+def _latency_objectives(opts: SearchOptions, checkpoint: str, space: str, experiment: str):
+    """Lookup tables (predicted) or named profiler actors (measured) for each latency
+    objective's hardware type, and how many of those actors hold a CPU; a type the cluster
+    lacks is an error before any trial."""
+    from nas_prune.profile import (
+        ProfileError,
+        ProfileSettings,
+        discover_hardware,
+        measure_tables,
+        resolve_hardware,
+        start_pool,
+    )
+
+    names = [o.split(":", 1)[1] for o in opts.objectives if o.startswith("latency:")]
+    if not names:
+        return {}, {}, 0
+    try:
+        hardware = resolve_hardware(names, discover_hardware())
+    except ProfileError as e:
+        raise SearchError(f"latency objective: {e}") from None
+    settings = ProfileSettings(batch_size=opts.latency_batch_size, seq_len=opts.latency_seq_len)
+    if opts.latency == "predicted":
+        tables = measure_tables(checkpoint, space, names, settings)
+        return {name: table.to_dict() for name, table in tables.items()}, {}, 0
+    actors = {}
+    for hw in hardware:
+        name = f"nas_prune_profiler_{experiment}_{hw.name}"
+        (actor,) = start_pool(checkpoint, space, hw, settings, name=name)
+        actors[hw.name] = name
+        _KEEP_ALIVE.append(actor)
+    return {}, actors, sum(not hw.gpu for hw in hardware)
+
+
+_KEEP_ALIVE: list[Any] = []
+"""Handles of the named profiler actors of the running search (they die with their handles)."""
+
+
+def _warm_start(searcher, recorded, objectives: Sequence[str]) -> None:
+    """Feed complete recorded results to one of our searchers (Optuna's keeps its own)."""
+    from nas_prune.search.searchers import MultiObjectiveSearcher
+
+    if not isinstance(searcher, MultiObjectiveSearcher):
+        return
+    final = recorded.sort_values("fidelity").groupby("trial_id").tail(1)
+    for _, row in final[final["status"] == "ok"].iterrows():
+        searcher._observe(json.loads(row["config"]), np.array([row[k] for k in objectives],
+                                                               dtype=float))
 
 
 def _task_name(task: dict[str, Any]) -> str:

@@ -1,0 +1,257 @@
+"""Searchers and the Ray Tune search on a tiny trained supernet (real Tune, real Parquet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from ray.tune.search.optuna import OptunaSearch
+from transformers import BertConfig, BertForSequenceClassification
+
+from nas_prune import data, results, train
+from nas_prune.search.searchers import (
+    LocalSearcher,
+    MOREASearcher,
+    RandomSearcher,
+    make_searcher,
+)
+from nas_prune.search.tuner import SearchError, SearchOptions, run_search
+from nas_prune.space import SmallSpace
+from tests.test_train import _synthetic_csv
+
+SPACE = SmallSpace(2, 4, 48)
+
+
+# ------------------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"searcher": "bayes"}, "unknown searcher 'bayes'.*random, local, morea, nsga2"),
+        ({"scheduler": "hyperband"}, "unknown scheduler 'hyperband'.*fifo, moasha"),
+        ({"objectives": ["error", "speed"]}, "unknown objective 'speed'"),
+        ({"objectives": []}, "at least one objective"),
+        ({"searcher": "nsga2", "scheduler": "moasha", "max_t": 3}, "cannot serve the moasha"),
+        ({"scheduler": "moasha", "max_t": 1}, "max_t >= 2"),
+        ({"grace_period": 5, "max_t": 3}, "grace_period 5 exceeds max_t 3"),
+        ({"space": "huge"}, "unknown space 'huge'"),
+        ({"num_samples": 0}, "num_samples must be >= 1"),
+    ],
+)
+def test_bad_search_options_fail_before_any_trial(kwargs, message):
+    with pytest.raises(SearchError, match=message):
+        SearchOptions(**kwargs)
+
+
+# ------------------------------------------------------------------------------- searchers
+def _complete(searcher, trial_id, config, error):
+    params = sum(config.values())
+    searcher.on_trial_complete(trial_id, {"error": error, "params": params, "fidelity": 10})
+
+
+def test_random_searcher_is_seeded():
+    a = RandomSearcher(SPACE, ["error", "params"], seed=3)
+    b = RandomSearcher(SPACE, ["error", "params"], seed=3)
+    c = RandomSearcher(SPACE, ["error", "params"], seed=4)
+    seq_a = [a.suggest(str(i)) for i in range(10)]
+    assert seq_a == [b.suggest(str(i)) for i in range(10)]
+    assert seq_a != [c.suggest(str(i)) for i in range(10)]
+
+
+def test_local_search_starts_largest_smallest_middle_then_mutates_archive():
+    s = LocalSearcher(SPACE, ["error", "params"], seed=0, max_fidelity=10)
+    first = [s.suggest(str(i)) for i in range(3)]
+    assert first == [SPACE.largest(), SPACE.smallest(), SPACE.middle()]
+    for i, config in enumerate(first):
+        _complete(s, str(i), config, error=[0.1, 0.5, 0.2][i])
+    # all three trade error for size: all stay in the archive
+    assert len(s.archive) == 3
+    for i in range(3, 30):
+        config = s.suggest(str(i))
+        distances = [sum(config[k] != a[k] for k in config) for a, _ in s.archive]
+        assert min(distances) == 1  # exactly one dimension re-sampled from an archive member
+
+
+def test_local_search_archive_drops_dominated_and_ignores_low_fidelity():
+    s = LocalSearcher(SPACE, ["error", "params"], seed=0, max_fidelity=10)
+    a, b = {"num_layers": 1, "num_heads": 1, "num_units": 1}, {"num_layers": 2, "num_heads": 4,
+                                                                   "num_units": 48}
+    s.configs.update({"a": a, "b": b, "c": dict(a)})
+    s.on_trial_complete("c", {"error": 0.0, "params": 0, "fidelity": 3})  # stopped early
+    assert s.archive == []
+    _complete(s, "b", b, error=0.5)
+    _complete(s, "a", a, error=0.1)  # smaller and better: dominates b
+    assert [config for config, _ in s.archive] == [a]
+
+
+def test_morea_mutates_the_best_of_a_sample():
+    s = MOREASearcher(SPACE, ["error", "params"], seed=0, population_size=4, sample_size=4,
+                      max_fidelity=10)
+    configs = [s.suggest(str(i)) for i in range(4)]
+    for i, config in enumerate(configs):
+        _complete(s, str(i), config, error=0.9)
+    best = {"num_layers": 0, "num_heads": 1, "num_units": 1}
+    s.configs["best"] = best
+    s.on_trial_complete("best", {"error": 0.0, "params": 0, "fidelity": 10})
+    child = s.suggest("child")
+    assert sum(child[k] != best[k] for k in child) == 1
+
+
+def test_searcher_state_round_trips(tmp_path):
+    s = MOREASearcher(SPACE, ["error", "params"], seed=1, population_size=3, sample_size=2)
+    for i in range(5):
+        _complete(s, str(i), s.suggest(str(i)), error=0.1 * i)
+    s.save(str(tmp_path / "state.pkl"))
+    fresh = MOREASearcher(SPACE, ["error", "params"], seed=99, population_size=3, sample_size=2)
+    fresh.restore(str(tmp_path / "state.pkl"))
+    assert [s.suggest(f"n{i}") for i in range(5)] == [fresh.suggest(f"n{i}") for i in range(5)]
+
+
+def test_nsga2_is_optuna():
+    searcher = make_searcher("nsga2", SPACE, ["error", "params"], "min", seed=0)
+    assert isinstance(searcher, OptunaSearch)
+    with pytest.raises(ValueError, match="unknown searcher"):
+        make_searcher("grid", SPACE, ["error"])
+
+
+# ------------------------------------------------------------------------------- Tune runs
+@pytest.fixture(scope="module")
+def supernet(tmp_path_factory):
+    """A tiny supernet trained with the `full` strategy on the synthetic task."""
+    root = tmp_path_factory.mktemp("search")
+    tokenizer = data.load_tokenizer(data.default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48)
+    BertForSequenceClassification(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    csv = _synthetic_csv(root / "toy.csv")
+    task = data.tokenize(data.load_task(csv), tokenizer, 32)
+    train.finetune(str(root / "base"), task, root / "teacher",
+                   train.TrainOptions(epochs=2, batch_size=16, lr=3e-3))
+    train.train_supernet(root / "teacher", task, root / "supernet",
+                         train.TrainOptions(strategy="full", max_steps=6, batch_size=16))
+    return root, csv
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize(("searcher", "scheduler"),
+                         [("random", "fifo"), ("local", "moasha"), ("morea", "fifo"),
+                          ("nsga2", "fifo")])
+def test_search_writes_every_result_to_parquet(supernet, ray_local, tmp_path, searcher,
+                                               scheduler):
+    root, csv = supernet
+    max_t = 3 if scheduler == "moasha" else 1
+    opts = SearchOptions(searcher=searcher, scheduler=scheduler, num_samples=8, max_t=max_t,
+                         batch_size=16, objectives=["error", "params_ratio"])
+    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
+                       storage_path=tmp_path / "tune")
+    assert frame["trial_id"].nunique() == 8
+    final = frame.sort_values("fidelity").groupby("trial_id").tail(1)
+    n_valid = len(data.load_task(csv).valid)
+    assert set(final["status"]) <= {"ok", "stopped"}
+    assert (final.loc[final["status"] == "ok", "fidelity"] == n_valid).all()
+    assert ((frame["error"] >= 0) & (frame["error"] <= 1)).all()
+    assert (frame["params_ratio"] <= 1).all() and (frame["params_ratio"] > 0).all()
+    assert set(frame["searcher"]) == {searcher} and set(frame["scheduler"]) == {scheduler}
+    assert {"cfg_num_layers", "cfg_num_heads", "cfg_num_units"} <= set(frame.columns)
+    for _, row in frame.iterrows():
+        config = json.loads(row["config"])
+        assert config["num_layers"] == row["cfg_num_layers"]
+    # the same rows through pandas alone
+    plain = pd.read_parquet(tmp_path / "results" / "evaluations")
+    assert len(plain) == len(frame)
+    if scheduler == "moasha":
+        # rung results are rows too: fidelity grows over a trial's rows
+        assert (frame.groupby("trial_id")["fidelity"].nunique() > 1).any()
+
+
+def test_moasha_stops_weak_subnetworks(supernet, ray_local, tmp_path):
+    root, csv = supernet
+    opts = SearchOptions(searcher="random", scheduler="moasha", num_samples=12, max_t=4,
+                         grace_period=1, reduction_factor=2, batch_size=8, num_workers=1)
+    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
+                       storage_path=tmp_path / "tune")
+    final = frame.sort_values("fidelity").groupby("trial_id").tail(1)
+    assert (final["status"] == "stopped").any()
+    assert (final["status"] == "ok").any()
+
+
+def test_latency_objective_needs_profiled_hardware(supernet, ray_local, tmp_path):
+    root, csv = supernet
+    opts = SearchOptions(num_samples=2, objectives=["error", "latency:H100"])
+    with pytest.raises(SearchError, match="H100"):
+        run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp", opts,
+                   storage_path=tmp_path / "tune")
+
+
+def test_search_rejects_a_non_supernet_and_infeasible_workers(supernet, ray_local, tmp_path):
+    root, csv = supernet
+    with pytest.raises(SearchError, match="no config.json"):
+        run_search(tmp_path, {"task": csv}, tmp_path / "r", "exp", SearchOptions(num_samples=1))
+    with pytest.raises(SearchError, match="need 5 CPUs but the Ray cluster has 2"):
+        run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp",
+                   SearchOptions(num_samples=1, num_workers=5))
+    with pytest.raises(Exception, match="out of range|outside|leave the model"):
+        run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp",
+                   SearchOptions(num_samples=1), space_bounds={"num_layers": (0, 9)})
+
+
+_DRIVER = textwrap.dedent("""
+    import sys
+    import ray
+    from nas_prune.search.tuner import SearchOptions, run_search
+    supernet, csv, out = sys.argv[1:4]
+    ray.init(num_cpus=1, include_dashboard=False)
+    opts = SearchOptions(searcher="local", num_samples=int(sys.argv[4]), batch_size=16,
+                         num_workers=1)
+    run_search(supernet, {"task": csv}, out + "/results", "exp", opts,
+               storage_path=out + "/tune")
+""")
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(supernet, tmp_path):
+    root, csv = supernet
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    args = [sys.executable, str(script), str(root / "supernet"), csv, str(tmp_path), "14"]
+    proc = subprocess.Popen(args, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = results.ResultStore(tmp_path / "results", "exp")
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(store.finished_trials()) < 4:
+            assert proc.poll() is None, "the search finished before it could be killed"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = store.evaluations()
+    assert 4 <= before["trial_id"].nunique() < 14
+    # every trial finished before the kill is readable
+    assert (before["status"] == "ok").all()
+
+    done = subprocess.run(args, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = store.evaluations()
+    assert after["trial_id"].nunique() == 14
+    assert after.groupby("trial_id").size().max() == 1  # nothing recorded twice
+    kept = after.set_index("trial_id").loc[before["trial_id"]]
+    np.testing.assert_allclose(kept["error"], before.set_index("trial_id")["error"])
+    assert set(before["timestamp"]) <= set(after["timestamp"])  # old rows kept, not re-run
