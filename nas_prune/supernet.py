@@ -574,18 +574,27 @@ def config_from_hf(hf_config: PretrainedConfig) -> EncoderConfig:
     )
 
 
-def from_hf(hf_model: PreTrainedModel) -> EncoderForSequenceClassification:
-    """Copy a transformers BERT/RoBERTa `...ForSequenceClassification` model into our encoder."""
+def from_hf(hf_model: PreTrainedModel, share: bool = False) -> EncoderForSequenceClassification:
+    """Copy a transformers BERT/RoBERTa `...ForSequenceClassification` model into our encoder.
+
+    With `share`, our model takes over `hf_model`'s tensors instead of copying them (no second
+    copy of the weights in memory); use it when `hf_model` is discarded afterwards.
+    """
     config = config_from_hf(hf_model.config)
-    model = EncoderForSequenceClassification(config)
     state = hf_model.state_dict()
     prefix = hf_model.base_model_prefix + "."
     names = hf_state_map(config.family, config.num_hidden_layers, prefix)
     missing = [theirs for theirs in names.values() if theirs not in state]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} expected tensors, e.g. {missing[:3]}")
-    model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, strict=True)
-    return model.to(hf_model.dtype)
+    if share:
+        with torch.device("meta"):
+            model = EncoderForSequenceClassification(config)
+    else:
+        model = EncoderForSequenceClassification(config)
+    model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, strict=True,
+                          assign=share)
+    return model.to(hf_model.dtype).train(hf_model.training)
 
 
 def load_pretrained(
@@ -600,9 +609,9 @@ def load_pretrained(
     hf_model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, config=config, **hf_kwargs
     )
-    model = from_hf(hf_model)
+    model = from_hf(hf_model, share=True)
     del hf_model
-    return model
+    return model.eval()
 
 
 AutoConfig.register(EncoderConfig.model_type, EncoderConfig, exist_ok=True)

@@ -518,8 +518,11 @@ def run_search(
     # Tune's result grid looks for the per-trial JSON/CSV logs we switched off; our results
     # are in the Parquet store, so its "failed to fetch metrics" warnings are noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    tuner.fit()
-    return store.evaluations()
+    grid = tuner.fit()
+    frame = store.evaluations()
+    if frame.empty and grid.errors:
+        raise SearchError(f"every trial failed; the first error: {grid.errors[0]}")
+    return frame
 
 
 def _latency_objectives(opts: SearchOptions, checkpoint: str, space: str, experiment: str):
