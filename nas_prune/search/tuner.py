@@ -434,7 +434,7 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # save the experiment state often enough that a killed search loses little
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     import ray
     from ray import tune
 
