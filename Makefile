@@ -33,8 +33,7 @@ lint: venv
 	$(BIN)/ruff check nas_prune tests jobs benchmarks
 
 bench: venv
-	$(BIN)/python benchmarks/bench_subnet_speed.py
-	$(BIN)/python benchmarks/bench_memory.py
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build

@@ -80,7 +80,7 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels, temperature: 
 class StepContext:
     """What a strategy needs to plan one training step."""
 
-    space: SearchSpace
+    space: SearchSpace | None
     rng: np.random.Generator
     step: int
     total_steps: int
@@ -518,7 +518,8 @@ def train(
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     use_gpu = torch.cuda.is_available()
     strategy = make_strategy(opts.strategy, opts.num_random, opts.temperature)
-    space = make_space(opts.space, model.config)
+    # standard training samples no sub-networks (and may train an extracted, smaller model)
+    space = None if opts.strategy == "standard" else make_space(opts.space, model.config)
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,

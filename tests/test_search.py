@@ -257,3 +257,32 @@ def test_killed_search_resumes_without_rerunning_finished_trials(supernet, tmp_p
     kept = after.set_index("trial_id").loc[before["trial_id"]]
     np.testing.assert_allclose(kept["error"], before.set_index("trial_id")["error"])
     assert set(before["timestamp"]) <= set(after["timestamp"])  # old rows kept, not re-run
+
+
+def test_latency_objective_in_moasha_search(supernet, ray_local, tmp_path):
+    """`latency:cpu` (predicted by the lookup table measured on the cpu type) is an objective
+    like the others, here under MO-ASHA with local search."""
+    root, csv = supernet
+    opts = SearchOptions(searcher="local", scheduler="moasha", max_t=2, num_samples=6,
+                         batch_size=16, objectives=["error", "latency:cpu"],
+                         latency_seq_len=16)
+    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
+                       storage_path=tmp_path / "tune")
+    assert frame["trial_id"].nunique() == 6
+    assert (frame["hardware"] == "cpu").all() and (frame["latency_ms"] > 0).all()
+    by_layers = frame.groupby("cfg_num_layers")["latency_ms"].mean()
+    assert by_layers.index.min() < by_layers.index.max()
+    assert by_layers.loc[by_layers.index.min()] < by_layers.loc[by_layers.index.max()]
+
+
+def test_standard_nas_trains_each_subnetwork(supernet, ray_local, tmp_path):
+    """Standard NAS: each sub-network is cut from the fine-tuned model and trained for up to
+    max_t epochs, reporting after each (fidelity = epochs)."""
+    root, csv = supernet
+    opts = SearchOptions(searcher="random", mode="standard", max_t=2, num_samples=2,
+                         batch_size=16, train_batch_size=32, lr=1e-3)
+    frame = run_search(root / "teacher", {"task": csv}, tmp_path / "results", "std", opts,
+                       storage_path=tmp_path / "tune")
+    assert frame["trial_id"].nunique() == 2
+    assert sorted(frame["fidelity"].unique()) == [1.0, 2.0]
+    assert set(frame["fidelity_unit"]) == {"epochs"}
