@@ -440,6 +440,10 @@ def run_search(
 
     from nas_prune.search.moasha import MOASHA
 
+    # Tune's result grid looks for the per-trial JSON/CSV logs we switched off; our results
+    # are in the Parquet store, so its "failed to fetch metrics" warnings are noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
     meta, model_config, space_name = _check_supernet(checkpoint, opts.space)
     space = make_space(space_name, model_config, space_bounds)
     if not ray.is_initialized():
@@ -515,9 +519,6 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-    # Tune's result grid looks for the per-trial JSON/CSV logs we switched off; our results
-    # are in the Parquet store, so its "failed to fetch metrics" warnings are noise.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     grid = tuner.fit()
     frame = store.evaluations()
     if frame.empty and grid.errors:
