@@ -34,7 +34,7 @@ from nas_prune.profile import (
     time_callable,
 )
 from nas_prune.supernet import SubNetwork
-from tests.test_train import _synthetic_csv
+from tests.test_train import _synthetic_csv, save_tiny_bert
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -55,12 +55,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
     """A fine-tuned tiny BERT (hidden 32, 2 layers, 4 heads, FFN 48): a valid supernet input."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48, num_labels=2)
-    base = tmp_path_factory.mktemp("tiny_base")
-    BertForSequenceClassification(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = save_tiny_bert(tmp_path_factory.mktemp("tiny_base"), tokenizer)
     csv = _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
     task = data.tokenize(data.load_task(csv), tokenizer, max_length=32)
     out = tmp_path_factory.mktemp("teacher")

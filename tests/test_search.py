@@ -14,9 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
-import torch
 from ray.tune.search.optuna import OptunaSearch
-from transformers import BertConfig, BertForSequenceClassification
 
 from nas_prune import data, results, train
 from nas_prune.search.searchers import (
@@ -27,7 +25,7 @@ from nas_prune.search.searchers import (
 )
 from nas_prune.search.tuner import SearchError, SearchOptions, run_search
 from nas_prune.space import SmallSpace
-from tests.test_train import _synthetic_csv
+from tests.test_train import _synthetic_csv, save_tiny_bert
 
 SPACE = SmallSpace(2, 4, 48)
 
@@ -129,11 +127,7 @@ def supernet(tmp_path_factory):
     """A tiny supernet trained with the `full` strategy on the synthetic task."""
     root = tmp_path_factory.mktemp("search")
     tokenizer = data.load_tokenizer(data.default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48)
-    BertForSequenceClassification(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_tiny_bert(root / "base", tokenizer)
     csv = _synthetic_csv(root / "toy.csv")
     task = data.tokenize(data.load_task(csv), tokenizer, 32)
     train.finetune(str(root / "base"), task, root / "teacher",

@@ -22,16 +22,20 @@ def tokenizer():
     return data.load_tokenizer(data.default_model_path())
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random BERT with the MiniLM vocabulary, saved like a Hugging Face checkpoint."""
-    torch.manual_seed(0)
+def save_tiny_bert(path, tokenizer, seed: int = 0) -> str:
+    """Save a tiny random BERT (hidden 32, 2 layers, 4 heads, FFN 48) with the MiniLM
+    vocabulary and tokenizer to `path`, like a Hugging Face checkpoint."""
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=48, num_labels=2)
-    path = tmp_path_factory.mktemp("tiny_bert")
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer)
 
 
 def _synthetic_csv(path, n=320, seed=0):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
-import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from nas_prune import data, train
-from tests.test_train import _synthetic_csv
+from tests.test_train import _synthetic_csv, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +19,7 @@ def ray_local():
 
 def test_two_workers_train_like_one(ray_local, tmp_path):
     tokenizer = data.load_tokenizer(data.default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+    save_tiny_bert(tmp_path / "base", tokenizer)
     csv = _synthetic_csv(tmp_path / "toy.csv")
     opts = train.TrainOptions(epochs=8, batch_size=16, lr=3e-3, zero_stage=1)
     meta = train.train_distributed("finetune", tmp_path / "base", {"task": csv},
