@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from nas_prune.supernet import (
+    HF_CONFIG_FIELDS,
     EncoderConfig,
     EncoderForSequenceClassification,
     SubNetwork,
@@ -59,26 +60,9 @@ def to_stock(model: EncoderForSequenceClassification) -> PreTrainedModel:
     if set(c.heads_per_layer) - {c.num_attention_heads} or len(widths) > 1:
         raise ValueError("this model's shape does not fit a stock BERT/RoBERTa config")
     config_cls, model_cls = _STOCK[c.family]
-    hf_config = config_cls(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        intermediate_size=widths.pop() if widths else c.intermediate_size,
-        hidden_act=c.hidden_act,
-        hidden_dropout_prob=c.hidden_dropout_prob,
-        attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-        classifier_dropout=c.classifier_dropout,
-        max_position_embeddings=c.max_position_embeddings,
-        type_vocab_size=c.type_vocab_size,
-        layer_norm_eps=c.layer_norm_eps,
-        initializer_range=c.initializer_range,
-        pad_token_id=c.pad_token_id,
-        num_labels=c.num_labels,
-        id2label=c.id2label,
-        label2id=c.label2id,
-        problem_type=c.problem_type,
-    )
+    shared = {name: getattr(c, name) for name in HF_CONFIG_FIELDS}
+    shared["intermediate_size"] = widths.pop() if widths else c.intermediate_size
+    hf_config = config_cls(**shared)
     hf_model = model_cls(hf_config)
     names = hf_state_map(c.family, c.num_hidden_layers, hf_model.base_model_prefix + ".")
     state = model.state_dict()

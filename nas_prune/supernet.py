@@ -539,6 +539,15 @@ def hf_state_map(family: str, num_layers: int, prefix: str) -> dict[str, str]:
     return m
 
 
+HF_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "initializer_range", "pad_token_id", "num_labels",
+    "id2label", "label2id", "problem_type", "classifier_dropout",
+)
+"""Config fields that mean the same in a BERT/RoBERTa config and in EncoderConfig."""
+
+
 def config_from_hf(hf_config: PretrainedConfig) -> EncoderConfig:
     """Our EncoderConfig for a Hugging Face BERT/RoBERTa config."""
     family = getattr(hf_config, "model_type", None)
@@ -549,28 +558,9 @@ def config_from_hf(hf_config: PretrainedConfig) -> EncoderConfig:
         )
     if getattr(hf_config, "position_embedding_type", "absolute") not in ("absolute", None):
         raise ValueError("only absolute position embeddings are supported")
-    c = hf_config
+    shared = {name: getattr(hf_config, name, None) for name in HF_CONFIG_FIELDS}
     return EncoderConfig(
-        family=family,
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        head_dim=c.hidden_size // c.num_attention_heads,
-        intermediate_size=c.intermediate_size,
-        hidden_act=c.hidden_act,
-        hidden_dropout_prob=c.hidden_dropout_prob,
-        attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-        classifier_dropout=getattr(c, "classifier_dropout", None),
-        max_position_embeddings=c.max_position_embeddings,
-        type_vocab_size=c.type_vocab_size,
-        layer_norm_eps=c.layer_norm_eps,
-        initializer_range=c.initializer_range,
-        pad_token_id=c.pad_token_id,
-        num_labels=c.num_labels,
-        id2label=c.id2label,
-        label2id=c.label2id,
-        problem_type=c.problem_type,
+        family=family, head_dim=hf_config.hidden_size // hf_config.num_attention_heads, **shared
     )
 
 
