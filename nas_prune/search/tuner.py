@@ -72,6 +72,7 @@ class SearchOptions:
     num_samples: int = 100
     """Trials (sub-network configs) to evaluate."""
     seed: int = 0
+    """Seed of the searcher and of the validation order."""
     num_workers: int | None = None
     """Trials at a time (default: one per CPU of the Ray cluster)."""
     mode: str = "weight_sharing"
@@ -79,11 +80,15 @@ class SearchOptions:
     max_t: int = 1
     """Fidelity steps of a full evaluation: validation chunks (weight sharing) or epochs."""
     grace_period: int = 1
+    """MO-ASHA: fidelity steps every trial gets before it can be stopped."""
     reduction_factor: float = 3.0
+    """MO-ASHA: keep the top 1/reduction_factor of the trials at each rung."""
     valid_examples: int | None = None
     """Validation examples a full evaluation scores (default: the whole validation split)."""
     batch_size: int = 64
+    """Validation batch size of the scoring forward passes."""
     flops_seq_len: int = 128
+    """Sequence length at which the FLOPs objective is counted."""
     time_budget_s: float | None = None
     """Stop starting trials after this many seconds."""
     latency: str = "predicted"
