@@ -214,12 +214,15 @@ class TrainOptions:
     gradient_accumulation: int = 1
     """Batches per optimizer step (each with all of the strategy's passes)."""
     lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_ratio: float = 0.1
     """Fraction of steps with linear learning-rate warm-up, then linear decay to 0."""
     max_length: int = 128
     """Tokens per example after truncation (batches are padded to their longest example)."""
     seed: int = 0
+    """Seed of data order, dropout and sub-network sampling."""
     rewire: bool = True
     """Sort heads and neurons by importance before supernet training (DynaBERT)."""
     rewire_batches: int = 8
