@@ -252,6 +252,12 @@ class TrainOptions:
             raise TrainingError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs <= 0 and self.max_steps is None:
             raise TrainingError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TrainingError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_length < 2:
+            raise TrainingError(f"max_length must be >= 2 tokens, got {self.max_length}")
         if not 0 <= self.warmup_ratio < 1:
             raise TrainingError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.zero_stage not in (0, 1, 2, 3):

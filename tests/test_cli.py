@@ -56,6 +56,9 @@ def _run(args, tmp_path):
          "unknown option(s) temperature in 'search'"),
         (["search", "--supernet", "nowhere", "--out", "x"], "no config.json"),
         (["report", "--results", "empty", "--out", "r"], "no results under empty"),
+        (["finetune", "--out", "x", "--lr", "-1"], "lr must be > 0, got -1"),
+        (["search", "--supernet", "s", "--out", "x", "--num-samples", "0"],
+         "num_samples must be >= 1"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
