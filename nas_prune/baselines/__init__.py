@@ -1,0 +1,161 @@
+"""Published pruning methods run beside NAS, on the same teacher, data and results store.
+
+Each method is a module registered in :data:`METHODS` by name and imported only when used (a
+lazy registry, like Ray Tune's ``SEARCH_ALG_IMPORT``), so one method's dependencies never
+burden another. Every method module defines
+
+* ``Options``: a dataclass, one docstring under each field (the CLI help), validated in
+  ``__post_init__``; a ``max_length`` field, if any, is the tokenisation length the caller uses;
+* ``run(teacher_dir, task, tokenizer, out_dir, opts) -> list[dict]``: prune the fine-tuned
+  teacher at ``teacher_dir`` on the tokenised ``task``, save each produced model under
+  ``out_dir/<trial_id>/`` and return one evaluation row per model (the keys of
+  :data:`ROW_KEYS`, optionally ``latency_ms`` and ``hardware``), validation split metrics.
+
+:func:`run_method` is what the CLI (``nas-prune baseline <method>``) and the pipeline
+(``nas-prune run`` with ``baselines: [...]``) call: it runs a method, measures the latency of
+each saved model that has none yet (:func:`measure_latency`) and appends the rows to the results
+store under the experiment ``baseline-<method>-seed<seed>``.
+
+Methods (METHODS.md): ``pins`` (Ren & Zhu 2023, unstructured), ``grain`` (Yang et al. 2023,
+structured intra-attention), ``layer_drop`` (keep the first k layers and fine-tune).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, str] = {
+    "pins": "nas_prune.baselines.pins",
+    "grain": "nas_prune.baselines.grain",
+    "layer_drop": "nas_prune.baselines.layer_drop",
+}
+"""Baseline name -> module path; the CLI's choices come from here."""
+
+ROW_KEYS = (
+    "method", "task", "model", "seed", "trial_id", "config", "fidelity", "fidelity_unit",
+    "error", "metric_name", "metric_value", "params", "params_ratio", "flops", "wall_time_s",
+    "eval_time_s", "status", "message",
+)
+"""Keys every row returned by a method's ``run`` has (see nas_prune.results)."""
+
+
+class BaselineError(ValueError):
+    """A baseline cannot run as asked (unknown method, bad option, teacher mismatch)."""
+
+
+def get(name: str) -> ModuleType:
+    """The module of baseline `name`, imported now.
+
+    Raises:
+        BaselineError: `name` is not registered.
+    """
+    if name not in METHODS:
+        raise BaselineError(f"unknown baseline {name!r}; choose one of {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[name])
+
+
+def experiment_name(method: str, opts: Any) -> str:
+    """The results experiment of a baseline run: ``baseline-<method>-seed<seed>``."""
+    return f"baseline-{method}-seed{getattr(opts, 'seed', 0)}"
+
+
+def measure_latency(model_dir: str | os.PathLike, settings: Any = None) -> dict[str, Any]:
+    """Latency of the model saved in `model_dir` as it is stored (loaded through the
+    transformers Auto classes), on this process's device: random token ids of
+    `settings.seq_len` tokens, batch `settings.batch_size`, `settings.threads` CPU threads,
+    warm-up then the median of `settings.repeats` runs (nas_prune.profile.time_callable).
+
+    Returns:
+        ``{"latency_ms": median, "hardware": "cpu" or the CUDA device name}``.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from nas_prune.profile import ProfileSettings, time_callable
+
+    settings = settings or ProfileSettings()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), trust_remote_code=True).to(device).eval()
+        g = torch.Generator().manual_seed(0)
+        shape = (settings.batch_size, settings.seq_len)
+        inputs = {"input_ids": torch.randint(5, model.config.vocab_size, shape, generator=g
+                                             ).to(device),
+                  "attention_mask": torch.ones(shape, dtype=torch.long, device=device)}
+        with torch.no_grad():
+            timing = time_callable(lambda: model(**inputs), device, settings.warmup,
+                                   settings.repeats)
+    finally:
+        torch.set_num_threads(threads)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"latency_ms": timing.median_ms, "hardware": hardware}
+
+
+def check_rows(rows: Sequence[Mapping[str, Any]], method: str,
+               out_dir: str | os.PathLike) -> None:
+    """Raise BaselineError unless every row has the contract's keys and its model is saved
+    in ``out_dir/<trial_id>/``."""
+    for row in rows:
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise BaselineError(f"{method} returned a row without {', '.join(missing)}")
+        if not (Path(out_dir) / str(row["trial_id"]) / "config.json").exists():
+            raise BaselineError(f"{method} saved no model in {Path(out_dir) / row['trial_id']}")
+
+
+def run_method(
+    method: str,
+    teacher_dir: str | os.PathLike,
+    task: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    opts: Any,
+    results_root: str | os.PathLike,
+    latency: Any = None,
+    experiment: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run baseline `method` and record its rows.
+
+    Args:
+        method: a :data:`METHODS` name.
+        teacher_dir: fine-tuned teacher checkpoint (``nas-prune finetune``).
+        task: the task, tokenised with the method's ``max_length``.
+        tokenizer: saved with every produced model.
+        out_dir: the method's model directory (one sub-directory per produced model).
+        opts: the method's ``Options``.
+        results_root: results store root (``<out>/results``).
+        latency: ProfileSettings for :func:`measure_latency` of rows without latency; None
+            for the defaults.
+        experiment: results experiment (default :func:`experiment_name`).
+
+    Returns:
+        The rows as appended to the store.
+    """
+    from nas_prune.results import ResultStore
+
+    module = get(method)
+    if not isinstance(opts, module.Options):
+        raise BaselineError(f"{method} needs {module.__name__}.Options, got {type(opts).__name__}")
+    log.info("== baseline %s ==", method)
+    rows = [dict(r) for r in module.run(teacher_dir, task, tokenizer, out_dir, opts)]
+    check_rows(rows, method, out_dir)
+    for row in rows:
+        if row.get("latency_ms") is None:
+            row.update(measure_latency(Path(out_dir) / row["trial_id"], latency))
+        log.info("%s %s: %s %.4f, %d params (%.3f of dense), %.2f ms", method, row["trial_id"],
+                 row["metric_name"], row["metric_value"], row["params"], row["params_ratio"],
+                 row["latency_ms"])
+    store = ResultStore(results_root, experiment or experiment_name(method, opts))
+    store.append_evaluations(rows)
+    return rows
