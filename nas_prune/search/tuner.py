@@ -18,12 +18,13 @@ CSV/JSON/TensorBoard loggers are off; every result goes to the Parquet results s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,11 @@ def _costs(ev: _Evaluator, sub, config, setup: TrialSetup) -> dict[str, float]:
     return costs
 
 
-def weight_sharing_trial(config: dict[str, int], setup: TrialSetup) -> None:
-    """Ray Tune function trainable: score `config` through the resident supernet, reporting
-    the error on growing prefixes of the validation set."""
-    from ray import tune
-
+def score_sub_network(config: dict[str, int], setup: TrialSetup) -> Iterator[dict[str, Any]]:
+    """Score `config` through this process's resident supernet: one result per fidelity step,
+    the error on a growing prefix of the validation set (all of it at the last step), with the
+    size, FLOPs and latency objectives. The work of one weight-sharing trial, without Tune
+    (benchmarks/bench_search.py runs it in a plain loop to measure Tune's overhead)."""
     ev = _resident(setup)
     sub = ev.space.to_sub_network(config)
     costs = _costs(ev, sub, config, setup)
@@ -254,16 +255,28 @@ def weight_sharing_trial(config: dict[str, int], setup: TrialSetup) -> None:
             metric = data_lib.compute_metric(
                 ev.spec, torch.cat(logits).numpy(), torch.cat(labels).numpy()
             )
-            tune.report({
+            yield {
                 "error": data_lib.error_from_metric(metric),
                 "metric": metric,
                 "metric_name": ev.spec.metric,
                 FIDELITY: seen,
                 "eval_time_s": time.perf_counter() - started,
                 **costs,
-            })
+            }
     finally:
         ev.model.reset_super_network()
+
+
+def weight_sharing_trial(config: dict[str, int], setup: TrialSetup) -> None:
+    """Ray Tune function trainable: score `config` through the resident supernet, reporting
+    the error on growing prefixes of the validation set (`score_sub_network`)."""
+    from ray import tune
+
+    # closing: if Tune stops the trial inside report, reset the supernet now, not whenever the
+    # generator is collected (that could be in the middle of this process's next trial)
+    with contextlib.closing(score_sub_network(config, setup)) as results:
+        for result in results:
+            tune.report(result)
 
 
 def standard_trial(config: dict[str, int], setup: TrialSetup) -> None:
