@@ -3,8 +3,8 @@
 Options come from the stage's option dataclass (their field docstrings are the help text), can
 be given on the command line (`--lr 1e-4`) or in a YAML file (`--config run.yaml`, the same
 names, nested by section for `run`), and every choice list comes from the registries
-(STRATEGIES, SPACES, SEARCHERS, SCHEDULERS, TASKS). A user error prints one line saying what is
-wrong and exits with status 2; no traceback.
+(STRATEGIES, SPACES, SEARCHERS, SCHEDULERS, TASKS, baselines.METHODS). A user error prints one
+line saying what is wrong and exits with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -296,6 +296,85 @@ def cmd_report(args) -> None:
     print(out / "summary.md")
 
 
+def cmd_baseline(args) -> None:
+    from nas_prune import baselines, data, results
+    from nas_prune.pipeline import TaskOptions, dense_evaluation
+    from nas_prune.profile import ProfileSettings
+
+    module = baselines.get(args.method)
+    cfg = read_yaml(args.config)
+    task_opts = build(TaskOptions, {**cfg.get("data", {}), **collect(args, TaskOptions)}, "data")
+    opts = baselines.make_options(args.method, {**cfg.get(args.method, {}),
+                                                **collect(args, module.Options)})
+    given = {k: getattr(args, f"latency_{k}") for k in ("seq_len", "repeats", "threads")
+             if getattr(args, f"latency_{k}") is not None}
+    latency = build(ProfileSettings, {**cfg.get("latency", {}), **given}, "latency")
+    teacher = Path(args.teacher)
+    if not (teacher / "config.json").exists():
+        raise UserError(f"--teacher {teacher} is not a checkpoint directory (no config.json); "
+                        "fine-tune one with `nas-prune finetune` first")
+    tokenizer = data.load_tokenizer(str(teacher))
+    task = data.tokenize(data.load_task(**task_opts.load_kwargs()), tokenizer,
+                         getattr(opts, "max_length", 128))
+    out = Path(args.out)
+    experiment = args.experiment or baselines.experiment_name(args.method, opts)
+    rows = baselines.run_method(args.method, teacher, task, tokenizer,
+                                out / "baselines" / args.method, opts, out / "results",
+                                latency=latency, experiment=experiment)
+    stored = results.load(out / "results")
+    if not (stored["method"] == "dense").any():  # the reference point, once per results dir
+        dense = dense_evaluation(teacher, task, tokenizer, getattr(opts, "seed", 0))
+        dense.update(baselines.measure_latency(teacher, latency))
+        results.ResultStore(out / "results", experiment).append_evaluations([dense])
+    for row in rows:
+        print(f"{row['trial_id']:>14}  {row['metric_name']} {row['metric_value']:.4f}  "
+              f"params {row['params_ratio']:.3f}  {row['latency_ms']:.2f} ms  "
+              f"{out / 'baselines' / args.method / row['trial_id']}")
+    print(f"{len(rows)} results in {out / 'results'} (experiment {experiment})")
+
+
+def _unavailable(name: str, error: ImportError):
+    def fail(args) -> None:
+        raise UserError(f"baseline {name} is unavailable: {error}")
+
+    return fail
+
+
+def _baseline_parsers(sub) -> None:
+    """`nas-prune baseline <method>`: one sub-command per registered method, its options from
+    the method's Options dataclass."""
+    from nas_prune import baselines
+
+    p = sub.add_parser("baseline", help="run a published pruning method on the teacher "
+                       f"({', '.join(baselines.METHODS)})",
+                       description=(baselines.__doc__ or "").strip().split("\n\n")[0])
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for name in baselines.METHODS:
+        try:
+            module = baselines.get(name)
+        except ImportError as e:
+            m = methods.add_parser(name, help=f"unavailable ({e})")
+            m.set_defaults(func=_unavailable(name, e))
+            continue
+        doc = (module.__doc__ or "").strip()
+        m = methods.add_parser(name, help=doc.splitlines()[0] if doc else name,
+                               description=doc.split("\n\n")[0])
+        m.add_argument("--teacher", required=True, help="fine-tuned checkpoint (from finetune)")
+        m.add_argument("--out", required=True, help="output directory: models go to "
+                       f"OUT/baselines/{name}/, rows to OUT/results")
+        m.add_argument("--experiment", help="results experiment (default: "
+                       f"baseline-{name}-seed<seed>)")
+        m.add_argument("--config", help=f"YAML file (sections data, {name}, latency)")
+        _task_args(m)
+        add_dataclass_args(m, module.Options)
+        for field_name, what in (("seq_len", "tokens per input"), ("repeats", "timed runs"),
+                                 ("threads", "CPU threads")):
+            m.add_argument(f"--latency-{field_name.replace('_', '-')}",
+                           dest=f"latency_{field_name}", type=int, default=None,
+                           help=f"latency of each saved model: {what} (batch 1)")
+        m.set_defaults(func=cmd_baseline)
+
+
 def cmd_run(args) -> None:
     from nas_prune import pipeline
 
@@ -334,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
                   + ", latency:<hardware>")
 
     p = sub.add_parser("run", help="the whole pipeline: fine-tune, supernet, search, profile, "
-                       "report, export", description=pipeline_doc())
+                       "baselines, report, export", description=pipeline_doc())
     p.add_argument("--out", required=True, help="output directory (re-run to continue)")
     p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--config", help="YAML file with options by section (data, finetune, "
-                   "supernet, search, profile, model, workers, experiment)")
+                   "supernet, search, profile, model, workers, experiment, baselines, "
+                   "baseline_options)")
     p.add_argument("--model", help="pre-trained model name or directory")
     p.add_argument("--task", help="task name or data file")
     p.add_argument("--workers", type=int, help="Ray Train workers for training")
@@ -393,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=objectives)
     p.set_defaults(func=cmd_export)
 
+    _baseline_parsers(sub)
+
     p = sub.add_parser("report", help="Pareto plot and Markdown summary from results")
     p.add_argument("--results", required=True, help="results directory")
     p.add_argument("--out", required=True, help="report directory")
@@ -409,6 +491,7 @@ def pipeline_doc() -> str:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from nas_prune.baselines import BaselineError
     from nas_prune.data import DataError
     from nas_prune.profile import ProfileError
     from nas_prune.results import ResultsError
@@ -418,7 +501,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from nas_prune.train import TrainingError
 
     return (UserError, DataError, TrainingError, SearchError, SearchSpaceError,
-            IllegalSubNetworkError, ResultsError, ProfileError, FileNotFoundError)
+            IllegalSubNetworkError, ResultsError, ProfileError, BaselineError,
+            FileNotFoundError)
 
 
 def setup_environment() -> None:

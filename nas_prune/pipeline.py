@@ -8,9 +8,14 @@ OUT/teacher/     fine-tuned dense model (checkpoint)          nas_prune.train.fi
 OUT/supernet/    weight-sharing supernet (checkpoint)          nas_prune.train.train_supernet
 OUT/tune/        Ray Tune experiment state (resume)            nas_prune.search.run_search
 OUT/results/     Parquet results: evaluations/ and latency/    nas_prune.results
+OUT/baselines/   one model dir per baseline model (optional)  nas_prune.baselines
 OUT/report/      pareto.png, summary.md                        nas_prune.report
 OUT/export/      one Hugging Face model dir per Pareto-optimal sub-network   nas_prune.export
 ```
+
+Baselines (`baselines: [pins, grain, layer_drop]`, none by default) run after the search on the
+same teacher and data; their rows go to the experiments `baseline-<method>-seed<seed>` and
+appear in the same report.
 """
 
 from __future__ import annotations
@@ -91,6 +96,19 @@ class PipelineOptions:
     """Ray Train workers for fine-tuning and supernet training (1: in this process)."""
     experiment: str | None = None
     """Results experiment name (default: nas-<searcher>-<scheduler>-seed<seed>)."""
+    baselines: list[str] = field(default_factory=list)
+    """Baseline methods to run after the search on the same teacher and data (pins, grain,
+    layer_drop); none by default."""
+    baseline_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of each baseline by method name, e.g. {pins: {sparsities: [0.5]}} (the names
+    of `nas-prune baseline <method> --help`)."""
+
+    def __post_init__(self) -> None:
+        from nas_prune.baselines import METHODS
+
+        for name in [*self.baselines, *self.baseline_options]:
+            if name not in METHODS:
+                raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(METHODS)}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -152,6 +170,7 @@ def _finished(path: Path) -> bool:
 
 def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     """Run every stage into `out`, skipping stages already complete. Returns a summary."""
+    from nas_prune import baselines as baselines_lib
     from nas_prune import export as export_lib
     from nas_prune import report as report_lib
     from nas_prune import train as train_lib
@@ -161,6 +180,9 @@ def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model_path = opts.model or data_lib.default_model_path()
+    # built (and so checked) now, before hours of training
+    baseline_opts = {name: baselines_lib.make_options(name, opts.baseline_options.get(name))
+                     for name in opts.baselines}
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -207,9 +229,15 @@ def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
         latency = _profile(supernet_dir, space, front, dense, store, opts)
         done("profile")
 
+    experiments = [experiment]
+    if baseline_opts:
+        stage("baselines")
+        experiments += _baselines(teacher_dir, store, opts, baseline_opts, out)
+        done("baselines")
+
     stage("report")
     everything = results_lib.load(out / "results")
-    frame_now = report_lib.final_rows(everything[everything["experiment"] == experiment])
+    frame_now = report_lib.final_rows(everything[everything["experiment"].isin(experiments)])
     if latency is not None and not latency.empty:
         frame_now = _attach_latency(frame_now, latency)
         dense = _attach_latency(dense.to_frame().T, latency).iloc[0]
@@ -237,7 +265,8 @@ def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     summary = {
         "out": str(out), "experiment": experiment, "evaluated": int(len(rows)),
         "pareto": int(len(front)), "exported": exported,
-        "dense_error": float(dense["error"]), "seconds": time.perf_counter() - started,
+        "dense_error": float(dense["error"]), "baselines": experiments[1:],
+        "seconds": time.perf_counter() - started,
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -261,33 +290,64 @@ def _train(stage: str, source, out_dir: Path, opts: PipelineOptions, train_opts:
 
 def _dense_row(store, teacher_dir: Path, opts: PipelineOptions, experiment: str) -> pd.Series:
     """The dense (unpruned, fine-tuned) model's validation result; stored once."""
-    from nas_prune import train as train_lib
-
     existing = store.evaluations()
     if not existing.empty and (existing["method"] == "dense").any():
         return existing[existing["method"] == "dense"].iloc[-1]
-    model, meta = train_lib.load_checkpoint(teacher_dir)
     tokenizer = data_lib.load_tokenizer(str(teacher_dir))
     task = _load_task(opts, tokenizer, opts.finetune.max_length)
-    valid = task.valid.shuffle(seed=opts.search.seed)
-    if opts.search.valid_examples:
-        valid = valid.select(range(min(opts.search.valid_examples, len(valid))))
+    row = dense_evaluation(teacher_dir, task, tokenizer, opts.search.seed,
+                           opts.search.valid_examples, opts.search.flops_seq_len)
+    store.append_evaluations([row])
+    return store.evaluations().query("method == 'dense'").iloc[-1]
+
+
+def dense_evaluation(teacher_dir: str | Path, task: data_lib.TaskData, tokenizer,
+                     seed: int = 0, valid_examples: int | None = None,
+                     flops_seq_len: int = 128) -> dict[str, Any]:
+    """The evaluation row (method ``dense``) of the fine-tuned teacher at `teacher_dir` on the
+    tokenised `task`'s validation split (a seeded subset of `valid_examples`, if given)."""
+    from nas_prune import train as train_lib
+
+    model, meta = train_lib.load_checkpoint(teacher_dir)
+    valid = task.valid.shuffle(seed=seed)
+    if valid_examples:
+        valid = valid.select(range(min(valid_examples, len(valid))))
+    t0 = time.perf_counter()
     scores = train_lib.evaluate(model, data_lib.make_loader(valid, tokenizer, 64), task.spec)
     full = model.full_sub_network
     config = {"num_layers": model.config.num_hidden_layers,
               "num_heads": model.config.num_attention_heads,
               "num_units": model.config.intermediate_size}
-    row = {
+    return {
         "method": "dense", "task": task.spec.name, "model": meta.get("base_model", ""),
-        "seed": opts.search.seed, "trial_id": "dense", "config": config,
+        "seed": seed, "trial_id": "dense", "config": config,
         "fidelity": float(scores["examples"]), "fidelity_unit": "examples",
         "error": scores["error"], "metric_name": task.spec.metric,
         "metric_value": scores["metric"], "params": model.num_params(full),
-        "params_ratio": 1.0, "flops": model.flops(full, opts.search.flops_seq_len),
-        "wall_time_s": 0.0, "eval_time_s": 0.0, "status": "ok",
+        "params_ratio": 1.0, "flops": model.flops(full, flops_seq_len),
+        "wall_time_s": 0.0, "eval_time_s": time.perf_counter() - t0, "status": "ok",
     }
-    store.append_evaluations([row])
-    return store.evaluations().query("method == 'dense'").iloc[-1]
+
+
+def _baselines(teacher_dir: Path, store, opts: PipelineOptions, baseline_opts: dict[str, Any],
+               out: Path) -> list[str]:
+    """Run each baseline whose experiment holds no rows yet; return their experiments."""
+    from nas_prune import baselines as baselines_lib
+
+    tokenizer = data_lib.load_tokenizer(str(teacher_dir))
+    experiments = []
+    for name, method_opts in baseline_opts.items():
+        experiment = baselines_lib.experiment_name(name, method_opts)
+        experiments.append(experiment)
+        done = results_lib.ResultStore(store.root, experiment).evaluations()
+        if not done.empty:
+            log.info("baseline %s already in %s (%d rows)", name, experiment, len(done))
+            continue
+        task = _load_task(opts, tokenizer, getattr(method_opts, "max_length", 128))
+        baselines_lib.run_method(name, teacher_dir, task, tokenizer, out / "baselines" / name,
+                                 method_opts, store.root, latency=opts.profile.settings(),
+                                 experiment=experiment)
+    return experiments
 
 
 def _profile(supernet_dir: Path, space: str, front: pd.DataFrame, dense: pd.Series, store,
@@ -305,7 +365,8 @@ def _profile(supernet_dir: Path, space: str, front: pd.DataFrame, dense: pd.Seri
 
 
 def _attach_latency(frame: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
-    """Add `latency_ms` / `hardware` (first hardware type measured) by config."""
+    """Set `latency_ms` / `hardware` (first hardware type measured) of the rows whose config
+    was profiled."""
     if latency.empty:
         return frame
     hardware = latency["hardware"].iloc[0]
@@ -313,6 +374,12 @@ def _attach_latency(frame: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
     by_hash = dict(zip(lat["config_hash"], lat["median_ms"], strict=True))
     frame = frame.copy()
     hashes = [results_lib.config_hash(json.loads(c)) for c in frame["config"]]
-    frame["latency_ms"] = [by_hash.get(h) for h in hashes]
-    frame["hardware"] = hardware
+    measured = [h in by_hash for h in hashes]
+    old_ms = frame["latency_ms"] if "latency_ms" in frame else [None] * len(frame)
+    old_hw = frame["hardware"] if "hardware" in frame else [None] * len(frame)
+    # rows measured elsewhere (baselines time their saved models) keep their own latency
+    frame["latency_ms"] = [by_hash[h] if m else v
+                           for h, m, v in zip(hashes, measured, old_ms, strict=True)]
+    frame["hardware"] = [hardware if m else v
+                         for m, v in zip(measured, old_hw, strict=True)]
     return frame

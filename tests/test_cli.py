@@ -12,7 +12,8 @@ from nas_prune.search.searchers import SEARCHERS
 from nas_prune.space import SPACES
 from nas_prune.train import STRATEGIES
 
-SUBCOMMANDS = ["run", "finetune", "supernet", "search", "profile", "export", "report"]
+SUBCOMMANDS = ["run", "finetune", "supernet", "search", "profile", "export", "report",
+               "baseline"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

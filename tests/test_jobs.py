@@ -57,7 +57,7 @@ def _env(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------ entry points
 def test_every_stage_has_a_job():
     assert set(STAGES) == {"run", "finetune", "supernet", "search", "profile", "report",
-                           "export"}
+                           "export", "baseline"}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=STAGES)

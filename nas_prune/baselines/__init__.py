@@ -62,6 +62,21 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(METHODS[name])
 
 
+def make_options(name: str, values: Mapping[str, Any] | None = None) -> Any:
+    """Baseline `name`'s ``Options`` from a mapping of option names (YAML, CLI), naming
+    unknown keys."""
+    import dataclasses
+
+    cls = get(name).Options
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BaselineError(f"unknown {name} option(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(known))}")
+    return cls(**values)
+
+
 def experiment_name(method: str, opts: Any) -> str:
     """The results experiment of a baseline run: ``baseline-<method>-seed<seed>``."""
     return f"baseline-{method}-seed{getattr(opts, 'seed', 0)}"
@@ -79,6 +94,7 @@ def measure_latency(model_dir: str | os.PathLike, settings: Any = None) -> dict[
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    import nas_prune.supernet  # noqa: F401  registers our encoder with the Auto classes
     from nas_prune.profile import ProfileSettings, time_callable
 
     settings = settings or ProfileSettings()
