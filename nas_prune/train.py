@@ -558,6 +558,8 @@ def train(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
     )
+    if world == 1 and not ds_config["zero_optimization"].get("stage", 0):
+        engine.enable_backward_allreduce = False  # reducing over one rank only copies gradients
     step = 0
     if resume is not None:
         _, client = engine.load_checkpoint(str(out / DEEPSPEED_DIR), load_module_strict=True)
