@@ -72,11 +72,16 @@ def _plot_panel(ax, df: pd.DataFrame, x: str, xlabel: str, dense: pd.Series | No
         ax.scatter(done[x], done["error"], s=12, alpha=0.35, label=f"{name} (evaluated)")
         f = front(done, [x, "error"])
         ax.step(f[x], f["error"], where="post", linewidth=1.8, label=f"{name} Pareto front")
-    markers = iter("sD^vP")
+    markers = iter("sD^vPX")
     for method, group in df[~df["method"].isin(["nas", "dense"])].groupby("method"):
         group = group.dropna(subset=[x, "error"])
-        if not group.empty:
-            ax.scatter(group[x], group["error"], marker=next(markers, "o"), s=50, label=method)
+        if group.empty:
+            continue
+        ax.scatter(group[x], group["error"], marker=next(markers, "o"), s=50, zorder=4,
+                   label=method)
+        for _, row in group.iterrows():  # which model each point is (sparsity, layers, ...)
+            ax.annotate(str(row["trial_id"]), (row[x], row["error"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
     if dense is not None and pd.notna(dense.get(x)):
         ax.scatter([dense[x]], [dense["error"]], marker="*", s=250, color="black", zorder=5,
                    label="dense model")
@@ -94,8 +99,11 @@ def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series |
     import matplotlib.pyplot as plt
 
     panels = [("params_ratio", "parameters (fraction of the dense model)")]
-    if latency is not None and not latency.empty and "latency_ms" in df:
-        hardware = latency["hardware"].iloc[0]
+    if "latency_ms" in df and df["latency_ms"].notna().any():
+        if latency is not None and not latency.empty:
+            hardware = latency["hardware"].iloc[0]
+        else:  # only baselines, which time their saved models themselves
+            hardware = df.loc[df["latency_ms"].notna(), "hardware"].iloc[0]
         panels.append(("latency_ms", f"latency on {hardware} (ms, median)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (x, label) in zip(axes[0], panels, strict=True):
@@ -135,11 +143,14 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike,
                            "latency_ms", "config"] if c in best]
     lines += [best[columns].to_markdown(index=False, floatfmt=".4f") if not best.empty
               else "(none)", ""]
-    others = rows[~rows["method"].isin(["nas"])]
+    others = rows[~rows["method"].isin(["nas"])].sort_values(["method", "params_ratio"])
     if not others.empty:
-        lines += ["## Baselines", ""]
-        cols = [c for c in ["method", "error", "params", "params_ratio", "latency_ms",
-                            "message"] if c in others]
+        lines += ["## Baselines and the dense model", "",
+                  "Final points of each baseline (PINS and magnitude pruning keep the dense "
+                  "shape with zeros: their parameters count non-zero weights, their latency "
+                  "is the dense model's).", ""]
+        cols = [c for c in ["method", "trial_id", "error", "metric_value", "params",
+                            "params_ratio", "latency_ms", "hardware", "message"] if c in others]
         lines += [others[cols].to_markdown(index=False, floatfmt=".4f"), ""]
     (out / "summary.md").write_text("\n".join(lines))
     log.info("report written to %s", out)
