@@ -11,7 +11,7 @@ Two ways to score a trial (Klein et al. 2024):
 
 Per-trial overhead is engineered: trials run with `reuse_actors=True`, and the supernet and the
 tokenised, pre-collated validation batches are loaded once per worker process and kept there
-(`_resident`), so a trial costs one forward pass over the validation set. Tune's automatic
+(`resident_evaluator`), so a trial costs one forward pass over the validation set. Tune's automatic
 CSV/JSON/TensorBoard loggers are off; every result goes to the Parquet results store instead
 (`ResultsCallback`), one file per finished trial.
 """
@@ -169,12 +169,34 @@ class TrialSetup:
     """Named profiler actors by hardware, for measured latency objectives."""
 
 
+def trial_setup(
+    checkpoint: str | os.PathLike,
+    task: dict[str, Any],
+    opts: SearchOptions,
+    space: str,
+    max_length: int = 128,
+    latency_tables: dict[str, dict] | None = None,
+    latency_actors: dict[str, str] | None = None,
+) -> TrialSetup:
+    """The TrialSetup `run_search` gives its trials (`score_sub_network` takes it too)."""
+    return TrialSetup(
+        checkpoint=str(Path(checkpoint).resolve()), task=task, space=space, mode=opts.mode,
+        max_t=opts.max_t, batch_size=opts.batch_size, valid_examples=opts.valid_examples,
+        flops_seq_len=opts.flops_seq_len, seed=opts.seed, max_length=max_length,
+        objectives=tuple(opts.objectives), train_batch_size=opts.train_batch_size, lr=opts.lr,
+        latency_tables=latency_tables or {}, latency_actors=latency_actors or {},
+    )
+
+
 # --------------------------------------------------------------------------- resident state
 _RESIDENT: dict[str, Any] = {}
 
 
 @dataclass
-class _Evaluator:
+class Evaluator:
+    """What a worker process keeps between trials: the supernet, the space, the validation
+    batches split into `max_t` fidelity chunks, and (standard NAS) the task to train on."""
+
     model: Any
     space: SearchSpace
     spec: data_lib.TaskSpec
@@ -184,7 +206,7 @@ class _Evaluator:
     tokenizer: Any = None
 
 
-def _resident(setup: TrialSetup) -> _Evaluator:
+def resident_evaluator(setup: TrialSetup) -> Evaluator:
     """The evaluator of this worker process, built on first use and kept for later trials."""
     key = json.dumps(dataclasses.asdict(setup), sort_keys=True, default=str)
     if key in _RESIDENT:
@@ -194,11 +216,15 @@ def _resident(setup: TrialSetup) -> _Evaluator:
     started = time.perf_counter()
     model, _ = load_checkpoint(setup.checkpoint)
     tokenizer = data_lib.load_tokenizer(setup.checkpoint)
-    task = data_lib.tokenize(data_lib.load_task(**setup.task), tokenizer, setup.max_length)
-    valid = task.valid.shuffle(seed=setup.seed)
+    raw = data_lib.load_task(**setup.task)
+    valid = raw.valid.shuffle(seed=setup.seed)
     if setup.valid_examples is not None:
         valid = valid.select(range(min(setup.valid_examples, len(valid))))
-    batches = list(data_lib.make_loader(valid, tokenizer, setup.batch_size))
+    raw = dataclasses.replace(raw, valid=valid)
+    if setup.mode == "weight_sharing":  # scores the validation subset only: tokenise nothing else
+        raw = dataclasses.replace(raw, train=raw.train.select([]), test=raw.test.select([]))
+    task = data_lib.tokenize(raw, tokenizer, setup.max_length)
+    batches = list(data_lib.make_loader(task.valid, tokenizer, setup.batch_size))
     bounds = np.linspace(0, len(batches), setup.max_t + 1).round().astype(int)
     chunks = [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if any(not c for c in chunks):
@@ -206,7 +232,7 @@ def _resident(setup: TrialSetup) -> _Evaluator:
             f"{len(batches)} validation batches cannot make {setup.max_t} fidelity steps; "
             "lower max_t or batch_size"
         )
-    evaluator = _Evaluator(model, make_space(setup.space, model.config), task.spec, chunks,
+    evaluator = Evaluator(model, make_space(setup.space, model.config), task.spec, chunks,
                            model.num_params(), task, tokenizer)
     _RESIDENT.clear()  # one experiment per process at a time
     _RESIDENT[key] = evaluator
@@ -215,7 +241,7 @@ def _resident(setup: TrialSetup) -> _Evaluator:
     return evaluator
 
 
-def _costs(ev: _Evaluator, sub, config, setup: TrialSetup) -> dict[str, float]:
+def _costs(ev: Evaluator, sub, config, setup: TrialSetup) -> dict[str, float]:
     """Size, FLOPs and the latency objectives of one sub-network."""
     import ray
 
@@ -240,7 +266,7 @@ def score_sub_network(config: dict[str, int], setup: TrialSetup) -> Iterator[dic
     the error on a growing prefix of the validation set (all of it at the last step), with the
     size, FLOPs and latency objectives. The work of one weight-sharing trial, without Tune
     (benchmarks/bench_search.py runs it in a plain loop to measure Tune's overhead)."""
-    ev = _resident(setup)
+    ev = resident_evaluator(setup)
     sub = ev.space.to_sub_network(config)
     costs = _costs(ev, sub, config, setup)
     logits, labels, seen, started = [], [], 0, time.perf_counter()
@@ -288,7 +314,7 @@ def standard_trial(config: dict[str, int], setup: TrialSetup) -> None:
 
     from nas_prune.train import TrainOptions, evaluate, train
 
-    ev = _resident(setup)
+    ev = resident_evaluator(setup)
     sub = ev.space.to_sub_network(config)
     costs = _costs(ev, sub, config, setup)
     model = ev.model.extract_sub_network(sub)
@@ -484,13 +510,7 @@ def run_search(
             f"{workers} trials and {cpu_actors} CPU profiler actor(s) need more than the "
             f"cluster's {cpus:g} CPUs; lower num_workers or use latency='predicted'"
         )
-    setup = TrialSetup(
-        checkpoint=str(Path(checkpoint).resolve()), task=task, space=space_name, mode=opts.mode,
-        max_t=opts.max_t, batch_size=opts.batch_size, valid_examples=opts.valid_examples,
-        flops_seq_len=opts.flops_seq_len, seed=opts.seed, max_length=max_length,
-        objectives=tuple(opts.objectives), train_batch_size=opts.train_batch_size, lr=opts.lr,
-        latency_tables=tables, latency_actors=actors,
-    )
+    setup = trial_setup(checkpoint, task, opts, space_name, max_length, tables, actors)
     fn = weight_sharing_trial if opts.mode == "weight_sharing" else standard_trial
     trainable = tune.with_resources(tune.with_parameters(fn, setup=setup), {"cpu": 1})
     storage = Path(storage_path or Path(results_dir).parent / "tune").resolve()
