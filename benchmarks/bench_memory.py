@@ -6,10 +6,8 @@ nas_prune.supernet), tokenises one batch of 32 Rotten Tomatoes sentences and the
 
 * baseline: nothing more (the cost of the interpreter, the imports, tokenizer and batch);
 * plain: `AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)`;
-* supernet: `nas_prune.supernet.load_pretrained(model_dir, num_labels=2)`;
-* supernet-assign: a benchmark-local version of the loader that builds the supernet on the
-  meta device and *assigns* the Hugging Face model's tensors to it instead of copying them
-  (the fix proposed for `from_hf`; not part of nas_prune).
+* supernet: `nas_prune.supernet.load_pretrained(model_dir, num_labels=2)`, which builds our
+  module on the meta device and takes over the transformers model's tensors (no second copy).
 
 RSS (`/proc/self/status` VmRSS; the anonymous part too) is read after loading (after
 `gc.collect()`), after touching every parameter (a sum over each), which makes the whole model
@@ -41,7 +39,7 @@ from _common import (
     rotten_tomatoes_sentences,
 )
 
-MODES = ("baseline", "plain", "supernet", "supernet-assign")
+MODES = ("baseline", "plain", "supernet")
 TARGET = 1.1
 """Issue 2's target: supernet memory at most this times the plain model's."""
 KEYS = ("load", "load_anon", "load_peak", "touched", "forward", "peak")
@@ -56,26 +54,6 @@ def _status() -> dict[str, float]:
             if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
                 out[key] = int(value.split()[0]) / 1024
     return out
-
-
-def _load_supernet_assign(model_dir: str, num_labels: int):
-    """What `load_pretrained` does for a Hugging Face checkpoint, without a second copy of the
-    weights: our module is created on the meta device and takes the HF tensors themselves."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from nas_prune.supernet import EncoderForSequenceClassification, config_from_hf, hf_state_map
-
-    config = AutoConfig.from_pretrained(model_dir, num_labels=num_labels)
-    ours = config_from_hf(config)
-    hf_model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
-    with torch.device("meta"):
-        model = EncoderForSequenceClassification(ours)
-    state = hf_model.state_dict()
-    names = hf_state_map(ours.family, ours.num_hidden_layers, hf_model.base_model_prefix + ".")
-    model.load_state_dict({k: state[v] for k, v in names.items()}, strict=True, assign=True)
-    del hf_model, state
-    return model
 
 
 def child(mode: str, model_dir: str, threads: int) -> dict[str, float]:
@@ -107,8 +85,6 @@ def child(mode: str, model_dir: str, threads: int) -> dict[str, float]:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     elif mode == "supernet":
         model = supernet.load_pretrained(model_dir, num_labels=2)
-    elif mode == "supernet-assign":
-        model = _load_supernet_assign(model_dir, 2)
     elif mode != "baseline":
         raise SystemExit(f"unknown mode {mode!r}")
     load_s = time.perf_counter() - start
