@@ -219,11 +219,11 @@ def main() -> None:
                         help="validation examples a complete evaluation scores")
     parser.add_argument("--batch-size", type=int, default=32, help="validation batch size")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--overhead-samples", type=int, default=60,
+    parser.add_argument("--overhead-samples", type=int, default=100,
                         help="sub-networks per overhead run (0: skip the overhead part)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="concurrent trials of the overhead runs")
-    parser.add_argument("--budget", type=int, default=60,
+    parser.add_argument("--budget", type=int, default=100,
                         help="trials (sub-network evaluations) per search run (0: skip)")
     parser.add_argument("--methods", nargs="+",
                         default=["random", "local", "morea", "nsga2", "random+moasha"],

@@ -17,13 +17,22 @@ import ray
 from ray.tune.search.optuna import OptunaSearch
 
 from nas_prune import data, results, train
+from nas_prune.export import export_sub_network
 from nas_prune.search.searchers import (
+    SEARCHERS,
     LocalSearcher,
     MOREASearcher,
     RandomSearcher,
     make_searcher,
 )
-from nas_prune.search.tuner import SearchError, SearchOptions, run_search
+from nas_prune.search.tuner import (
+    SearchError,
+    SearchOptions,
+    resident_evaluator,
+    run_search,
+    score_sub_network,
+    trial_setup,
+)
 from nas_prune.space import SmallSpace
 from tests.test_train import _synthetic_csv, save_tiny_bert
 
@@ -63,6 +72,25 @@ def test_random_searcher_is_seeded():
     seq_a = [a.suggest(str(i)) for i in range(10)]
     assert seq_a == [b.suggest(str(i)) for i in range(10)]
     assert seq_a != [c.suggest(str(i)) for i in range(10)]
+
+
+@pytest.mark.parametrize("name", list(SEARCHERS))
+def test_every_searcher_is_seeded(name):
+    """The same seed and results give the same suggestions, another seed others."""
+
+    def run(seed: int) -> list[dict]:
+        searcher = make_searcher(name, SPACE, ["error", "params"], "min", seed=seed,
+                                 max_fidelity=10)
+        configs = []
+        for i in range(12):
+            config = searcher.suggest(str(i))
+            configs.append(config)
+            searcher.on_trial_complete(str(i), {"error": 1 / (1 + sum(config.values())),
+                                                "params": sum(config.values()), "fidelity": 10})
+        return configs
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
 
 
 def test_local_search_starts_largest_smallest_middle_then_mutates_archive():
@@ -175,6 +203,25 @@ def test_search_writes_every_result_to_parquet(supernet, ray_local, tmp_path, se
         assert (frame.groupby("trial_id")["fidelity"].nunique() > 1).any()
 
 
+def test_evaluator_is_loaded_once_per_process_and_scores_growing_prefixes(supernet):
+    """The supernet and validation batches stay resident between trials; a trial reports the
+    error on growing prefixes of the validation set and leaves the supernet full."""
+    root, csv = supernet
+    opts = SearchOptions(scheduler="moasha", max_t=3, batch_size=8, valid_examples=40)
+    setup = trial_setup(root / "supernet", {"task": csv}, opts, "small")
+    evaluator = resident_evaluator(setup)
+    assert resident_evaluator(setup) is evaluator
+    assert len(evaluator.chunks) == 3 and len(evaluator.task.train) == 0  # valid only
+    full = list(score_sub_network(SPACE.largest(), setup))
+    config = {"num_layers": 1, "num_heads": 2, "num_units": 24}
+    scored = list(score_sub_network(config, setup))
+    assert [r["fidelity"] for r in scored] == [16, 24, 40]  # batches 2 + 1 + 2
+    assert full[-1]["params_ratio"] == 1 and scored[-1]["params_ratio"] < 1
+    # scoring a sub-network leaves the supernet full, and scoring is deterministic
+    assert list(score_sub_network(SPACE.largest(), setup))[-1]["error"] == full[-1]["error"]
+    assert list(score_sub_network(config, setup))[-1]["error"] == scored[-1]["error"]
+
+
 def test_moasha_stops_weak_subnetworks(supernet, ray_local, tmp_path):
     root, csv = supernet
     opts = SearchOptions(searcher="random", scheduler="moasha", num_samples=12, max_t=4,
@@ -204,6 +251,12 @@ def test_search_rejects_a_non_supernet_and_infeasible_workers(supernet, ray_loca
     with pytest.raises(Exception, match="out of range|outside|leave the model"):
         run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp",
                    SearchOptions(num_samples=1), space_bounds={"num_layers": (0, 9)})
+    model, _ = train.load_checkpoint(root / "supernet")
+    tokenizer = data.load_tokenizer(str(root / "supernet"))
+    exported = export_sub_network(model, SPACE.to_sub_network(SPACE.middle()),
+                                  tmp_path / "exported", tokenizer)
+    with pytest.raises(SearchError, match="exported sub-network, not a supernet"):
+        run_search(exported, {"task": csv}, tmp_path / "r", "exp", SearchOptions(num_samples=1))
 
 
 _DRIVER = textwrap.dedent("""
@@ -280,3 +333,20 @@ def test_standard_nas_trains_each_subnetwork(supernet, ray_local, tmp_path):
     assert frame["trial_id"].nunique() == 2
     assert sorted(frame["fidelity"].unique()) == [1.0, 2.0]
     assert set(frame["fidelity_unit"]) == {"epochs"}
+
+
+def test_measured_latency_objective_and_its_actor_is_released(supernet, ray_local, tmp_path):
+    """`latency="measured"`: every sub-network is timed by the named CPU profiler actor; the
+    actor ends with the search, so the next search gets its CPU back."""
+    root, csv = supernet
+    opts = SearchOptions(searcher="random", num_samples=3, num_workers=1, batch_size=16,
+                         objectives=["error", "latency:cpu"], latency="measured",
+                         latency_seq_len=16)
+    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
+                       storage_path=tmp_path / "tune")
+    assert frame["trial_id"].nunique() == 3
+    assert (frame["hardware"] == "cpu").all() and (frame["latency_ms"] > 0).all()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2

@@ -506,6 +506,7 @@ def run_search(
     if cpu_actors and not opts.num_workers:
         workers = max(1, workers - cpu_actors)
     if workers + cpu_actors > cpus:
+        _release_profilers()
         raise SearchError(
             f"{workers} trials and {cpu_actors} CPU profiler actor(s) need more than the "
             f"cluster's {cpus:g} CPUs; lower num_workers or use latency='predicted'"
@@ -539,6 +540,7 @@ def run_search(
                         "running the %d left", exp_dir, finished, experiment, num_samples)
             _warm_start(searcher, recorded, opts.objectives)
             if num_samples == 0:
+                _release_profilers()
                 return recorded
         scheduler = None
         if opts.scheduler == "moasha":
@@ -557,7 +559,10 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        _release_profilers()
     frame = store.evaluations()
     if frame.empty and grid.errors:
         raise SearchError(f"every trial failed; the first error: {grid.errors[0]}")
@@ -599,6 +604,16 @@ def _latency_objectives(opts: SearchOptions, checkpoint: str, space: str, experi
 
 _KEEP_ALIVE: list[Any] = []
 """Handles of the named profiler actors of the running search (they die with their handles)."""
+
+
+def _release_profilers() -> None:
+    """End the running search's profiler actors: each holds a CPU or GPU that the next search
+    in this process (or cluster) would otherwise wait for."""
+    import ray
+
+    for actor in _KEEP_ALIVE:
+        ray.kill(actor)
+    _KEEP_ALIVE.clear()
 
 
 def _warm_start(searcher, recorded, objectives: Sequence[str]) -> None:
