@@ -403,7 +403,7 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
         if on_step is not None:
             on_step(step, pruner, teacher)
         if step % opts.log_every == 0 or step == total:
-            log.info("pins %s s=%.2f step %d/%d  loss %.4f  sparsity %.4f  lr %.2e  %.1f s",
+            log.info("%s s=%.2f step %d/%d  loss %.4f  sparsity %.4f  lr %.2e  %.1f s",
                      opts.importance, sparsity, step, total, loss_sum / losses,
                      pruner.sparsity, lr, time.perf_counter() - t0)
             loss_sum, losses = 0.0, 0
