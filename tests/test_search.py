@@ -336,8 +336,9 @@ def test_standard_nas_trains_each_subnetwork(supernet, ray_local, tmp_path):
 
 
 def test_measured_latency_objective_and_its_actor_is_released(supernet, ray_local, tmp_path):
-    """`latency="measured"`: every sub-network is timed by the named CPU profiler actor; the
-    actor ends with the search, so the next search gets its CPU back."""
+    """`latency="measured"`: every sub-network is timed by the named CPU profiler actor, the
+    measurement goes to the latency table too; the actor ends with the search, so the next
+    search gets its CPU back."""
     root, csv = supernet
     opts = SearchOptions(searcher="random", num_samples=3, num_workers=1, batch_size=16,
                          objectives=["error", "latency:cpu"], latency="measured",
@@ -346,6 +347,14 @@ def test_measured_latency_objective_and_its_actor_is_released(supernet, ray_loca
                        storage_path=tmp_path / "tune")
     assert frame["trial_id"].nunique() == 3
     assert (frame["hardware"] == "cpu").all() and (frame["latency_ms"] > 0).all()
+    # each measurement in full in the latency table, once per trial
+    latency = results.load(tmp_path / "results", table="latency")
+    assert sorted(latency["trial_id"]) == sorted(frame["trial_id"].unique())
+    assert (latency["hardware"] == "cpu").all() and (latency["seq_len"] == 16).all()
+    assert (latency["dtype"] == "fp32").all() and not latency["predicted"].any()
+    merged = frame.merge(latency, on="trial_id", suffixes=("", "_measured"))
+    np.testing.assert_allclose(merged["latency_ms"], merged["median_ms"])
+    assert (merged["config"] == merged["config_measured"]).all()
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)

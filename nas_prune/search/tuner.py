@@ -53,6 +53,10 @@ SCHEDULERS = ("fifo", "moasha")
 
 FIDELITY = "fidelity"
 
+LATENCY_ROWS = "latency_measurements"
+"""Result key of a trial's first report holding its measured latencies (profiler rows), which
+the results callback appends to the store's latency table."""
+
 
 class SearchError(ValueError):
     """A search that cannot start as configured; raised before any trial runs."""
@@ -241,8 +245,9 @@ def resident_evaluator(setup: TrialSetup) -> Evaluator:
     return evaluator
 
 
-def _costs(ev: Evaluator, sub, config, setup: TrialSetup) -> dict[str, float]:
-    """Size, FLOPs and the latency objectives of one sub-network."""
+def _costs(ev: Evaluator, sub, config, setup: TrialSetup) -> dict[str, Any]:
+    """Size, FLOPs and the latency objectives of one sub-network; measured latencies also in
+    full (`LATENCY_ROWS`, for the results store's latency table)."""
     import ray
 
     from nas_prune.profile import LatencyTable
@@ -255,9 +260,13 @@ def _costs(ev: Evaluator, sub, config, setup: TrialSetup) -> dict[str, float]:
     }
     for hardware, table in setup.latency_tables.items():
         costs[f"latency:{hardware}"] = LatencyTable(**table).predict(sub)
+    measurements = []
     for hardware, name in setup.latency_actors.items():
         measured = ray.get(ray.get_actor(name).measure.remote(dict(config)))
         costs[f"latency:{hardware}"] = measured["median_ms"]
+        measurements.append({**measured, "config": dict(config), "predicted": False})
+    if measurements:
+        costs[LATENCY_ROWS] = measurements
     return costs
 
 
@@ -269,6 +278,8 @@ def score_sub_network(config: dict[str, int], setup: TrialSetup) -> Iterator[dic
     ev = resident_evaluator(setup)
     sub = ev.space.to_sub_network(config)
     costs = _costs(ev, sub, config, setup)
+    first = costs
+    costs = {k: v for k, v in costs.items() if k != LATENCY_ROWS}  # measurements: once
     logits, labels, seen, started = [], [], 0, time.perf_counter()
     ev.model.set_sub_network(sub)
     try:
@@ -287,8 +298,9 @@ def score_sub_network(config: dict[str, int], setup: TrialSetup) -> Iterator[dic
                 "metric_name": ev.spec.metric,
                 FIDELITY: seen,
                 "eval_time_s": time.perf_counter() - started,
-                **costs,
+                **first,
             }
+            first = costs
     finally:
         ev.model.reset_super_network()
 
@@ -317,6 +329,8 @@ def standard_trial(config: dict[str, int], setup: TrialSetup) -> None:
     ev = resident_evaluator(setup)
     sub = ev.space.to_sub_network(config)
     costs = _costs(ev, sub, config, setup)
+    first = costs
+    costs = {k: v for k, v in costs.items() if k != LATENCY_ROWS}  # measurements: once
     model = ev.model.extract_sub_network(sub)
     valid = [b for chunk in ev.chunks for b in chunk]
     opts = TrainOptions(strategy="standard", epochs=setup.max_t, batch_size=setup.train_batch_size,
@@ -331,7 +345,8 @@ def standard_trial(config: dict[str, int], setup: TrialSetup) -> None:
             scores = evaluate(model, valid, ev.spec)
             tune.report({"error": scores["error"], "metric": scores["metric"],
                          "metric_name": ev.spec.metric, FIDELITY: epoch,
-                         "eval_time_s": time.perf_counter() - started, **costs})
+                         "eval_time_s": time.perf_counter() - started,
+                         **(first if epoch == 1 else costs)})
 
 
 def _load_trained(path: str):
@@ -393,6 +408,9 @@ def _callback_class():
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if trial.trial_id in self.recorded:
                 return
+            if result.get(LATENCY_ROWS):
+                self.store.append_latency([{**m, "trial_id": trial.trial_id, "method": "search"}
+                                           for m in result[LATENCY_ROWS]])
             row = _result_row(result, trial, {**self.ctx}, self.max_fidelity)
             self.pending.setdefault(trial.trial_id, []).append(row)
 
