@@ -84,6 +84,18 @@ def test_dense_grain_model_equals_teacher_encoder(family, make_hf_bert, make_hf_
     assert model.flops(128) == encoder.flops(seq_len=128)
 
 
+def test_layer_without_query_key_dims_attends_uniformly(make_hf_bert, make_batch):
+    model = _dense(make_hf_bert())
+    masks = model.full_masks()
+    masks.qk[2][:] = False
+    masks.vo[2][::3] = False
+    model.set_masks(masks)
+    small = model.prune(masks).eval()
+    assert small.layers[2].attention.query is None and small.config.qk_dims[2] == [0] * H
+    batch = make_batch()
+    torch.testing.assert_close(_logits(small, batch), _logits(model, batch), atol=ATOL, rtol=0)
+
+
 def test_masked_model_equals_extracted_small_model(make_hf_bert, make_batch):
     model = _dense(make_hf_bert())
     masks = _irregular_masks()
@@ -371,7 +383,7 @@ def test_export_loads_with_remote_code_in_a_fresh_process(make_hf_bert, make_bat
         ({"temperature": 0}, "temperature must be > 0"),
         ({"ema_beta": 1.0}, "ema_beta"),
         ({"alpha": 0}, "alpha must be > 0"),
-        ({"zero_stage": 4}, "zero_stage"),
+        ({"zero_stage": 3}, "ZeRO-3 does not gather"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
     ],
 )
@@ -405,7 +417,7 @@ def tiny_task_and_teacher(tmp_path_factory, tokenizer):
     rng = np.random.default_rng(0)
     filler = ["the", "movie", "was", "a", "plot", "actor", "film", "scene"]
     rows = []
-    for i in range(160):
+    for i in range(120):
         words = list(rng.choice(filler, size=int(rng.integers(3, 9))))
         words.insert(int(rng.integers(len(words) + 1)), "wonderful" if i % 2 else "awful")
         rows.append(f"{' '.join(words)},{'pos' if i % 2 else 'neg'}")
@@ -420,7 +432,7 @@ def tiny_task_and_teacher(tmp_path_factory, tokenizer):
     BertForSequenceClassification(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     teacher_dir = tmp_path_factory.mktemp("teacher")
-    opts = train.TrainOptions(max_steps=30, batch_size=16, lr=3e-3, log_every=10)
+    opts = train.TrainOptions(max_steps=15, batch_size=16, lr=3e-3, log_every=5)
     train.finetune(str(model_dir), task, teacher_dir, opts)
     return task, teacher_dir, str(model_dir)
 

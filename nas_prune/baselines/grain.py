@@ -12,7 +12,7 @@ are pruned away:
   smoothed by an EMA ``I <- beta * I + (1 - beta) * R * s`` (beta 0.998). The score needs no
   weight gradient: for the rows of ``y = W x + b`` it equals ``sum_tokens dL/dy * y`` and for
   the columns of ``z = W c`` it equals ``sum_tokens dL/dc * c``, so it is read from the
-  activations, which works with every ZeRO stage.
+  activations (ZeRO stages 0-2; ZeRO-3 partitions the weights that backward needs).
 * **Structure regularization** ``R``: an attention unit's update is scaled by
   ``tanh(rho_head / alpha) * tanh(rho_attention / alpha)``, an FFN neuron's by
   ``tanh(rho_ffn / alpha)``, where rho_head is the fraction of its head's unit parameters
@@ -117,7 +117,7 @@ class Options:
     log_every: int = 10
     """Log progress every this many steps."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0-3)."""
+    """DeepSpeed ZeRO stage (0-2; ZeRO-3 is not supported)."""
     precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
 
@@ -159,8 +159,11 @@ class Options:
         if not 0 <= self.start <= self.end < 1:
             raise GrainError(f"need 0 <= start <= end < 1 (fractions of training), got start="
                              f"{self.start}, end={self.end}; e.g. start=0.2, end=0.4")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise GrainError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (0, 1, 2):
+            raise GrainError(
+                f"zero_stage must be 0, 1 or 2, got {self.zero_stage}: GRAIN's importance "
+                "backward runs outside the engine, where ZeRO-3 does not gather parameters"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise GrainError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -295,7 +298,8 @@ class Pruner:
                            zip(kinds, UNIT_KINDS, strict=True)])
         order = torch.argsort(scores, descending=True, stable=True)
         fits = torch.zeros_like(scores, dtype=torch.bool)
-        fits[order] = torch.cumsum(sizes[order], 0) <= ratio * self.total + 0.5
+        budget = math.floor(ratio * self.total + 1e-6)  # parameters; never above the ratio
+        fits[order] = torch.cumsum(sizes[order], 0) <= budget
         start = 0
         for kind, n in zip(UNIT_KINDS, (len(t) for t in kinds), strict=True):
             self.keep[kind][self.keep[kind].clone()] = fits[start:start + n]
@@ -446,11 +450,7 @@ def prune_to(teacher: GrainForSequenceClassification, task: data_lib.TaskData, t
                      "encoder weights  %.1f steps/s", target, step + 1, total,
                      losses["logit_loss"], losses["hidden_loss"], pruner.kept_ratio(),
                      (step + 1) / max(1e-9, time.perf_counter() - t0))
-    gathered = (deepspeed.zero.GatheredParameters(list(student.parameters()))
-                if opts.zero_stage == 3 else contextlib.nullcontext())
-    with gathered:
-        small = student.prune(pruner.masks()).eval()
-    return small, pruner, total
+    return student.prune(pruner.masks()).eval(), pruner, total
 
 
 # ----------------------------------------------------------------------------- entry point

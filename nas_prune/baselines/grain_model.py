@@ -149,8 +149,9 @@ class Attention(nn.Module):
         self.num_heads = len(vo_dims)
         self.qk_width = max(max(qk_dims), 1)  # a layer of Q/K-less heads attends uniformly
         self.vo_width = max(vo_dims)
-        self.query = nn.Linear(hidden, sum(qk_dims))
-        self.key = nn.Linear(hidden, sum(qk_dims))
+        # without any Q/K dimension every head attends uniformly: no (empty) projections
+        self.query = nn.Linear(hidden, sum(qk_dims)) if sum(qk_dims) else None
+        self.key = nn.Linear(hidden, sum(qk_dims)) if sum(qk_dims) else None
         self.value = nn.Linear(hidden, sum(vo_dims))
         self.out = nn.Linear(sum(vo_dims), hidden)
         self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
@@ -181,7 +182,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        v = self.value(x)
+        if self.query is None:
+            q = k = x.new_zeros(batch, length, 0)
+        else:
+            q, k = self.query(x), self.key(x)
         if self.qk_mask is not None:
             q, k = q * self.qk_mask, k * self.qk_mask
         if self.vo_mask is not None:
@@ -346,7 +351,7 @@ class GrainForSequenceClassification(PreTrainedModel):
         qk, vo, ffn = [], [], []
         for layer in self.layers:
             att = layer.attention
-            qk.append(torch.ones(att.query.out_features if att else 0, dtype=torch.bool,
+            qk.append(torch.ones(sum(att.qk_dims) if att else 0, dtype=torch.bool,
                                  device=device))
             vo.append(torch.ones(att.value.out_features if att else 0, dtype=torch.bool,
                                  device=device))
@@ -361,11 +366,11 @@ class GrainForSequenceClassification(PreTrainedModel):
         for i, layer in enumerate(self.layers):
             att, ffn = layer.attention, layer.ffn
             if att is not None:
-                dtype = att.query.weight.dtype
-                att.qk_mask = None if masks is None else masks.qk[i].to(att.query.weight.device,
-                                                                           dtype)
-                att.vo_mask = None if masks is None else masks.vo[i].to(att.query.weight.device,
-                                                                           dtype)
+                weight = att.value.weight
+                att.qk_mask = None if masks is None else masks.qk[i].to(weight.device,
+                                                                           weight.dtype)
+                att.vo_mask = None if masks is None else masks.vo[i].to(weight.device,
+                                                                           weight.dtype)
                 layer.attention_alive = masks is None or bool(masks.vo[i].any())
             if ffn is not None:
                 ffn.mask = None if masks is None else masks.ffn[i].to(ffn.up.weight.device,
@@ -418,7 +423,8 @@ class GrainForSequenceClassification(PreTrainedModel):
         for i, (q_rows, v_rows, units) in enumerate(rows):
             p = f"layers.{i}."
             if vo_dims[i]:
-                for name, idx in (("query", q_rows), ("key", q_rows), ("value", v_rows)):
+                kept = (("query", q_rows), ("key", q_rows)) if len(q_rows) else ()
+                for name, idx in (*kept, ("value", v_rows)):
                     for t in ("weight", "bias"):
                         key = f"{p}attention.{name}.{t}"
                         new_state[key] = state[key][idx.to(state[key].device)]
