@@ -19,9 +19,8 @@ rotten_tomatoes) and the task it was trained on.
    normalisations: min-max bounds fitted to all runs' points pooled (`pareto.Normaliser`,
    reference point 1.1 per objective) and Klein et al.'s quantile transform over all runs
    (`pareto.quantile_normalise`, reference point 2 per objective, best possible 4). The
-   bounds and reference points are printed. The seed drives both the searcher and the
-   validation subset (`valid_examples` of the shuffled split), so the spread over seeds
-   includes the choice of validation examples; within a seed every method sees the same one.
+   bounds and reference points are printed. Every run scores the same validation subset
+   (`valid_seed`), so the spread over seeds is the searchers' own, not that of the examples.
 """
 
 from __future__ import annotations
@@ -144,7 +143,7 @@ def quality(args, work: Path) -> tuple[list[str], list[list[str]], list[list[str
             scheduler = scheduler or "fifo"
             moasha = scheduler == "moasha"
             opts = options(args, searcher=searcher, scheduler=scheduler,
-                           num_samples=args.budget, seed=seed,
+                           num_samples=args.budget, seed=seed, valid_seed=args.valid_seed,
                            num_workers=args.quality_workers,
                            max_t=args.moasha_max_t if moasha else 1,
                            grace_period=args.grace_period,
@@ -229,6 +228,8 @@ def main() -> None:
                         default=["random", "local", "morea", "nsga2", "random+moasha"],
                         help="searchers, `searcher+moasha` for the MO-ASHA scheduler")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--valid-seed", type=int, default=0,
+                        help="seed of the validation subset every search-quality run scores")
     parser.add_argument("--quality-workers", type=int, default=2,
                         help="concurrent trials of the search-quality runs")
     parser.add_argument("--moasha-max-t", type=int, default=4,
@@ -273,7 +274,8 @@ def main() -> None:
     print(f"Supernet: {args.supernet} (strategy {meta.get('strategy')}, space "
           f"{meta.get('space')}, task {meta.get('task')}, base {meta.get('base_model')}). "
           f"Task {args.task['task']}, {args.valid_examples} validation examples per complete "
-          f"evaluation in batches of {args.batch_size}. Ray with {cpus} CPUs. Load average "
+          f"evaluation (search quality: subset seed {args.valid_seed}) in batches of "
+          f"{args.batch_size}. Ray with {cpus} CPUs. Load average "
           f"before/after: {load_before[0]:.2f} / {load_after[0]:.2f}.\n")
     if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1):
         print("WARNING: other processes were using the CPU during this run; throughput is "

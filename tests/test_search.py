@@ -59,6 +59,15 @@ def test_bad_search_options_fail_before_any_trial(kwargs, message):
         SearchOptions(**kwargs)
 
 
+def test_validation_order_follows_seed_unless_fixed(tmp_path):
+    def setup(**kwargs):
+        return trial_setup(tmp_path, {"task": "x.csv"}, SearchOptions(**kwargs), "small")
+
+    assert setup(seed=3).valid_seed == 3
+    fixed = setup(seed=3, valid_seed=0)
+    assert (fixed.seed, fixed.valid_seed) == (3, 0)
+
+
 # ------------------------------------------------------------------------------- searchers
 def _complete(searcher, trial_id, config, error):
     params = sum(config.values())

@@ -77,7 +77,10 @@ class SearchOptions:
     num_samples: int = 100
     """Trials (sub-network configs) to evaluate."""
     seed: int = 0
-    """Seed of the searcher and of the validation order."""
+    """Seed of the searcher (and of the validation order unless `valid_seed` is given)."""
+    valid_seed: int | None = None
+    """Seed of the validation order, hence of the `valid_examples` subset and the MO-ASHA
+    prefixes (default: `seed`). Fix it to compare searcher seeds on the same examples."""
     num_workers: int | None = None
     """Trials at a time (default: one per CPU of the Ray cluster)."""
     mode: str = "weight_sharing"
@@ -163,6 +166,7 @@ class TrialSetup:
     valid_examples: int | None
     flops_seq_len: int
     seed: int
+    valid_seed: int
     max_length: int
     objectives: tuple[str, ...]
     train_batch_size: int
@@ -186,8 +190,10 @@ def trial_setup(
     return TrialSetup(
         checkpoint=str(Path(checkpoint).resolve()), task=task, space=space, mode=opts.mode,
         max_t=opts.max_t, batch_size=opts.batch_size, valid_examples=opts.valid_examples,
-        flops_seq_len=opts.flops_seq_len, seed=opts.seed, max_length=max_length,
-        objectives=tuple(opts.objectives), train_batch_size=opts.train_batch_size, lr=opts.lr,
+        flops_seq_len=opts.flops_seq_len, seed=opts.seed,
+        valid_seed=opts.seed if opts.valid_seed is None else opts.valid_seed,
+        max_length=max_length, objectives=tuple(opts.objectives),
+        train_batch_size=opts.train_batch_size, lr=opts.lr,
         latency_tables=latency_tables or {}, latency_actors=latency_actors or {},
     )
 
@@ -221,7 +227,7 @@ def resident_evaluator(setup: TrialSetup) -> Evaluator:
     model, _ = load_checkpoint(setup.checkpoint)
     tokenizer = data_lib.load_tokenizer(setup.checkpoint)
     raw = data_lib.load_task(**setup.task)
-    valid = raw.valid.shuffle(seed=setup.seed)
+    valid = raw.valid.shuffle(seed=setup.valid_seed)
     if setup.valid_examples is not None:
         valid = valid.select(range(min(setup.valid_examples, len(valid))))
     raw = dataclasses.replace(raw, valid=valid)
