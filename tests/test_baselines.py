@@ -4,6 +4,7 @@ tiny fine-tuned BERT and a tiny CSV task (rows in the Parquet results, report, e
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -104,6 +105,23 @@ def test_layer_drop_rows_and_stock_models(teacher_dir, task, tokenizer, tmp_path
     assert not any(p.name.endswith(".train") for p in tmp_path.iterdir())
     with pytest.raises(BaselineError, match="cannot keep 3 layers: the teacher has 2"):
         layer_drop.run(teacher_dir, task, tokenizer, tmp_path, layer_drop.Options(layers=[3]))
+
+
+def test_pipeline_runs_baselines_once(teacher_dir, csv_task, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="nas_prune.pipeline")
+    opts = pipeline.options_from_dict({"data": {"task": csv_task},
+                                       "profile": {"repeats": 2, "seq_len": 16}})
+    method_opts = {"layer_drop": layer_drop.Options(layers=[1], max_steps=2, batch_size=16,
+                                                    max_length=32)}
+    store = results.ResultStore(tmp_path / "results", "nas-random-fifo-seed0")
+    for _ in range(2):  # the second call finds the rows and skips the method
+        experiments = pipeline._baselines(teacher_dir, store, opts, method_opts, tmp_path)
+    assert experiments == ["baseline-layer_drop-seed0"]
+    frame = results.load(tmp_path / "results")
+    assert frame["trial_id"].tolist() == ["layers-1"]
+    assert frame["latency_ms"].iloc[0] > 0
+    assert (tmp_path / "baselines" / "layer_drop" / "layers-1" / "config.json").exists()
+    assert "already in baseline-layer_drop-seed0" in caplog.text
 
 
 # ------------------------------------------------------------------------------ CLI
