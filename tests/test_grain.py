@@ -37,6 +37,8 @@ from nas_prune.baselines.grain import (
     schedule,
 )
 from nas_prune.baselines.grain_model import GrainForSequenceClassification, Masks
+from nas_prune.results import ResultStore
+from nas_prune.results import load as load_results
 from nas_prune.supernet import from_hf
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -451,8 +453,9 @@ def test_run_end_to_end(tiny_task_and_teacher, tokenizer, tmp_path):
         assert row["metric_name"] == "accuracy"
         assert row["error"] == pytest.approx(1 - row["metric_value"])
         config = row["config"]
-        assert config["target_ratio"] == target
-        assert target - 0.03 < config["encoder_ratio"] <= target
+        assert config == {"target_permille": round(target * 1000),
+                          "encoder_permille": config["encoder_permille"]}
+        assert (target - 0.03) * 1000 < config["encoder_permille"] <= target * 1000
         assert row["params_ratio"] == pytest.approx(row["params"] / teacher.num_params())
         assert row["params"] < teacher.num_params() and row["flops"] < teacher.flops()
         assert row["wall_time_s"] > row["eval_time_s"] > 0
@@ -461,8 +464,14 @@ def test_run_end_to_end(tiny_task_and_teacher, tokenizer, tmp_path):
         assert sum(p.numel() for p in loaded.parameters()) == row["params"]
         assert {"tokenizer_config.json", "grain_model.py"} <= set(os.listdir(out))
         info = json.loads((out / "nas_prune_subnetwork.json").read_text())
-        assert info["encoder_ratio"] == config["encoder_ratio"]
+        assert round(info["encoder_ratio"] * 1000) == config["encoder_permille"]
+        assert info["target_ratio"] == target
     assert rows[1]["params"] < rows[0]["params"]
+    # the rows are what the results store takes (flat integer configs)
+    ResultStore(tmp_path / "results", "baseline-grain-seed0").append_evaluations(rows)
+    stored = load_results(tmp_path / "results")
+    assert list(stored["trial_id"]) == ["grain-r0.50", "grain-r0.20"]
+    assert list(stored["cfg_target_permille"]) == [500, 200]
 
 
 def test_run_rejects_teacher_of_another_task(tiny_task_and_teacher, tokenizer, tmp_path):

@@ -531,7 +531,10 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         c = small.config
         ratio = pruner.kept_ratio()
         params = small.num_params()
-        config = {
+        # the results store takes flat dict[str, int] configs (cfg_<key> columns): ratios in
+        # per mille; the per-layer shape goes to the exported model's metadata
+        config = {"target_permille": round(target * 1000), "encoder_permille": round(ratio * 1000)}
+        shape = {
             "target_ratio": target,
             "encoder_ratio": ratio,
             "encoder_params_ratio": small.num_params(encoder_only=True)
@@ -541,9 +544,10 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
             "vo_dims": [sum(v) for v in c.vo_dims],
             "ffn_units": list(c.ffn_units),
         }
-        message = f"kept {ratio:.2%} of prunable encoder weights (target {target:.2%})"
+        message = (f"kept {ratio:.2%} of prunable encoder weights (target {target:.2%}); heads "
+                   f"per layer {shape['heads']}, FFN units per layer {shape['ffn_units']}")
         name = trial_id(target)
-        info = {"method": "grain", **config, "qk_dims_per_head": c.qk_dims,
+        info = {"method": "grain", **shape, "qk_dims_per_head": c.qk_dims,
                 "vo_dims_per_head": c.vo_dims, "params": params,
                 "params_ratio": params / dense_params, "flops": small.flops(128),
                 "flops_seq_len": 128, "teacher": str(teacher_dir), "steps": steps,
