@@ -85,7 +85,8 @@ def add_dataclass_args(parser, cls: type, prefix: str = "", choices: dict | None
                        skip: tuple[str, ...] = ()) -> None:
     """One `--option` per field of dataclass `cls`, typed, with the field's docstring as help.
     Defaults stay None so that only options given on the command line override YAML."""
-    docs = _field_docs(cls)
+    # argparse %-formats help text: a literal "5%" in a docstring must reach it as "5%%"
+    docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(cls).items()}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from nas_prune import cli, pipeline
+from nas_prune.baselines import METHODS
 from nas_prune.search.searchers import SEARCHERS
 from nas_prune.space import SPACES
 from nas_prune.train import STRATEGIES
@@ -16,10 +17,10 @@ SUBCOMMANDS = ["run", "finetune", "supernet", "search", "profile", "export", "re
                "baseline"]
 
 
-@pytest.mark.parametrize("command", SUBCOMMANDS)
+@pytest.mark.parametrize("command", SUBCOMMANDS + [f"baseline {m}" for m in METHODS])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: nas-prune {command}" in out
