@@ -101,8 +101,16 @@ def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
                                   seed=args.seed + 1)  # the rewiring batches train() uses
     rewire(rewired, [b for _, b in zip(range(8), loader, strict=False)])
     cut_rows = []
-    for name, config in (("largest", space.largest()), ("middle", space.middle()),
-                         ("smallest", space.smallest())):
+    largest = space.largest()
+    # the space's own middle / smallest drop layers; the same widths with every layer kept show
+    # whether a failure is the depth's (MiniLM's [CLS] state after few layers) or the width's
+    candidates = (("largest", largest), ("middle", space.middle()),
+                  ("smallest", space.smallest()),
+                  ("middle width, all layers",
+                   {**space.middle(), "num_layers": largest["num_layers"]}),
+                  ("smallest width, all layers",
+                   {**space.smallest(), "num_layers": largest["num_layers"]}))
+    for name, config in candidates:
         sub = space.to_sub_network(config)
         accs = [_accuracy(m, task.valid, tokenizer, task.spec, sub)
                 for m in (teacher, rewired, supernet)]
