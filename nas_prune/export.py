@@ -103,22 +103,34 @@ def export_sub_network(
     small = model.extract_sub_network(sub).eval()
     stock = stock_shape(model.config, sub) is not None
     to_save = to_stock(small) if stock else small
+    info = {
+        "heads": [list(h) if isinstance(h, tuple) else h for h in sub.heads],
+        "units": [list(u) if isinstance(u, tuple) else u for u in sub.units],
+        "stock": stock,
+        "params": model.num_params(sub),
+        "params_ratio": model.num_params(sub) / model.num_params(),
+        "flops": model.flops(sub, seq_len),
+        "flops_seq_len": seq_len,
+        **(metadata or {}),
+    }
+    save_model_dir(to_save, out, tokenizer, info)
+    log.info("exported %s sub-network (%d params) to %s", "stock" if stock else "custom",
+             info["params"], out)
+    return out
+
+
+def save_model_dir(model: PreTrainedModel, out_dir: str | os.PathLike, tokenizer: Any,
+                   info: dict[str, Any]) -> Path:
+    """Write `model` (`save_pretrained`, with its remote code if any), the tokenizer and `info`
+    (as SUBNETWORK_FILE) to `out_dir`, replacing it atomically: everything is written to a
+    hidden temporary directory beside it first, then renamed into place."""
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        to_save.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        info = {
-            "heads": [list(h) if isinstance(h, tuple) else h for h in sub.heads],
-            "units": [list(u) if isinstance(u, tuple) else u for u in sub.units],
-            "stock": stock,
-            "params": model.num_params(sub),
-            "params_ratio": model.num_params(sub) / model.num_params(),
-            "flops": model.flops(sub, seq_len),
-            "flops_seq_len": seq_len,
-            **(metadata or {}),
-        }
         (tmp / SUBNETWORK_FILE).write_text(json.dumps(info, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -126,6 +138,4 @@ def export_sub_network(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %s sub-network (%d params) to %s", "stock" if stock else "custom",
-             info["params"], out)
     return out

@@ -33,10 +33,10 @@ from nas_prune.baselines.grain import (
     Pruner,
     distillation_step,
     run,
-    save_model,
     schedule,
 )
 from nas_prune.baselines.grain_model import GrainForSequenceClassification, Masks
+from nas_prune.export import save_model_dir
 from nas_prune.results import ResultStore
 from nas_prune.results import load as load_results
 from nas_prune.supernet import from_hf
@@ -343,7 +343,7 @@ def test_export_loads_with_remote_code_in_a_fresh_process(make_hf_bert, make_bat
     expected = _logits(small, batch)
     model.set_masks(masks)
     torch.testing.assert_close(_logits(model, batch), expected, atol=ATOL, rtol=0)
-    out = save_model(small, tmp_path / "grain-r0.30", None, {"method": "grain"})
+    out = save_model_dir(small, tmp_path / "grain-r0.30", None, {"method": "grain"})
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nas_prune_grain"

@@ -45,12 +45,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,7 +60,7 @@ from torch import nn
 from nas_prune import data as data_lib
 from nas_prune import train as train_lib
 from nas_prune.baselines.grain_model import GrainConfig, GrainForSequenceClassification, Masks
-from nas_prune.export import SUBNETWORK_FILE
+from nas_prune.export import save_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -485,26 +482,6 @@ def load_teacher(teacher_dir: str | os.PathLike, task: data_lib.TaskData
     return teacher, meta
 
 
-def save_model(model: GrainForSequenceClassification, out: Path, tokenizer: Any,
-               info: dict[str, Any]) -> Path:
-    """Write `model` (with its remote code), the tokenizer and `info` to `out`, replacing it
-    atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / SUBNETWORK_FILE).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         out_dir: str | os.PathLike, opts: Options) -> list[dict]:
     """Prune the fine-tuned teacher at `teacher_dir` with GRAIN, once per target ratio.
@@ -552,7 +529,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                 "params_ratio": params / dense_params, "flops": small.flops(128),
                 "flops_seq_len": 128, "teacher": str(teacher_dir), "steps": steps,
                 "metric_name": task.spec.metric, "metric_value": valid["metric"]}
-        save_model(small, Path(out_dir) / name, tokenizer, info)
+        save_model_dir(small, Path(out_dir) / name, tokenizer, info)
         rows.append({
             "method": "grain", "task": task.spec.name, "model": meta.get("base_model"),
             "seed": opts.seed, "trial_id": name, "config": config, "fidelity": steps,
