@@ -33,7 +33,10 @@ lint: venv
 	$(BIN)/ruff check nas_prune tests jobs benchmarks
 
 bench: venv
-	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+	for script in subnet_speed memory training latency; do \
+		$(BIN)/python benchmarks/bench_$$script.py || exit 1; done
+	$(BIN)/python benchmarks/bench_search.py --supernet build/bench_training/supernet
+	$(BIN)/python benchmarks/bench_baselines.py
 
 clean:
 	rm -rf $(VENV) build
