@@ -63,21 +63,34 @@ def hypervolume_table(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[pd.D
     return pd.DataFrame(table), meta
 
 
-def _plot_panel(ax, df: pd.DataFrame, x: str, xlabel: str, dense: pd.Series | None) -> None:
+def _styles(df: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of each NAS experiment and baseline method, the same in every panel."""
+    names = sorted(df.loc[df["method"] == "nas", "experiment"].unique())
+    methods = sorted(set(df["method"]) - {"nas", "dense"})
+    markers = ["o"] * len(names) + list("sD^vPX" * (len(methods) // 6 + 1))[:len(methods)]
+    return {name: (f"C{i % 10}", marker)
+            for i, (name, marker) in enumerate(zip(names + methods, markers, strict=True))}
+
+
+def _plot_panel(ax, df: pd.DataFrame, x: str, xlabel: str, dense: pd.Series | None,
+                styles: dict[str, tuple[str, str]]) -> None:
     nas = df[df["method"] == "nas"]
     for name, group in nas.groupby("experiment"):
         done = group[group["status"] == "ok"].dropna(subset=[x, "error"])
         if done.empty:
             continue
-        ax.scatter(done[x], done["error"], s=12, alpha=0.35, label=f"{name} (evaluated)")
+        color = styles[name][0]
+        ax.scatter(done[x], done["error"], s=12, alpha=0.35, color=color,
+                   label=f"{name} (evaluated)")
         f = front(done, [x, "error"])
-        ax.step(f[x], f["error"], where="post", linewidth=1.8, label=f"{name} Pareto front")
-    markers = iter("sD^vPX")
+        ax.step(f[x], f["error"], where="post", linewidth=1.8, color=color,
+                label=f"{name} Pareto front")
     for method, group in df[~df["method"].isin(["nas", "dense"])].groupby("method"):
         group = group.dropna(subset=[x, "error"])
         if group.empty:
             continue
-        ax.scatter(group[x], group["error"], marker=next(markers, "o"), s=50, zorder=4,
+        color, marker = styles[method]
+        ax.scatter(group[x], group["error"], marker=marker, color=color, s=50, zorder=4,
                    label=method)
         for _, row in group.iterrows():  # which model each point is (sparsity, layers, ...)
             ax.annotate(str(row["trial_id"]), (row[x], row["error"]), fontsize=6,
@@ -106,8 +119,9 @@ def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series |
             hardware = df.loc[df["latency_ms"].notna(), "hardware"].iloc[0]
         panels.append(("latency_ms", f"latency on {hardware} (ms, median)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    styles = _styles(df)
     for ax, (x, label) in zip(axes[0], panels, strict=True):
-        _plot_panel(ax, df, x, label, dense)
+        _plot_panel(ax, df, x, label, dense, styles)
     axes[0][0].legend(fontsize=7, loc="upper right")
     fig.suptitle("nas_prune: error vs. size and latency")
     fig.tight_layout()

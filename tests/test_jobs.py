@@ -239,3 +239,16 @@ def test_pipeline_as_a_ray_job(ray_head, tiny_run_config):
     assert summary["evaluated"] == 4 and summary["pareto"] == len(exported)
     assert (out / "teacher" / "nas_prune.json").exists()
     assert (out / "supernet" / "nas_prune.json").exists()
+
+    # the same command again continues from what is there: no stage is redone
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "teacher" / "nas_prune.json",
+                                                out / "supernet" / "nas_prune.json")}
+    again = subprocess.run(command, cwd=root, env=_env(), capture_output=True, text=True,
+                           timeout=1500)
+    tail = (again.stdout + again.stderr)[-6000:]
+    assert again.returncode == 0, tail
+    assert "teacher already fine-tuned" in again.stdout + again.stderr, tail
+    assert "supernet already trained" in again.stdout + again.stderr, tail
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    rerun = results.load(out / "results")
+    assert len(rerun) == len(frame) and set(rerun["trial_id"]) == set(frame["trial_id"])
