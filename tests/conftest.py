@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from transformers import (
@@ -78,3 +83,53 @@ def make_batch():
         return batch
 
     return make
+
+
+_REMOTE_LOADER = textwrap.dedent(
+    """
+    import sys
+
+    sys.modules["nas_prune"] = None  # any import of nas_prune now raises ImportError
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, batch_file, out_file = sys.argv[1:4]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, trust_remote_code=True
+    ).eval()
+    with torch.no_grad():
+        logits = model(**torch.load(batch_file)).logits
+    torch.save(
+        {
+            "logits": logits,
+            "module": type(model).__module__,
+            "params": sum(p.numel() for p in model.parameters()),
+            "nas_prune_loaded": any(
+                m.startswith("nas_prune") and sys.modules[m] is not None for m in sys.modules
+            ),
+        },
+        out_file,
+    )
+    """
+)
+
+
+@pytest.fixture
+def load_in_fresh_process(tmp_path):
+    """Factory: load an exported model directory with `trust_remote_code=True` in a new Python
+    process that cannot import nas_prune, run `batch` through it; returns its logits, module
+    name, parameter count and whether any nas_prune module got imported."""
+
+    def load(model_dir, batch: dict[str, torch.Tensor]) -> dict:
+        torch.save(batch, tmp_path / "batch.pt")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+                   TRANSFORMERS_VERBOSITY="error")
+        result = subprocess.run(
+            [sys.executable, "-c", _REMOTE_LOADER, str(model_dir), "batch.pt", "result.pt"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return torch.load(tmp_path / "result.pt")
+
+    return load

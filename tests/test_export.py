@@ -7,9 +7,6 @@ import ast
 import importlib.util
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -143,35 +140,6 @@ def test_stock_roberta_export_loads_as_transformers_roberta(tmp_path, make_hf_ro
 
 # ------------------------------------------------------------------------- custom shapes
 
-_REMOTE_LOADER = textwrap.dedent(
-    """
-    import sys
-
-    sys.modules["nas_prune"] = None  # any import of nas_prune now raises ImportError
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    model_dir, batch_file, out_file = sys.argv[1:4]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, trust_remote_code=True
-    ).eval()
-    with torch.no_grad():
-        logits = model(**torch.load(batch_file)).logits
-    torch.save(
-        {
-            "logits": logits,
-            "module": type(model).__module__,
-            "params": sum(p.numel() for p in model.parameters()),
-            "nas_prune_loaded": any(
-                m.startswith("nas_prune") and sys.modules[m] is not None for m in sys.modules
-            ),
-        },
-        out_file,
-    )
-    """
-)
-
-
 @pytest.fixture
 def custom_export(tmp_path, make_hf_bert):
     model = from_hf(make_hf_bert()).eval()
@@ -214,20 +182,11 @@ def test_custom_export_loads_in_process_without_trust_remote_code(custom_export,
 
 
 def test_custom_export_loads_with_remote_code_in_a_process_without_nas_prune(
-    custom_export, make_batch, tmp_path
+    custom_export, make_batch, load_in_fresh_process
 ):
     model, out = custom_export
     batch = make_batch()
-    torch.save(batch, tmp_path / "batch.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-               TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(
-        [sys.executable, "-c", _REMOTE_LOADER, str(out), "batch.pt", "result.pt"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "result.pt")
+    remote = load_in_fresh_process(out, batch)
     assert remote["module"].startswith("transformers_modules")
     assert remote["nas_prune_loaded"] is False
     assert remote["params"] == model.num_params(NON_STOCK)

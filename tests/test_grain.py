@@ -10,9 +10,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -315,27 +312,8 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
 
 
 # ------------------------------------------------------------------------------ export
-_REMOTE_LOADER = textwrap.dedent(
-    """
-    import sys
-
-    sys.modules["nas_prune"] = None  # any import of nas_prune now raises ImportError
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    model_dir, batch_file, out_file = sys.argv[1:4]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, trust_remote_code=True
-    ).eval()
-    with torch.no_grad():
-        logits = model(**torch.load(batch_file)).logits
-    torch.save({"logits": logits, "module": type(model).__module__,
-                "params": sum(p.numel() for p in model.parameters())}, out_file)
-    """
-)
-
-
-def test_export_loads_with_remote_code_in_a_fresh_process(make_hf_bert, make_batch, tmp_path):
+def test_export_loads_with_remote_code_in_a_fresh_process(make_hf_bert, make_batch, tmp_path,
+                                                           load_in_fresh_process):
     model = _dense(make_hf_bert())
     masks = _irregular_masks()
     small = model.prune(masks).eval()
@@ -357,16 +335,8 @@ def test_export_loads_with_remote_code_in_a_fresh_process(make_hf_bert, make_bat
     in_process = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert (_logits(in_process, batch) - expected).abs().max() < ATOL
 
-    torch.save(batch, tmp_path / "batch.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-               TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(
-        [sys.executable, "-c", _REMOTE_LOADER, str(out), "batch.pt", "result.pt"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "result.pt")
+    remote = load_in_fresh_process(out, batch)
+    assert remote["nas_prune_loaded"] is False
     assert remote["module"].startswith("transformers_modules")
     assert remote["params"] == small.num_params()
     assert (remote["logits"] - expected).abs().max() < ATOL
