@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import REPO, command_line, machine_summary, markdown_table, quiet_transformers
 
@@ -64,29 +65,29 @@ def _accuracy(model, split, tokenizer, spec, sub=None) -> float:
 def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
     out = Path(args.out)
     teacher_dir, supernet_dir = out / "teacher", out / "supernet"
-    rows = []
-    if not train_lib.read_meta(teacher_dir).get("finished"):
-        result = train_lib.finetune(args.model, task, teacher_dir,
-                                    _options(args, epochs=args.finetune_epochs),
-                                    tokenizer=tokenizer)
-        (out / "finetune_seconds.txt").write_text(f"{result.seconds:.1f}\n")
-    finetune_s = float((out / "finetune_seconds.txt").read_text())
-    teacher, meta = train_lib.load_checkpoint(teacher_dir)
-    rows.append(["dense fine-tuning (standard)", f"{args.finetune_epochs:g}",
-                 meta["total_steps"], f"{finetune_s:.0f}",
-                 f"{_accuracy(teacher, task.valid, tokenizer, task.spec):.4f}",
-                 f"{_accuracy(teacher, task.test, tokenizer, task.spec):.4f}"])
 
-    if not train_lib.read_meta(supernet_dir).get("finished"):
-        opts = _options(args, strategy="full", epochs=args.supernet_epochs)
-        result = train_lib.train_supernet(teacher_dir, task, supernet_dir, opts)
-        (out / "supernet_seconds.txt").write_text(f"{result.seconds:.1f}\n")
-    supernet_s = float((out / "supernet_seconds.txt").read_text())
-    supernet, smeta = train_lib.load_checkpoint(supernet_dir)
-    rows.append(["supernet (full), full network", f"{args.supernet_epochs:g}",
-                 smeta["total_steps"], f"{supernet_s:.0f}",
-                 f"{_accuracy(supernet, task.valid, tokenizer, task.spec):.4f}",
-                 f"{_accuracy(supernet, task.test, tokenizer, task.spec):.4f}"])
+    def stage(label: str, directory: Path, epochs: float, fit) -> tuple[Any, list]:
+        """Train with `fit()` unless `directory` holds a finished run; the model and its row."""
+        seconds_file = out / f"{directory.name}_seconds.txt"
+        if not train_lib.read_meta(directory).get("finished"):
+            seconds_file.write_text(f"{fit().seconds:.1f}\n")
+        model, meta = train_lib.load_checkpoint(directory)
+        return model, [label, f"{epochs:g}", meta["total_steps"],
+                       f"{float(seconds_file.read_text()):.0f}",
+                       f"{_accuracy(model, task.valid, tokenizer, task.spec):.4f}",
+                       f"{_accuracy(model, task.test, tokenizer, task.spec):.4f}"]
+
+    teacher, teacher_row = stage(
+        "dense fine-tuning (standard)", teacher_dir, args.finetune_epochs,
+        lambda: train_lib.finetune(args.model, task, teacher_dir,
+                                   _options(args, epochs=args.finetune_epochs),
+                                   tokenizer=tokenizer))
+    supernet, supernet_row = stage(
+        "supernet (full), full network", supernet_dir, args.supernet_epochs,
+        lambda: train_lib.train_supernet(
+            teacher_dir, task, supernet_dir,
+            _options(args, strategy="full", epochs=args.supernet_epochs)))
+    rows = [teacher_row, supernet_row]
     print("\n### Fine-tuning and supernet training\n")
     print(markdown_table(["run", "epochs", "steps", "seconds", "valid accuracy", "test accuracy"],
                          rows))
