@@ -51,7 +51,7 @@ TARGET_THROUGHPUT = 0.9
 def _options(args: argparse.Namespace, **changes) -> train_lib.TrainOptions:
     base = train_lib.TrainOptions(
         strategy="standard", batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-        seed=args.seed, log_every=50,
+        seed=args.seed, log_every=50, pooling=args.pooling,
     )
     return dataclasses.replace(base, **changes)
 
@@ -88,7 +88,7 @@ def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
             teacher_dir, task, supernet_dir,
             _options(args, strategy="full", epochs=args.supernet_epochs)))
     rows = [teacher_row, supernet_row]
-    print("\n### Fine-tuning and supernet training\n")
+    print(f"\n### Fine-tuning and supernet training (head pooling: {teacher.config.pooling})\n")
     print(markdown_table(["run", "epochs", "steps", "seconds", "valid accuracy", "test accuracy"],
                          rows))
     test_acc = float(rows[0][-1])
@@ -107,6 +107,8 @@ def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
     # whether a failure is the depth's (MiniLM's [CLS] state after few layers) or the width's
     candidates = (("largest", largest), ("middle", space.middle()),
                   ("smallest", space.smallest()),
+                  ("middle depth, all heads and neurons",
+                   {**largest, "num_layers": space.middle()["num_layers"]}),
                   ("middle width, all layers",
                    {**space.middle(), "num_layers": largest["num_layers"]}),
                   ("smallest width, all layers",
@@ -134,7 +136,8 @@ class _PlainTwin:
     decay, linear warm-up then linear decay, gradient clipping at 1.0."""
 
     def __init__(self, args, task, tokenizer, opts: train_lib.TrainOptions, steps: int):
-        self.model = load_pretrained(args.model, num_labels=task.spec.num_labels).train()
+        self.model = load_pretrained(args.model, num_labels=task.spec.num_labels,
+                                     pooling=args.pooling).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr,
                                            weight_decay=opts.weight_decay)
         warm = max(1, int(opts.warmup_ratio * steps))
@@ -169,7 +172,7 @@ def throughput(args, task, tokenizer) -> None:
     steps = args.warmup_steps + args.timed_steps + 1
     opts = _options(args, max_steps=steps)
     twin = _PlainTwin(args, task, tokenizer, opts, steps)
-    model = load_pretrained(args.model, num_labels=task.spec.num_labels)
+    model = load_pretrained(args.model, num_labels=task.spec.num_labels, pooling=args.pooling)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         train_lib.train(model, task, tokenizer, tmp, opts, on_step=twin)
     # DeepSpeed step i (i >= 2) is timed from the end of plain step i-1; both lists then cover
@@ -206,6 +209,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=64,
                         help="tokens per example (Rotten Tomatoes snippets are ~30 tokens)")
+    parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
+                        help="classification head input (auto: MiniLM's own, mean)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--warmup-steps", type=int, default=5)

@@ -155,12 +155,13 @@ def _task_args(parser) -> None:
 
 def _train_args(parser, strategy: bool) -> None:
     from nas_prune.space import SPACES
+    from nas_prune.supernet import POOLINGS
     from nas_prune.train import STRATEGIES, TrainOptions
 
-    skip = () if strategy else ("strategy", "space", "num_random", "temperature", "rewire",
-                                "rewire_batches")
-    add_dataclass_args(parser, TrainOptions, choices={"strategy": STRATEGIES, "space": SPACES},
-                       skip=skip)
+    skip = ("pooling",) if strategy else ("strategy", "space", "num_random", "temperature",
+                                          "rewire", "rewire_batches")
+    choices = {"strategy": STRATEGIES, "space": SPACES, "pooling": ("auto", *POOLINGS)}
+    add_dataclass_args(parser, TrainOptions, choices=choices, skip=skip)
     parser.add_argument("--workers", type=int, default=None,
                         help="Ray Train workers (1: train in this process) [default: 1]")
 

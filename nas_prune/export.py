@@ -2,8 +2,9 @@
 
 When the sub-network has a shape a stock `BertConfig` / `RobertaConfig` can describe (every
 kept layer keeps all heads and the same number of FFN neurons; dropped layers are dropped whole)
-the directory is a stock checkpoint. Otherwise it holds our `EncoderConfig` with per-layer head
-and neuron counts, and the model file itself (``supernet.py``, referenced by ``auto_map``), so
+and its head reads the first token (stock heads cannot mean-pool), the directory is a stock
+checkpoint. Otherwise it holds our `EncoderConfig` with per-layer head and neuron counts and
+the head's pooling, and the model file itself (``supernet.py``, referenced by ``auto_map``), so
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` loads it
 anywhere transformers is installed.
 """
@@ -45,6 +46,8 @@ _STOCK = {"bert": (BertConfig, BertForSequenceClassification),
 
 def stock_shape(config: EncoderConfig, sub: SubNetwork) -> tuple[int, int] | None:
     """(layers, FFN width) when `sub` fits a stock BERT/RoBERTa config, else None."""
+    if config.pooling != "cls":
+        return None
     kept = [(h, n) for h, n in zip(sub.num_heads, sub.num_units, strict=True) if h or n]
     widths = {n for _, n in kept}
     if any(h != config.num_attention_heads for h, _ in kept) or len(widths) > 1 or 0 in widths:
@@ -59,6 +62,9 @@ def to_stock(model: EncoderForSequenceClassification) -> PreTrainedModel:
     widths = set(c.units_per_layer)
     if set(c.heads_per_layer) - {c.num_attention_heads} or len(widths) > 1:
         raise ValueError("this model's shape does not fit a stock BERT/RoBERTa config")
+    if c.pooling != "cls":
+        raise ValueError(f"stock BERT/RoBERTa heads read the first token, this model uses "
+                         f"{c.pooling!r} pooling")
     config_cls, model_cls = _STOCK[c.family]
     shared = {name: getattr(c, name) for name in HF_CONFIG_FIELDS}
     shared["intermediate_size"] = widths.pop() if widths else c.intermediate_size

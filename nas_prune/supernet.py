@@ -19,6 +19,7 @@ and load through the transformers Auto classes with `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 FAMILIES = ("bert", "roberta")
 """Hugging Face `model_type`s whose weights load into this encoder."""
+
+POOLINGS = ("cls", "mean")
+"""What the classification head reads: the first token's hidden state ("cls", BERT/RoBERTa's
+own heads) or the mean over the real tokens ("mean", how sentence-transformers models such as
+all-MiniLM-L6-v2 were trained)."""
 
 
 class IllegalSubNetworkError(ValueError):
@@ -142,6 +148,8 @@ class EncoderConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
+    pooling: str = "cls"
+    """Input of the classification head, one of POOLINGS."""
 
     @property
     def heads_per_layer(self) -> list[int]:
@@ -248,21 +256,34 @@ class Layer(nn.Module):
         self.ffn = FeedForward(config, num_units) if num_units else None
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """One vector per sequence: the first token's state, or the mean over unmasked tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(1)
+    weights = attention_mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class ClassificationHead(nn.Module):
     """BERT: pooler (dense + tanh on the first token) then classifier; RoBERTa: the same dense
-    + tanh layer inside its head. Both are dense -> tanh -> dropout -> out on token 0."""
+    + tanh layer inside its head. Both are dense -> tanh -> dropout -> out on token 0, or on
+    the mean of the tokens with `pooling="mean"`."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {config.pooling!r}")
         p = config.classifier_dropout
         p = config.hidden_dropout_prob if p is None else p
-        self.family = config.family
+        self.family, self.pooling = config.family, config.pooling
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.num_labels)
         self.dropout = nn.Dropout(p)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden[:, 0]
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        x = pool(hidden, attention_mask, self.pooling)
         if self.family == "roberta":
             x = self.dropout(x)
         return self.out(self.dropout(torch.tanh(self.dense(x))))
@@ -354,7 +375,7 @@ class EncoderForSequenceClassification(PreTrainedModel):
                 x = layer.attention(x, mask, heads, rows)
             if units:
                 x = layer.ffn(x, cols)
-        logits = self.head(x)
+        logits = self.head(x, attention_mask)
         loss = None
         if labels is not None:
             if self.config.num_labels == 1:
@@ -394,7 +415,7 @@ class EncoderForSequenceClassification(PreTrainedModel):
             total += 2 * t * hidden * width * 4  # Q, K, V and output projections
             total += 2 * t * t * width * 2  # scores and weighted values
             total += 2 * t * hidden * n * 2  # FFN up and down
-        total += 2 * hidden * hidden + 2 * hidden * self.config.num_labels  # head on token 0
+        total += 2 * hidden * hidden + 2 * hidden * self.config.num_labels  # the head
         return total
 
     # ------------------------------------------------------------------------------ extract
@@ -564,13 +585,16 @@ def config_from_hf(hf_config: PretrainedConfig) -> EncoderConfig:
     )
 
 
-def from_hf(hf_model: PreTrainedModel, share: bool = False) -> EncoderForSequenceClassification:
-    """Copy a transformers BERT/RoBERTa `...ForSequenceClassification` model into our encoder.
+def from_hf(hf_model: PreTrainedModel, share: bool = False,
+            pooling: str = "cls") -> EncoderForSequenceClassification:
+    """Copy a transformers BERT/RoBERTa `...ForSequenceClassification` model into our encoder
+    (whose head reads `pooling`; only "cls" computes what `hf_model` computes).
 
     With `share`, our model takes over `hf_model`'s tensors instead of copying them (no second
     copy of the weights in memory); use it when `hf_model` is discarded afterwards.
     """
     config = config_from_hf(hf_model.config)
+    config.pooling = pooling
     state = hf_model.state_dict()
     prefix = hf_model.base_model_prefix + "."
     names = hf_state_map(config.family, config.num_hidden_layers, prefix)
@@ -587,19 +611,51 @@ def from_hf(hf_model: PreTrainedModel, share: bool = False) -> EncoderForSequenc
     return model.to(hf_model.dtype).train(hf_model.training)
 
 
+def checkpoint_pooling(name_or_path: str, **hf_kwargs) -> str:
+    """The pooling a checkpoint was trained with: "mean" for a sentence-transformers model that
+    mean-pools (its ``1_Pooling/config.json`` says so), else "cls"."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name_or_path, "1_Pooling/config.json",
+                           _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False,
+                           **{k: v for k, v in hf_kwargs.items() if k in ("revision", "token")})
+    except OSError:  # cannot tell (no such repository, no network): the transformers default
+        return "cls"
+    if path is None:
+        return "cls"
+    with open(path) as f:
+        settings = json.load(f)
+    return "mean" if settings.get("pooling_mode_mean_tokens") else "cls"
+
+
 def load_pretrained(
-    name_or_path: str, num_labels: int = 2, **hf_kwargs
+    name_or_path: str, num_labels: int = 2, pooling: str = "auto", **hf_kwargs
 ) -> EncoderForSequenceClassification:
     """Load any Hugging Face BERT/RoBERTa checkpoint (hub name or local directory; a base model
-    gets a freshly initialised classification head) or a nas_prune encoder checkpoint."""
+    gets a freshly initialised classification head) or a nas_prune encoder checkpoint.
+
+    `pooling` (one of POOLINGS, or "auto": the checkpoint's own, see `checkpoint_pooling`)
+    chooses what a new classification head reads; a nas_prune checkpoint keeps the pooling it
+    was trained with, and asking for another one is an error."""
+    if pooling not in ("auto", *POOLINGS):
+        raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
     config = AutoConfig.from_pretrained(name_or_path, num_labels=num_labels, **hf_kwargs)
     if isinstance(config, EncoderConfig):
+        if pooling not in ("auto", config.pooling):
+            raise ValueError(
+                f"{name_or_path} was trained with {config.pooling!r} pooling; load it with "
+                f"pooling='auto' or {config.pooling!r} (a head cannot switch its input)"
+            )
         return EncoderForSequenceClassification.from_pretrained(name_or_path, config=config)
     config_from_hf(config)  # fail early, before loading weights, for other families
     hf_model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, config=config, **hf_kwargs
     )
-    model = from_hf(hf_model, share=True)
+    if pooling == "auto":
+        pooling = checkpoint_pooling(name_or_path, **hf_kwargs)
+    model = from_hf(hf_model, share=True, pooling=pooling)
     del hf_model
     return model.eval()
 

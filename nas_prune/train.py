@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from nas_prune import data as data_lib
 from nas_prune.space import SPACES, SearchSpace, make_space
 from nas_prune.supernet import (
+    POOLINGS,
     EncoderConfig,
     EncoderForSequenceClassification,
     SubNetwork,
@@ -237,6 +238,11 @@ class TrainOptions:
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Overrides merged into the generated DeepSpeed config (optimizer, scheduler, ZeRO, ...)."""
+    pooling: str = "auto"
+    """Fine-tuning only: what the new classification head reads, "cls" (first token), "mean"
+    (mean of the tokens; depth-reduced sub-networks of mean-pooled sentence encoders such as
+    MiniLM keep their accuracy only so) or "auto" (the checkpoint's own pooling: mean for a
+    mean-pooling sentence-transformers model, else cls)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -264,6 +270,10 @@ class TrainOptions:
             raise TrainingError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise TrainingError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.pooling not in ("auto", *POOLINGS):
+            raise TrainingError(
+                f"pooling must be auto, {' or '.join(POOLINGS)}, got {self.pooling!r}"
+            )
         make_strategy(self.strategy, self.num_random, self.temperature)
 
 
@@ -679,7 +689,9 @@ def _resumable(out: Path, opts: TrainOptions, total: int) -> dict | None:
         raise TrainingError(
             f"{out} already holds a finished training run; choose another output directory"
         )
-    saved = {k: v for k, v in meta.get("options", {}).items() if k not in _RESUME_FREE}
+    # Options added after the run started count as their defaults.
+    saved = {**dataclasses.asdict(TrainOptions()), **meta.get("options", {})}
+    saved = {k: v for k, v in saved.items() if k not in _RESUME_FREE}
     now = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RESUME_FREE}
     if saved != now or meta.get("total_steps") != total:
         changed = sorted(k for k in now if saved.get(k) != now[k])
@@ -720,7 +732,7 @@ def finetune(
     if (Path(out_dir) / CHECKPOINT_META).exists():
         model, _ = load_checkpoint(out_dir)
     else:
-        model = load_pretrained(model_name_or_path, num_labels=num_labels)
+        model = load_pretrained(model_name_or_path, num_labels=num_labels, pooling=opts.pooling)
     meta = {"kind": "teacher", "task": task.spec.name, "base_model": str(model_name_or_path),
             "family": model.config.family}
     with _quiet_deepspeed():

@@ -163,7 +163,7 @@ def test_custom_export_writes_remote_code_and_auto_map(custom_export):
                 for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {name.split(".")[0] for name in imported} <= {
-        "__future__", "collections", "dataclasses", "torch", "transformers"
+        "__future__", "collections", "dataclasses", "json", "torch", "transformers"
     }
     info = json.loads((out / SUBNETWORK_FILE).read_text())
     assert info["heads"] == [[1, 3], 4, 0] and info["units"] == [20, [0, 5, 47], 16]
@@ -192,6 +192,29 @@ def test_custom_export_loads_with_remote_code_in_a_process_without_nas_prune(
     assert remote["params"] == model.num_params(NON_STOCK)
     torch.testing.assert_close(remote["logits"], _selected_logits(model, NON_STOCK, batch),
                                atol=ATOL, rtol=0)
+
+
+def test_mean_pooled_model_exports_with_remote_code_even_in_a_stock_shape(
+    tmp_path, make_hf_bert, make_batch, load_in_fresh_process
+):
+    """Stock BERT heads read the first token, so a mean-pooling model is never exported as a
+    stock checkpoint; its own class keeps the logits."""
+    model = from_hf(make_hf_bert(), pooling="mean").eval()
+    sub = SubNetwork(heads=(H, 0, H), units=(24, 0, 24))  # a stock shape
+    assert stock_shape(model.config, sub) is None
+    with pytest.raises(ValueError, match="'mean' pooling"):
+        to_stock(model.extract_sub_network(sub))
+    out = export_sub_network(model, sub, tmp_path / "mean")
+    info = json.loads((out / SUBNETWORK_FILE).read_text())
+    assert info["stock"] is False
+    assert json.loads((out / "config.json").read_text())["pooling"] == "mean"
+    batch = make_batch()
+    remote = load_in_fresh_process(out, batch)
+    assert remote["nas_prune_loaded"] is False
+    expected = _selected_logits(model, sub, batch)
+    torch.testing.assert_close(remote["logits"], expected, atol=ATOL, rtol=0)
+    cls = from_hf(make_hf_bert()).eval()  # same weights, first-token head: other logits
+    assert not torch.allclose(_selected_logits(cls, sub, batch), expected, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------ replacement

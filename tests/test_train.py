@@ -293,6 +293,36 @@ def test_resume_with_other_options_is_rejected(teacher_dir, task, tmp_path):
         train.train_supernet(teacher_dir[0], task, tmp_path / "sn", other)
 
 
+def test_resume_of_a_run_saved_before_an_option_existed(teacher_dir, task, tmp_path):
+    """A run whose saved options lack an option added later resumes when today's value is
+    that option's default."""
+    opts = train.TrainOptions(strategy="random", max_steps=2, batch_size=16, rewire=False)
+    train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts, stop_after=1)
+    meta_file = tmp_path / "sn" / "nas_prune.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["options"]["pooling"]
+    meta_file.write_text(json.dumps(meta))
+    assert train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts).steps == 2
+
+
+def test_pooling_is_chosen_at_fine_tuning_and_kept_by_the_supernet(tiny_model_dir, task,
+                                                                    tmp_path):
+    with pytest.raises(train.TrainingError, match="pooling must be auto, cls or mean"):
+        train.TrainOptions(pooling="max")
+    opts = train.TrainOptions(max_steps=1, batch_size=16, pooling="mean")
+    train.finetune(tiny_model_dir, task, tmp_path / "teacher", opts)
+    teacher, _ = train.load_checkpoint(tmp_path / "teacher")
+    assert teacher.config.pooling == "mean"
+    supernet_opts = train.TrainOptions(strategy="sandwich", max_steps=1, batch_size=16)
+    train.train_supernet(tmp_path / "teacher", task, tmp_path / "sn", supernet_opts)
+    supernet, _ = train.load_checkpoint(tmp_path / "sn")
+    assert supernet.config.pooling == "mean"
+    default, _ = train.load_checkpoint(train.finetune(
+        tiny_model_dir, task, tmp_path / "cls", train.TrainOptions(max_steps=1, batch_size=16)
+    ).checkpoint)
+    assert default.config.pooling == "cls"  # a plain transformers checkpoint reads [CLS]
+
+
 def test_full_supernet_improves_small_subnetworks(teacher_dir, task, tokenizer, tmp_path):
     """`full` training makes small sub-networks better than cutting them from the teacher."""
     teacher, _ = train.load_checkpoint(teacher_dir[0])

@@ -73,6 +73,8 @@ class GrainConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
+    pooling: str = "cls"
+    """Input of the classification head: the first token ("cls") or the mean of the tokens."""
 
     @property
     def layer_qk_dims(self) -> list[list[int]]:
@@ -245,19 +247,28 @@ class Layer(nn.Module):
 
 class ClassificationHead(nn.Module):
     """dense -> tanh -> dropout -> out on the first token (BERT's pooler + classifier, or
-    RoBERTa's classification head, which adds a dropout before the dense layer)."""
+    RoBERTa's classification head, which adds a dropout before the dense layer), or on the mean
+    of the tokens (`pooling="mean"`)."""
 
     def __init__(self, config: GrainConfig):
         super().__init__()
+        if config.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {config.pooling!r}")
         p = config.classifier_dropout
         p = config.hidden_dropout_prob if p is None else p
-        self.family = config.family
+        self.family, self.pooling = config.family, config.pooling
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.num_labels)
         self.dropout = nn.Dropout(p)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden[:, 0]
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            x = hidden[:, 0]
+        elif attention_mask is None:
+            x = hidden.mean(1)
+        else:
+            weights = attention_mask[..., None].to(hidden.dtype)
+            x = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         if self.family == "roberta":
             x = self.dropout(x)
         return self.out(self.dropout(torch.tanh(self.dense(x))))
@@ -333,7 +344,7 @@ class GrainForSequenceClassification(PreTrainedModel):
         for layer in self.layers:
             x = layer(x, mask)
             hidden.append(x)
-        logits = self.head(x)
+        logits = self.head(x, attention_mask)
         loss = None
         if labels is not None:
             if self.config.num_labels == 1:

@@ -4,9 +4,10 @@ The simplest structured baseline of Klein et al. (TMLR 2024, arXiv 2405.02267, s
 Sajjad et al., "On the effect of dropping layers of pre-trained transformer models", 2023):
 the top layers go, the rest keep all heads and neurons. The smaller model is a physically
 extracted copy (``extract_sub_network``), fine-tuned with the ``standard`` strategy through
-the same DeepSpeed loop as the teacher (``nas_prune.train.train``), and exported as a stock
-BERT/RoBERTa checkpoint (``nas_prune.export``). The dense model is the reference point that
-``nas-prune run`` and ``nas-prune baseline`` record as method ``dense``.
+the same DeepSpeed loop as the teacher (``nas_prune.train.train``), and exported with
+``nas_prune.export`` (a stock BERT/RoBERTa checkpoint when the teacher's head reads [CLS]).
+The dense model is the reference point that ``nas-prune run`` and ``nas-prune baseline``
+record as method ``dense``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class Options:
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
     """Keep the first k layers of the teacher for each k in `opts.layers`, fine-tune, save a
-    stock checkpoint to ``out_dir/layers-<k>/`` and return one evaluation row per model
-    (validation split)."""
+    checkpoint (stock when the head reads [CLS]) to ``out_dir/layers-<k>/`` and return one
+    evaluation row per model (validation split)."""
     from nas_prune import train as train_lib
     from nas_prune.export import export_sub_network
     from nas_prune.supernet import SubNetwork

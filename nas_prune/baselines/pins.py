@@ -29,9 +29,10 @@ Differences from the paper, on purpose: pruning starts from the *fine-tuned* tea
 every other method here (the paper fine-tunes the pre-trained model while pruning), so all
 methods share a starting point; and each requested sparsity is one separate run (the paper's
 protocol), not a snapshot of a run to the highest one. The saved model is dense-shaped with
-zeros (a stock checkpoint); its latency is that of the dense model, since dense kernels gain
-nothing from zeros. Training runs through a DeepSpeed engine in fp32 with ZeRO stage 0: scores
-and masks need the full-precision weights and their gradients in place.
+zeros (a stock checkpoint when the head reads [CLS]); its latency is that of the dense model,
+since dense kernels gain nothing from zeros. Training runs through a DeepSpeed engine in fp32
+with ZeRO stage 0: scores and masks need the full-precision weights and their gradients in
+place.
 """
 
 from __future__ import annotations
@@ -417,7 +418,7 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
     """Prune the teacher at `teacher_dir` to each of `opts.sparsities` (one run each), save
-    every model (a stock checkpoint with zeros) to ``out_dir/<trial_id>/`` and return one
+    every model (dense-shaped, with zeros) to ``out_dir/<trial_id>/`` and return one
     evaluation row per model (validation split; params = all parameters minus the pruned
     weights; FLOPs of the dense model that is stored)."""
     from nas_prune import train as train_lib
