@@ -257,6 +257,8 @@ def main() -> None:
     cpus = max([*args.workers, args.quality_workers])
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_search.", dir=args.workdir))
     try:
         part1 = overhead(args, work) if args.overhead_samples else None
