@@ -302,7 +302,8 @@ def test_resume_of_a_run_saved_before_an_option_existed(teacher_dir, task, tmp_p
     meta = json.loads(meta_file.read_text())
     del meta["options"]["pooling"]
     meta_file.write_text(json.dumps(meta))
-    assert train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts).steps == 2
+    resumed = train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts)
+    assert resumed.steps == 2 and len(resumed.losses) == 1  # step 1 was not run again
 
 
 def test_pooling_is_chosen_at_fine_tuning_and_kept_by_the_supernet(tiny_model_dir, task,
