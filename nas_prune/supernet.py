@@ -636,9 +636,11 @@ def load_pretrained(
     """Load any Hugging Face BERT/RoBERTa checkpoint (hub name or local directory; a base model
     gets a freshly initialised classification head) or a nas_prune encoder checkpoint.
 
-    `pooling` (one of POOLINGS, or "auto": the checkpoint's own, see `checkpoint_pooling`)
-    chooses what a new classification head reads; a nas_prune checkpoint keeps the pooling it
-    was trained with, and asking for another one is an error."""
+    `pooling` (one of POOLINGS, or "auto") chooses what the classification head reads. "auto"
+    keeps a trained BERT/RoBERTa classifier on the first token it was trained on, and gives a new
+    head the checkpoint's own pooling (`checkpoint_pooling`: mean for a mean-pooling
+    sentence-transformers model). A nas_prune checkpoint keeps the pooling it was trained with;
+    asking for another one is an error."""
     if pooling not in ("auto", *POOLINGS):
         raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
     config = AutoConfig.from_pretrained(name_or_path, num_labels=num_labels, **hf_kwargs)
@@ -650,11 +652,12 @@ def load_pretrained(
             )
         return EncoderForSequenceClassification.from_pretrained(name_or_path, config=config)
     config_from_hf(config)  # fail early, before loading weights, for other families
-    hf_model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, config=config, **hf_kwargs
+    hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, config=config, output_loading_info=True, **hf_kwargs
     )
-    if pooling == "auto":
-        pooling = checkpoint_pooling(name_or_path, **hf_kwargs)
+    if pooling == "auto":  # a classifier the checkpoint brings was trained on the first token
+        new_head = any(k.startswith("classifier.") for k in loading["missing_keys"])
+        pooling = checkpoint_pooling(name_or_path, **hf_kwargs) if new_head else "cls"
     model = from_hf(hf_model, share=True, pooling=pooling)
     del hf_model
     return model.eval()

@@ -241,8 +241,8 @@ class TrainOptions:
     pooling: str = "auto"
     """Fine-tuning only: what the new classification head reads, "cls" (first token), "mean"
     (mean of the tokens; depth-reduced sub-networks of mean-pooled sentence encoders such as
-    MiniLM keep their accuracy only so) or "auto" (the checkpoint's own pooling: mean for a
-    mean-pooling sentence-transformers model, else cls)."""
+    MiniLM keep their accuracy only so) or "auto" (a new head gets the checkpoint's own pooling,
+    mean for a mean-pooling sentence-transformers model; a trained classifier keeps cls)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -268,19 +268,37 @@ def test_load_pretrained_minilm_mean_pools_like_sentence_transformers():
     torch.testing.assert_close(alone[0], expected[1], atol=ATOL, rtol=0)  # padding is ignored
 
 
+def _write_pooling(model_dir: Path, mean: bool) -> None:
+    (model_dir / "1_Pooling").mkdir(exist_ok=True)
+    settings = {"pooling_mode_cls_token": not mean, "pooling_mode_mean_tokens": mean}
+    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+
+
 def test_checkpoint_pooling_reads_sentence_transformers_settings(tmp_path, make_hf_bert):
-    make_hf_bert().save_pretrained(tmp_path)
+    make_hf_bert().bert.save_pretrained(tmp_path)  # a base model: load_pretrained adds a head
     assert checkpoint_pooling(str(tmp_path)) == "cls"  # a plain transformers checkpoint
-    (tmp_path / "1_Pooling").mkdir()
-    settings = {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
-    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    assert load_pretrained(str(tmp_path), num_labels=3).config.pooling == "cls"
+    _write_pooling(tmp_path, mean=False)
     assert checkpoint_pooling(str(tmp_path)) == "cls"
     assert load_pretrained(str(tmp_path), num_labels=3).config.pooling == "cls"
-    settings = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
-    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    _write_pooling(tmp_path, mean=True)
     assert checkpoint_pooling(str(tmp_path)) == "mean"
     assert load_pretrained(str(tmp_path), num_labels=3).config.pooling == "mean"
     assert load_pretrained(str(tmp_path), num_labels=3, pooling="cls").config.pooling == "cls"
+
+
+def test_auto_pooling_keeps_a_trained_classifier_on_the_first_token(tmp_path, make_hf_bert,
+                                                                    make_batch):
+    """A sentence-transformer fine-tuned as BertForSequenceClassification brings a classifier
+    trained on [CLS]: "auto" keeps it there, so the logits stay those of transformers."""
+    hf = make_hf_bert()
+    hf.save_pretrained(tmp_path)
+    _write_pooling(tmp_path, mean=True)
+    model = load_pretrained(str(tmp_path), num_labels=3).eval()
+    assert model.config.pooling == "cls"
+    batch = make_batch()
+    torch.testing.assert_close(_logits(model, batch), _logits(hf, batch), atol=ATOL, rtol=0)
+    assert load_pretrained(str(tmp_path), num_labels=3, pooling="mean").config.pooling == "mean"
 
 
 def test_nas_prune_checkpoint_keeps_its_pooling(tmp_path, make_hf_bert):
