@@ -616,11 +616,11 @@ def checkpoint_pooling(name_or_path: str, **hf_kwargs) -> str:
     mean-pools (its ``1_Pooling/config.json`` says so), else "cls"."""
     from transformers.utils import cached_file
 
+    where = {k: v for k, v in hf_kwargs.items() if k in ("cache_dir", "revision", "token")}
     try:
         path = cached_file(name_or_path, "1_Pooling/config.json",
                            _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False,
-                           **{k: v for k, v in hf_kwargs.items() if k in ("cache_dir", "revision", "token")})
+                           _raise_exceptions_for_connection_errors=False, **where)
     except OSError:  # cannot tell (no such repository, no network): the transformers default
         return "cls"
     if path is None:
