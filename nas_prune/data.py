@@ -25,11 +25,10 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from nas_prune.errors import DataError
+from nas_prune.options import TaskOptions
+
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad task name, data file, column, label or split setting; the message says what to fix."""
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -240,7 +239,7 @@ _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
 
 
 def load_task(
-    task: str,
+    task: str | TaskOptions,
     *,
     data_files: str | dict[str, str] | None = None,
     text_column: str = "text",
@@ -255,7 +254,8 @@ def load_task(
     """Load a task and split it into train/valid/test.
 
     Args:
-        task: A :data:`TASKS` name, a path to a local CSV/TSV/JSON/JSONL/Parquet file, or another
+        task: The task's options (nas_prune.options.TaskOptions, whose fields are the
+            keyword arguments below), or a :data:`TASKS` name, a path to a local CSV/TSV/JSON/JSONL/Parquet file, or another
             ``datasets`` Hub name (needs network). With ``data_files`` it is just the task name.
         data_files: A local file, or ``{"train": path, "test": path}`` (``"validation"`` may be
             given too, then train is not split).
@@ -276,6 +276,8 @@ def load_task(
     Raises:
         DataError: For anything wrong with the input; the message says what to change.
     """
+    if isinstance(task, TaskOptions):
+        return load_task(**dataclasses.asdict(task))
     task = os.fspath(task)
     for param, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0 < value < 1:
@@ -302,6 +304,16 @@ def load_task(
     logger.info("task %s (%s): %d train, %d valid, %d test examples", spec.name, spec.source,
                 len(train_ds), len(valid_ds), len(test_ds))
     return TaskData(spec, train_ds, valid_ds, test_ds)
+
+
+def task_name(options: TaskOptions) -> str:
+    """The name `load_task(options)` gives its task (its TaskSpec.name), without loading it."""
+    task = os.fspath(options.task)
+    if options.data_files is None and task in TASKS:
+        return TASKS[task].name
+    if options.data_files is None and _looks_like_file(task):
+        return Path(task).name.split(".")[0]
+    return task
 
 
 def _load_frames(task: str, data_files: str | dict[str, str] | None,

@@ -30,15 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from nas_prune.errors import ProfileError
+from nas_prune.options import ProfileOptions
+
 log = logging.getLogger(__name__)
 
 CPU = "cpu"
 CUSTOM_PREFIX = "hardware:"
 ACCELERATOR_PREFIX = "accelerator_type:"
-
-
-class ProfileError(ValueError):
-    """Profiling cannot run as asked (unknown hardware type, bad shape)."""
 
 
 @dataclass(frozen=True)
@@ -130,38 +129,15 @@ def time_callable(fn, device: torch.device, warmup: int = 3, repeats: int = 10) 
     return _summarise(samples)
 
 
-@dataclass(frozen=True)
-class ProfileSettings:
-    """How latency is measured."""
-
-    batch_size: int = 1
-    seq_len: int = 128
-    dtype: str = "auto"
-    """"auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16"."""
-    warmup: int = 3
-    repeats: int = 10
-    threads: int = 1
-    """CPU threads per measurement (pinned with torch.set_num_threads)."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "repeats", "threads"):
-            if getattr(self, name) < 1:
-                raise ProfileError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ProfileError(f"warmup must be >= 0, got {self.warmup}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ProfileError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
-
-
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Profiler:
     """Times sub-networks of one supernet on this process's device (the body of the actor)."""
 
-    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileSettings):
+    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions):
+        from nas_prune.checkpoint import load_checkpoint
         from nas_prune.space import make_space
-        from nas_prune.train import load_checkpoint
 
         self.settings = settings
         self.hardware = hardware
@@ -301,7 +277,7 @@ def _actor_class():
     return ray.remote(Profiler)
 
 
-def start_pool(checkpoint: str, space: str, hardware: Hardware, settings: ProfileSettings,
+def start_pool(checkpoint: str, space: str, hardware: Hardware, settings: ProfileOptions,
                size: int = 1, name: str | None = None):
     """`size` profiler actors pinned to `hardware` (one, named `name`, when a name is given,
     so that trials can find it with `ray.get_actor`)."""
@@ -318,22 +294,22 @@ def profile_configs(
     checkpoint: str | os.PathLike,
     space: str,
     configs: Sequence[Mapping[str, int]],
-    hardware: Sequence[str] | None = None,
-    settings: ProfileSettings | None = None,
+    settings: ProfileOptions | None = None,
     store=None,
     actors_per_type: int = 1,
     trial_ids: Sequence[str | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every config on every requested hardware type (default: all in the cluster).
-    Measurements already in `store` (a ResultStore) are reused, new ones appended to it."""
+    """Measure every config on every hardware type of `settings.hardware` (default: all in the
+    cluster). Measurements already in `store` (a ResultStore) are reused, new ones appended
+    to it."""
     import ray
 
     from nas_prune.results import config_hash
 
-    settings = settings or ProfileSettings()
+    settings = settings or ProfileOptions()
     if not ray.is_initialized():
         ray.init()
-    types = resolve_hardware(hardware, discover_hardware())
+    types = resolve_hardware(settings.hardware, discover_hardware())
     trial_ids = list(trial_ids) if trial_ids is not None else [None] * len(configs)
     rows: list[dict[str, Any]] = []
     for hw in types:
@@ -369,13 +345,13 @@ def profile_configs(
 
 def measure_tables(checkpoint: str | os.PathLike, space: str,
                    hardware: Sequence[str] | None = None,
-                   settings: ProfileSettings | None = None) -> dict[str, LatencyTable]:
+                   settings: ProfileOptions | None = None) -> dict[str, LatencyTable]:
     """A LatencyTable per hardware type, each measured by an actor on that type."""
     import ray
 
-    from nas_prune.train import load_checkpoint
+    from nas_prune.checkpoint import load_checkpoint
 
-    settings = settings or ProfileSettings()
+    settings = settings or ProfileOptions()
     if not ray.is_initialized():
         ray.init()
     config = load_checkpoint(checkpoint)[0].config
@@ -389,7 +365,7 @@ def measure_tables(checkpoint: str | os.PathLike, space: str,
     return tables
 
 
-def _dtype_for(hw: Hardware, settings: ProfileSettings) -> str:
+def _dtype_for(hw: Hardware, settings: ProfileOptions) -> str:
     if settings.dtype != "auto":
         return settings.dtype
     return "bf16" if hw.gpu else "fp32"

@@ -58,6 +58,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from nas_prune.errors import ResultsError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -73,10 +75,6 @@ __all__ = [
     "load",
     "pareto_rows",
 ]
-
-
-class ResultsError(ValueError):
-    """A row that does not fit the schema, or a bad store path/name; the message says what."""
 
 
 CFG_PREFIX = "cfg_"

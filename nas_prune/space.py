@@ -28,13 +28,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from nas_prune import registry
+from nas_prune.errors import SearchSpaceError
 from nas_prune.supernet import IllegalSubNetworkError, SubNetwork
 
 Config = dict[str, int]
-
-
-class SearchSpaceError(ValueError):
-    """A search space that cannot be built (bounds empty, inverted or outside the model)."""
 
 
 @dataclass(frozen=True)
@@ -281,18 +279,8 @@ class LargeSpace(SearchSpace):
         return config
 
 
-SPACES: dict[str, type[SearchSpace]] = {
-    cls.name: cls for cls in (SmallSpace, MediumSpace, LayerSpace, LargeSpace)
-}
-"""Search spaces by name; the CLI's choices come from here."""
-
-
 def make_space(name: str, model_config: Any, bounds=None) -> SearchSpace:
-    """The search space `name` for a supernet with config `model_config`."""
-    try:
-        cls = SPACES[name]
-    except KeyError:
-        raise SearchSpaceError(
-            f"unknown search space {name!r}; choose one of {', '.join(SPACES)}"
-        ) from None
+    """The search space `name` (nas_prune.registry.SPACES) for a supernet with config
+    `model_config`."""
+    cls = registry.load(registry.SPACES, name, "search space", SearchSpaceError)
     return cls.for_model(model_config, bounds)

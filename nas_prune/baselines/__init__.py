@@ -47,10 +47,6 @@ ROW_KEYS = (
 """Keys every row returned by a method's ``run`` has (see nas_prune.results)."""
 
 
-class BaselineError(ValueError):
-    """A baseline cannot run as asked (unknown method, bad option, teacher mismatch)."""
-
-
 def get(name: str) -> ModuleType:
     """The module of baseline `name`, imported now.
 

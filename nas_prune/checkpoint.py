@@ -1,0 +1,121 @@
+"""Checkpoint directories: save, load, and say what a directory holds.
+
+A checkpoint directory holds the model in ``save_pretrained`` form, the tokenizer,
+``nas_prune.json`` (kind -- ``teacher`` or ``supernet`` --, model, task, space, strategy,
+options, steps done, finished) and, while training runs, DeepSpeed's optimizer / scheduler / RNG
+state under ``deepspeed/`` for resuming. Every stage that reads a checkpoint checks its kind and
+task here first, so a wrong directory is one clear error before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nas_prune.errors import CheckpointError
+
+META = "nas_prune.json"
+"""nas_prune's metadata file inside a checkpoint directory."""
+
+DEEPSPEED_DIR = "deepspeed"
+"""DeepSpeed's resumable state inside a checkpoint directory."""
+
+
+def save_checkpoint(out_dir: str | os.PathLike, model: Any, tokenizer: Any,
+                    meta: dict[str, Any]) -> Path:
+    """Write model weights, tokenizer and metadata to `out_dir` (replaced atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+    return out
+
+
+def write_meta(out_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Replace the metadata of the checkpoint in `out_dir`."""
+    path = Path(out_dir) / META
+    tmp = path.with_name(f".{META}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `nas_prune.json` of a checkpoint directory ({} for a plain Hugging Face model)."""
+    meta = Path(path) / META
+    if not meta.exists():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta} is corrupt ({e}); re-create the checkpoint") from None
+
+
+def is_finished(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a checkpoint whose training ran to the end."""
+    return Path(path).is_dir() and bool(read_meta(path).get("finished"))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """Load a nas_prune checkpoint directory: (model in eval mode, metadata)."""
+    from nas_prune.supernet import load_pretrained
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+    meta = read_meta(path)
+    try:
+        model = load_pretrained(str(path), num_labels=meta.get("num_labels", 2))
+    except Exception as e:  # safetensors, torch and transformers each raise their own types
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+    return model.eval(), meta
+
+
+def check_teacher(meta: dict[str, Any], num_labels: int, task: Any,
+                  path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless the checkpoint at `path` (metadata `meta`, a head of
+    `num_labels` outputs) is a model fine-tuned for `task` (a TaskData)."""
+    if meta.get("kind") not in ("teacher", "supernet"):
+        raise CheckpointError(
+            f"{path} is not a fine-tuned nas_prune model (no teacher metadata); fine-tune it "
+            "first with `nas-prune finetune`"
+        )
+    if meta.get("task") != task.spec.name:
+        raise CheckpointError(
+            f"{path} was fine-tuned for task {meta.get('task')!r}, not {task.spec.name!r}"
+        )
+    if num_labels != task.spec.num_labels:
+        raise CheckpointError(
+            f"{path} predicts {num_labels} labels but task {task.spec.name!r} has "
+            f"{task.spec.num_labels}"
+        )
+
+
+def check_supernet(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the trained supernet at `path`; CheckpointError for anything else (no
+    checkpoint, an exported sub-network, a teacher or pre-trained model, an unfinished run)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a supernet checkpoint (no config.json); train "
+                              "one with `nas-prune supernet`")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("layer_heads") is not None:
+        raise CheckpointError(f"{path} is an exported sub-network, not a supernet")
+    meta = read_meta(path)
+    if meta.get("kind") != "supernet":
+        what = {"teacher": "a fine-tuned teacher"}.get(meta.get("kind"), "not a nas_prune model")
+        raise CheckpointError(f"{path} is {what}, not a trained supernet; train one with "
+                              "`nas-prune supernet`")
+    if not meta.get("finished"):
+        raise CheckpointError(f"{path} holds an unfinished supernet run; re-run "
+                              "`nas-prune supernet` with the same options to finish it")
+    return meta

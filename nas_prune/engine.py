@@ -1,0 +1,174 @@
+"""The one place a DeepSpeed engine is set up (DESIGN.md decision 3).
+
+`make_engine` is what fine-tuning, supernet training, PINS and GRAIN all call: it initialises
+torch.distributed once per process (in-process world size 1 with gloo on CPU, or the group a
+launcher / Ray Train set up), builds the DeepSpeed config from `TrainOptions` (fp32 and a torch
+AdamW on CPU, bf16 and the configured ZeRO stage on GPUs, the user's overrides merged in and
+checked for contradictions) and returns the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from nas_prune.errors import TrainingError
+from nas_prune.options import TrainOptions
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed for DeepSpeed once per process: in-process world size 1
+    (gloo on CPU) unless a launcher or Ray Train already set up a process group."""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
+    )
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def deepspeed_config(
+    opts: TrainOptions, passes_per_step: int, total_steps: int, world_size: int, use_gpu: bool
+) -> dict[str, Any]:
+    """The DeepSpeed config for these options, with the user's overrides merged in and checked
+    for contradictions (DeepSpeed's own errors on those are cryptic)."""
+    bf16 = opts.precision == "bf16" or (opts.precision == "auto" and use_gpu)
+    gas = opts.gradient_accumulation * passes_per_step
+    config = {
+        "train_micro_batch_size_per_gpu": opts.batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": opts.lr, "weight_decay": opts.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": opts.lr,
+                "warmup_num_steps": max(1, int(opts.warmup_ratio * total_steps)),
+                "total_num_steps": max(2, total_steps),
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": {"stage": opts.zero_stage},
+        "bf16": {"enabled": bf16},
+    }
+    config = _merge(config, opts.deepspeed)
+    micro = config["train_micro_batch_size_per_gpu"]
+    gas = config["gradient_accumulation_steps"]
+    if gas % passes_per_step:
+        raise TrainingError(
+            f"DeepSpeed gradient_accumulation_steps={gas} must be a multiple of the strategy's "
+            f"{passes_per_step} passes per step; set the gradient_accumulation option instead"
+        )
+    if "train_batch_size" in config and config["train_batch_size"] != micro * gas * world_size:
+        raise TrainingError(
+            f"DeepSpeed config contradicts itself: train_batch_size={config['train_batch_size']} "
+            f"but micro batch {micro} x accumulation {gas} x {world_size} workers = "
+            f"{micro * gas * world_size}; drop train_batch_size or make them agree"
+        )
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise TrainingError("DeepSpeed config enables both fp16 and bf16; choose one")
+    if not use_gpu and (config.get("fp16", {}).get("enabled") or config["bf16"].get("enabled")):
+        raise TrainingError("fp16/bf16 training needs a GPU; on CPU use precision='fp32'")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise TrainingError(f"DeepSpeed zero_optimization.stage must be 0-3, got {stage}")
+    if not use_gpu:
+        config["optimizer"].setdefault("params", {})["torch_adam"] = True
+    return config
+
+
+def zero_stage(config: Mapping[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _register_sliced_parameters(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters when that module is called; our attention and FFN
+    blocks read their child Linear weights directly (to slice them), so register those as
+    the block's external parameters."""
+    import deepspeed
+
+    for layer in getattr(model, "layers", ()):
+        for block in (layer.attention, layer.ffn):
+            if block is None:
+                continue
+            for child in block.children():
+                if isinstance(child, torch.nn.Linear):
+                    for p in child.parameters():
+                        deepspeed.zero.register_external_parameter(block, p)
+
+
+@contextlib.contextmanager
+def quiet_deepspeed() -> Iterator[None]:
+    """DeepSpeed's INFO logs (config dumps, op builds) off for the duration."""
+    logger = logging.getLogger("DeepSpeed")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def make_engine(model: torch.nn.Module, opts: TrainOptions, total_steps: int,
+                passes_per_step: int = 1) -> tuple[Any, dict[str, Any]]:
+    """A DeepSpeed engine training `model`'s trainable parameters for `total_steps` optimizer
+    steps of `passes_per_step` micro-steps each (a strategy's passes are accumulated into one
+    update). Returns (engine, the DeepSpeed config it was built with)."""
+    import deepspeed
+
+    init_distributed()
+    world = torch.distributed.get_world_size()
+    config = deepspeed_config(opts, passes_per_step, total_steps, world,
+                              torch.cuda.is_available())
+    if zero_stage(config) == 3:
+        _register_sliced_parameters(model)
+    with quiet_deepspeed():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=config,
+        )
+    if world == 1 and not zero_stage(config):
+        engine.enable_backward_allreduce = False  # reducing over one rank only copies gradients
+    return engine, config

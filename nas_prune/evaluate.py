@@ -1,0 +1,94 @@
+"""Scoring a model on a split: the one scorer that training, search, the pipeline's dense row
+and the baselines share.
+
+`validation_subset` fixes which validation examples a search scores (a seeded shuffle, then a
+prefix), so the dense model's row and every trial's row are scored on the same examples.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas_prune import data as data_lib
+from nas_prune.errors import NasPruneError
+
+
+def validation_subset(split: Any, seed: int, examples: int | None = None) -> Any:
+    """The first `examples` (all if None) of `split` (a datasets.Dataset) after a shuffle
+    seeded with `seed`: the examples a search scores its sub-networks on."""
+    split = split.shuffle(seed=seed)
+    if examples is not None:
+        split = split.select(range(min(examples, len(split))))
+    return split
+
+
+@torch.no_grad()
+def evaluate(model: Any, loader: Any, spec: data_lib.TaskSpec, sub: Any = None,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Metric, error and mean loss of `model` (with sub-network `sub` selected, if given) on
+    the batches of `loader`; the model's mode and sub-network are restored afterwards."""
+    was_training = model.training
+    model.eval()
+    previous = model.sub_network
+    if sub is not None:
+        model.set_sub_network(sub)
+    device = next(model.parameters()).device
+    logits, labels, loss_sum, n = [], [], 0.0, 0
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+            loss_sum += float(out.loss) * len(batch["labels"])
+            n += len(batch["labels"])
+    finally:
+        if previous is None:
+            model.reset_super_network()
+        else:
+            model.set_sub_network(previous)
+        model.train(was_training)
+    if n == 0:
+        raise NasPruneError("evaluation loader yielded no examples")
+    metric = data_lib.compute_metric(spec, torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    return {
+        "metric": metric,
+        "error": data_lib.error_from_metric(metric),
+        "loss": loss_sum / n,
+        "examples": n,
+    }
+
+
+def dense_evaluation(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
+                     seed: int = 0, valid_examples: int | None = None,
+                     flops_seq_len: int = 128, batch_size: int = 64) -> dict[str, Any]:
+    """The evaluation row (method ``dense``) of the fine-tuned teacher at `teacher_dir` on the
+    tokenised `task`'s validation subset (`validation_subset(valid, seed, valid_examples)`,
+    the examples a search with that validation seed scores)."""
+    from nas_prune.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(teacher_dir)
+    valid = validation_subset(task.valid, seed, valid_examples)
+    t0 = time.perf_counter()
+    scores = evaluate(model, data_lib.make_loader(valid, tokenizer, batch_size), task.spec)
+    full = model.full_sub_network
+    config = {"num_layers": model.config.num_hidden_layers,
+              "num_heads": model.config.num_attention_heads,
+              "num_units": model.config.intermediate_size}
+    return {
+        "method": "dense", "task": task.spec.name,
+        "model": meta.get("base_model", "") or str(Path(teacher_dir)),
+        "seed": seed, "trial_id": "dense", "config": config,
+        "fidelity": float(scores["examples"]), "fidelity_unit": "examples",
+        "error": scores["error"], "metric_name": task.spec.metric,
+        "metric_value": scores["metric"], "params": model.num_params(full),
+        "params_ratio": 1.0, "flops": model.flops(full, flops_seq_len),
+        "wall_time_s": 0.0, "eval_time_s": time.perf_counter() - t0, "status": "ok",
+    }

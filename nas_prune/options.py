@@ -1,0 +1,382 @@
+"""Every option a user can set, one dataclass per concern, validated in ``__post_init__``.
+
+The field docstrings are the CLI help (``nas-prune <stage> --help``), the field names are the YAML
+keys (``--config``), and every choice is checked against :mod:`nas_prune.registry`. This module
+imports neither torch nor Ray, so bad options fail in a fraction of a second, before any model,
+data or cluster is touched.
+
+===================  =========================================  ================================
+dataclass            section (CLI prefix / YAML key)            used by
+===================  =========================================  ================================
+`TaskOptions`        ``data``                                   ``nas_prune.data.load_task``
+`FinetuneOptions`    ``finetune``                               ``nas_prune.train.finetune``
+`SupernetOptions`    ``supernet``                               ``nas_prune.train.train_supernet``
+`SearchOptions`      ``search``                                 ``nas_prune.search.driver``
+`ProfileOptions`     ``profile``                                ``nas_prune.profile`` (and the
+                                                                latency objectives, baselines)
+`PipelineOptions`    all of the above + model, workers, ...     ``nas_prune.pipeline``
+===================  =========================================  ================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from nas_prune import registry
+from nas_prune.errors import OptionsError, ProfileError, SearchError, TrainingError
+
+
+def _at_least(opts: Any, minimum: float, names: tuple[str, ...], error: type[Exception]) -> None:
+    for name in names:
+        value = getattr(opts, name)
+        if value is not None and value < minimum:
+            raise error(f"{name} must be >= {minimum:g}, got {value}")
+
+
+# --------------------------------------------------------------------------------- data
+@dataclass
+class TaskOptions:
+    """Which data to prune for (the keyword arguments of nas_prune.data.load_task)."""
+
+    task: str = "rotten_tomatoes"
+    """A built-in task, a GLUE task name, a datasets hub name, or a CSV/JSON/Parquet file."""
+    data_files: dict[str, str] | None = None
+    """Explicit {"train": path, "test": path} files."""
+    text_column: str = "text"
+    """Text column of local files / other hub datasets."""
+    text_pair_column: str | None = None
+    """Second text column of pair tasks, if any."""
+    label_column: str = "label"
+    """Label column (strings, ints and bools: classification; fractional floats: regression)."""
+    metric: str | None = None
+    """accuracy, f1, matthews or spearman (default: the task's)."""
+    max_examples: int | None = None
+    """Cap on each split's size (quick runs)."""
+    seed: int = 0
+    """Seed of the train/valid/test split and of the max_examples subsets."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, ("max_examples",), OptionsError)
+
+
+# --------------------------------------------------------------------------------- training
+@dataclass
+class TrainOptions:
+    """How to train: what fine-tuning and supernet training share."""
+
+    strategy: ClassVar[str] = "standard"
+    """The training strategy (a nas_prune.registry.STRATEGIES name); fixed per subclass."""
+    space: ClassVar[str | None] = None
+    num_random: ClassVar[int | None] = None
+    temperature: ClassVar[float] = 1.0
+    rewire: ClassVar[bool] = False
+
+    epochs: float = 3.0
+    """Passes over the training split (fractions allowed); `max_steps` overrides."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+    batch_size: int = 32
+    """Examples per worker per micro-batch."""
+    gradient_accumulation: int = 1
+    """Batches per optimizer step (each with all of the strategy's passes)."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear learning-rate warm-up, then linear decay to 0."""
+    max_length: int = 128
+    """Tokens per example after truncation (batches are padded to their longest example)."""
+    seed: int = 0
+    """Seed of data order, dropout and sub-network sampling."""
+    log_every: int = 10
+    """Log progress every this many steps."""
+    checkpoint_every: int | None = None
+    """Save a resumable checkpoint every this many steps (None: only at the end)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Overrides merged into the generated DeepSpeed config (optimizer, scheduler, ZeRO, ...)."""
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every"})
+    """Options that may change when an interrupted run resumes."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, ("batch_size", "gradient_accumulation", "log_every", "max_steps",
+                            "checkpoint_every"), TrainingError)
+        if self.epochs <= 0 and self.max_steps is None:
+            raise TrainingError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TrainingError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_length < 2:
+            raise TrainingError(f"max_length must be >= 2 tokens, got {self.max_length}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise TrainingError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainingError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not isinstance(self.deepspeed, dict):
+            raise TrainingError("deepspeed must be a mapping of DeepSpeed config keys, got "
+                                f"{self.deepspeed!r}")
+
+
+@dataclass
+class FinetuneOptions(TrainOptions):
+    """How to fine-tune the dense teacher (the `standard` strategy on the full network)."""
+
+    pooling: str = "auto"
+    """What the new classification head reads, "cls" (first token), "mean" (mean of the
+    tokens; depth-reduced sub-networks of mean-pooled sentence encoders such as MiniLM keep
+    their accuracy only so) or "auto" (a new head gets the checkpoint's own pooling, mean for a
+    mean-pooling sentence-transformers model; a trained classifier keeps cls)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        registry.check(("auto", *registry.POOLINGS), self.pooling, "pooling", TrainingError)
+
+
+@dataclass
+class SupernetOptions(TrainOptions):
+    """How to train the weight-sharing supernet from the fine-tuned teacher."""
+
+    strategy: str = "full"
+    """One of nas_prune.registry.STRATEGIES: standard, random, random_linear, sandwich, kd, full."""
+    space: str = "small"
+    """Search space random sub-networks are drawn from."""
+    num_random: int | None = None
+    """Random sub-networks per step (None: the strategy's default, 1 or 2)."""
+    temperature: float = 1.0
+    """Distillation temperature T for `kd` and `full`."""
+    rewire: bool = True
+    """Sort heads and neurons by importance before supernet training (DynaBERT)."""
+    rewire_batches: int = 8
+    """Training batches used to measure importance for rewiring."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        registry.check(registry.STRATEGIES, self.strategy, "strategy", TrainingError)
+        registry.check(registry.SPACES, self.space, "space", TrainingError)
+        _at_least(self, 1, ("rewire_batches",), TrainingError)
+        if self.num_random is not None and self.num_random < 1:
+            raise TrainingError(f"{self.strategy}: num_random must be >= 1, got "
+                                f"{self.num_random}")
+        if self.temperature <= 0:
+            raise TrainingError(f"temperature must be > 0, got {self.temperature}")
+
+
+# --------------------------------------------------------------------------------- latency
+@dataclass
+class ProfileOptions:
+    """How latency is measured: the profiler actors, the latency objectives of a search and the
+    baselines' saved models all use these settings."""
+
+    hardware: list[str] | None = None
+    """Hardware types to measure on (default: every type in the Ray cluster)."""
+    batch_size: int = 1
+    """Sequences per timed forward pass."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    dtype: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16"."""
+    warmup: int = 3
+    """Untimed runs before timing."""
+    repeats: int = 10
+    """Timed runs; the median is the latency."""
+    threads: int = 1
+    """CPU threads per measurement (pinned with torch.set_num_threads)."""
+    enabled: bool = True
+    """Pipeline: measure the Pareto set's latency after the search (false skips the stage)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, ("batch_size", "seq_len", "repeats", "threads"), ProfileError)
+        _at_least(self, 0, ("warmup",), ProfileError)
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ProfileError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+
+
+# --------------------------------------------------------------------------------- search
+STATIC_OBJECTIVES = {
+    "error": "validation error (1 - metric)",
+    "params": "parameters of the sub-network (embeddings and head included)",
+    "params_ratio": "parameters relative to the full model",
+    "flops": "floating-point operations for one sequence of `flops_seq_len` tokens",
+}
+"""Objectives every trial reports. `latency:<hardware>` objectives come from nas_prune.profile."""
+
+
+def check_objectives(objectives: list[str], error: type[Exception] = SearchError) -> None:
+    """Raise `error` unless every name is a static objective or ``latency:<hardware>``."""
+    if not objectives:
+        raise error("give at least one objective")
+    for name in objectives:
+        if name not in STATIC_OBJECTIVES and not (name.startswith("latency:") and name[8:]):
+            raise error(f"unknown objective {name!r}; choose from "
+                        f"{', '.join(STATIC_OBJECTIVES)} or latency:<hardware>")
+    if len(set(objectives)) != len(objectives):
+        raise error(f"objectives repeat: {objectives}")
+
+
+@dataclass
+class SearchOptions:
+    """How to search."""
+
+    searcher: str = "random"
+    """One of nas_prune.registry.SEARCHERS: random, local, morea, nsga2."""
+    scheduler: str = "fifo"
+    """fifo (every trial runs to the end) or moasha (multi-objective early stopping)."""
+    objectives: list[str] = field(default_factory=lambda: ["error", "params_ratio"])
+    """Minimised objectives: error, params, params_ratio, flops, latency:<hardware>."""
+    space: str | None = None
+    """Search space (default: the one the supernet was trained with)."""
+    num_samples: int = 100
+    """Trials (sub-network configs) to evaluate."""
+    seed: int = 0
+    """Seed of the searcher (and of the validation order unless `valid_seed` is given)."""
+    valid_seed: int | None = None
+    """Seed of the validation order, hence of the `valid_examples` subset and the MO-ASHA
+    prefixes (default: `seed`). Fix it to compare searcher seeds on the same examples."""
+    num_workers: int | None = None
+    """Trials at a time (default: one per CPU of the Ray cluster)."""
+    mode: str = "weight_sharing"
+    """weight_sharing (score through the supernet) or standard (fine-tune each sub-network)."""
+    max_t: int = 1
+    """Fidelity steps of a full evaluation: validation chunks (weight sharing) or epochs."""
+    grace_period: int = 1
+    """MO-ASHA: fidelity steps every trial gets before it can be stopped."""
+    reduction_factor: float = 3.0
+    """MO-ASHA: keep the top 1/reduction_factor of the trials at each rung."""
+    valid_examples: int | None = None
+    """Validation examples a full evaluation scores (default: the whole validation split)."""
+    batch_size: int = 64
+    """Validation batch size of the scoring forward passes."""
+    flops_seq_len: int = 128
+    """Sequence length at which the FLOPs objective is counted."""
+    time_budget_s: float | None = None
+    """Stop starting trials after this many seconds."""
+    latency: str = "predicted"
+    """For latency:<hardware> objectives: "predicted" (lookup table measured once per hardware
+    type, Kwon et al.) or "measured" (each sub-network timed by the profiler actor there), with
+    the profile options' batch size and sequence length."""
+    train_batch_size: int = 32
+    """Standard NAS: batch size of each sub-network's fine-tuning."""
+    lr: float = 5e-5
+    """Standard NAS: learning rate."""
+
+    @property
+    def validation_seed(self) -> int:
+        """The seed of the validation order actually used."""
+        return self.seed if self.valid_seed is None else self.valid_seed
+
+    def experiment_name(self) -> str:
+        """The default results experiment of this search: nas-<searcher>-<scheduler>-seed<seed>."""
+        return f"nas-{self.searcher}-{self.scheduler}-seed{self.seed}"
+
+    def __post_init__(self) -> None:
+        registry.check(registry.SEARCHERS, self.searcher, "searcher", SearchError)
+        registry.check(registry.SCHEDULERS, self.scheduler, "scheduler", SearchError)
+        if self.scheduler == "moasha" and self.searcher not in registry.EARLY_STOPPING_OK:
+            raise SearchError(
+                f"searcher {self.searcher!r} cannot serve the moasha scheduler (it needs "
+                f"complete evaluations); use {', '.join(sorted(registry.EARLY_STOPPING_OK))} "
+                f"with moasha or scheduler fifo with {self.searcher}"
+            )
+        if self.space is not None:
+            registry.check(registry.SPACES, self.space, "space", SearchError)
+        if self.mode not in ("weight_sharing", "standard"):
+            raise SearchError(f"mode must be weight_sharing or standard, got {self.mode!r}")
+        check_objectives(self.objectives)
+        if self.latency not in ("predicted", "measured"):
+            raise SearchError(f"latency must be predicted or measured, got {self.latency!r}")
+        _at_least(self, 1, ("num_samples", "max_t", "grace_period", "batch_size",
+                            "flops_seq_len", "num_workers", "valid_examples",
+                            "train_batch_size"), SearchError)
+        if self.scheduler == "moasha" and self.max_t < 2:
+            raise SearchError("moasha needs max_t >= 2 fidelity steps to stop anything early")
+        if self.grace_period > self.max_t:
+            raise SearchError(f"grace_period {self.grace_period} exceeds max_t {self.max_t}")
+        if self.reduction_factor <= 1:
+            raise SearchError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+
+
+# --------------------------------------------------------------------------------- pipeline
+@dataclass
+class PipelineOptions:
+    """Everything `nas-prune run` does, by stage; each `nas-prune <stage>` reads its sections."""
+
+    model: str | None = None
+    """Pre-trained BERT/RoBERTa (hub name or directory); default: the offline MiniLM."""
+    data: TaskOptions = field(default_factory=TaskOptions)
+    """The task (see `data` options)."""
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    """Fine-tuning of the dense teacher."""
+    supernet: SupernetOptions = field(default_factory=SupernetOptions)
+    """Supernet training."""
+    search: SearchOptions = field(default_factory=SearchOptions)
+    """The multi-objective search."""
+    profile: ProfileOptions = field(default_factory=ProfileOptions)
+    """Latency measurement (Pareto set, latency objectives, baselines)."""
+    workers: int = 1
+    """Ray Train workers for fine-tuning and supernet training (1: in this process)."""
+    experiment: str | None = None
+    """Results experiment of the search (default: nas-<searcher>-<scheduler>-seed<seed>)."""
+    baselines: list[str] = field(default_factory=list)
+    """Baseline methods to run after the search on the same teacher and data (pins, grain,
+    layer_drop); none by default."""
+    baseline_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of each baseline by method name, e.g. {pins: {sparsities: [0.5]}} (the names
+    of `nas-prune baseline <method> --help`)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, ("workers",), OptionsError)
+        for name in [*self.baselines, *self.baseline_options]:
+            registry.check(registry.BASELINES, name, "baseline", OptionsError)
+
+    @property
+    def search_experiment(self) -> str:
+        """The results experiment the search writes."""
+        return self.experiment or self.search.experiment_name()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "data": {"max_examples": 2500},
+        "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
+        "supernet": {"strategy": "full", "epochs": 1, "batch_size": 32, "lr": 1e-4,
+                     "max_length": 64},
+        "search": {"searcher": "local", "num_samples": 60, "valid_examples": 500,
+                   "batch_size": 100},
+        "profile": {"repeats": 5, "seq_len": 64},
+    },
+    "default": {
+        "finetune": {"epochs": 3, "batch_size": 32, "lr": 5e-5},
+        "supernet": {"strategy": "full", "epochs": 5, "batch_size": 32, "lr": 5e-5},
+        "search": {"searcher": "local", "num_samples": 500},
+    },
+}
+"""Named option sets for `nas-prune run --preset`. `quick` runs end to end in well under 15
+minutes on a 2-core CPU (smaller data, 1 supernet epoch, 60 trials); `default` is the
+paper-like setting (whole data, 5 supernet epochs, 500 trials)."""
+
+
+def replace(opts: Any, values: dict[str, Any]) -> Any:
+    """`opts` (a dataclass, e.g. PipelineOptions) with nested `values` merged in (a preset, a
+    YAML mapping), re-validated; unknown keys raise OptionsError naming them."""
+    known = {f.name for f in dataclasses.fields(opts)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OptionsError(f"unknown option(s) {', '.join(unknown)} in "
+                           f"{type(opts).__name__}; known: {', '.join(sorted(known))}")
+    updates = {}
+    for key, value in values.items():
+        current = getattr(opts, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = replace(current, value)
+        updates[key] = value
+    return dataclasses.replace(opts, **updates)

@@ -1,0 +1,347 @@
+"""The search driver: builds the Ray Tune experiment, records every result, resumes.
+
+`run_search` checks the supernet and the options before anything starts, sets up the latency
+objectives (lookup tables or profiler actors per hardware type), and runs a `Tuner` whose
+trials (nas_prune.search.worker) score one sub-network each. `ResultsCallback` writes every
+reported result to the Parquet results store (one file per finished trial) and logs progress;
+Tune's own CSV/JSON/TensorBoard loggers are off. A killed search resumes from Tune's
+experiment state: finished trials are not run again, and MO-ASHA's rungs are rebuilt from the
+rows already stored.
+
+Statuses of the stored rows: a trial's intermediate results (rungs, for MO-ASHA) are
+``rung``; its last result is ``ok`` when it reached full fidelity and ``stopped`` when the
+scheduler stopped it earlier; ``error`` marks a trial that failed. ``df.status == "ok"`` is
+therefore exactly the complete evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import tune
+
+from nas_prune import data as data_lib
+from nas_prune import registry
+from nas_prune import results as results_lib
+from nas_prune.checkpoint import check_supernet, check_teacher, read_meta
+from nas_prune.errors import CheckpointError, ProfileError, SearchError
+from nas_prune.options import ProfileOptions, SearchOptions, TaskOptions
+from nas_prune.search import pareto
+from nas_prune.search.worker import (
+    FIDELITY,
+    LATENCY_ROWS,
+    TrialSetup,
+    standard_trial,
+    weight_sharing_trial,
+)
+from nas_prune.space import make_space
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- results
+def _result_row(result: dict, trial_id: str, config: dict, ctx: dict[str, Any]) -> dict:
+    row = {
+        **ctx,
+        "trial_id": trial_id,
+        "config": {k: int(v) for k, v in config.items()},
+        "fidelity": float(result.get(FIDELITY, 0)),
+        "error": float(result["error"]),
+        "metric_value": float(result["metric"]),
+        "metric_name": result.get("metric_name", ""),
+        "params": int(result["params"]),
+        "params_ratio": float(result["params_ratio"]),
+        "flops": int(result["flops"]),
+        "eval_time_s": float(result.get("eval_time_s", 0.0)),
+        "wall_time_s": time.time() - ctx["_started"],
+        "status": "rung",
+    }
+    latency = [k for k in result if k.startswith("latency:")]
+    if latency:
+        row["hardware"] = latency[0].split(":", 1)[1]
+        row["latency_ms"] = float(result[latency[0]])
+    row.pop("_started")
+    return row
+
+
+class ResultsCallback(tune.Callback):
+    """Appends every reported result to the Parquet store (one file per finished trial)
+    and logs progress: trials done / to go, the current Pareto front and an ETA."""
+
+    def __init__(self, store: results_lib.ResultStore, ctx: dict, objectives: Sequence[str],
+                 num_samples: int, max_fidelity: float):
+        self.store, self.ctx = store, ctx
+        self.objectives, self.num_samples = list(objectives), num_samples
+        self.max_fidelity = max_fidelity
+        self.pending: dict[str, list[dict]] = {}
+        self.recorded: set[str] = set()
+        self.done = 0
+        self.front: list[np.ndarray] = []
+        self.started = time.perf_counter()
+
+    def setup(self, **info):
+        """Called at the start of every fit, a resumed one too: trials the store already
+        holds (finished before an interruption) are not recorded twice."""
+        self.recorded = self.store.finished_trials()
+        self.done = len(self.recorded)
+        self.pending = {}
+        self.started = time.perf_counter()
+        self._done_at_start = self.done
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id in self.recorded:
+            return
+        if result.get(LATENCY_ROWS):
+            self.store.append_latency([{**m, "trial_id": trial.trial_id, "method": "search"}
+                                       for m in result[LATENCY_ROWS]])
+        row = _result_row(result, trial.trial_id, trial.config, self.ctx)
+        self.pending.setdefault(trial.trial_id, []).append(row)
+
+    def _flush(self, trial, status: str | None = None, message: str | None = None):
+        """Write the trial's buffered rows: the last one is ``ok`` at full fidelity, else
+        ``stopped`` (or `status`); earlier ones stay ``rung``."""
+        rows = self.pending.pop(trial.trial_id, [])
+        if rows:
+            last = rows[-1]
+            last["status"] = status or ("ok" if last["fidelity"] >= self.max_fidelity
+                                        else "stopped")
+            last["message"] = message
+            self.store.append_evaluations(rows)
+        return rows
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        rows = self._flush(trial)
+        self.done += 1
+        if rows and rows[-1]["status"] == "ok":
+            self.front.append(np.array([rows[-1][k] for k in self.objectives], float))
+        front = int(pareto.pareto_mask(np.array(self.front)).sum()) if self.front else 0
+        new = self.done - self._done_at_start
+        rate = new / max(1e-9, time.perf_counter() - self.started)
+        eta = (self.num_samples - self.done) / rate if rate > 0 else float("nan")
+        log.info("trials %d/%d done, Pareto front %d (%s), ETA %.0f s", self.done,
+                 self.num_samples, front, ", ".join(self.objectives), max(0.0, eta))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if not self.pending.get(trial.trial_id):
+            return  # failed before reporting anything: nothing to record
+        self._flush(trial, "error", str(getattr(trial, "error_file", "") or "trial failed"))
+        self.done += 1
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            self._flush(trial)
+
+
+# --------------------------------------------------------------------------- checks
+def check_checkpoint(checkpoint: str | os.PathLike, opts: SearchOptions,
+                     task: data_lib.TaskData) -> tuple[dict[str, Any], str, int]:
+    """(metadata, space name, max_length) of the checkpoint a search scores through: a trained
+    supernet (weight sharing) or a fine-tuned model (standard NAS) for `task`'s labels."""
+    path = Path(checkpoint)
+    if opts.mode == "weight_sharing":
+        meta = check_supernet(path)
+    else:
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+        meta = read_meta(path)
+    check_teacher(meta, int(meta.get("num_labels", 0)), task, path)
+    trained = meta.get("space")
+    space = opts.space or trained or "small"
+    if trained and trained != space:
+        log.warning("supernet %s was trained on the %s space; searching the %s space", path,
+                    trained, space)
+    return meta, space, int(meta.get("options", {}).get("max_length", 128))
+
+
+def _max_fidelity(opts: SearchOptions, task: data_lib.TaskData) -> float:
+    """Fidelity of a complete evaluation: validation examples scored, or epochs."""
+    if opts.mode == "standard":
+        return float(opts.max_t)
+    n = len(task.valid)
+    return float(min(n, opts.valid_examples) if opts.valid_examples else n)
+
+
+# --------------------------------------------------------------------------- the search
+def run_search(
+    checkpoint: str | os.PathLike,
+    task: TaskOptions,
+    results_dir: str | os.PathLike,
+    experiment: str,
+    opts: SearchOptions,
+    *,
+    profile: ProfileOptions | None = None,
+    storage_path: str | os.PathLike | None = None,
+    space_bounds: dict[str, tuple[int, int]] | None = None,
+):
+    """Search sub-networks of the supernet (or, in standard mode, fine-tuned model) at
+    `checkpoint` on `task`, writing every result to the Parquet store at `results_dir` under
+    `experiment`. The space and the token length are the supernet's (unless `opts.space` names
+    another space); latency objectives are measured with the `profile` settings. If the
+    experiment's Tune state exists under `storage_path`, the search resumes: finished trials
+    are not re-run.
+
+    Returns:
+        The experiment's evaluations as a pandas DataFrame.
+    """
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # save the experiment state often enough that a killed search loses little
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's result grid looks for the per-trial JSON/CSV logs we switched off; our results
+    # are in the Parquet store, so its "failed to fetch metrics" warnings are noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+    profile = profile or ProfileOptions()
+    task_data = data_lib.load_task(task)
+    meta, space_name, max_length = check_checkpoint(checkpoint, opts, task_data)
+    from transformers import AutoConfig
+
+    space = make_space(space_name, AutoConfig.from_pretrained(str(checkpoint)), space_bounds)
+    if not ray.is_initialized():
+        ray.init()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    workers = opts.num_workers or max(1, int(cpus))
+    if workers > cpus:
+        raise SearchError(
+            f"{workers} concurrent trials need {workers} CPUs but the Ray cluster has {cpus:g}; "
+            "lower num_workers or add nodes"
+        )
+    max_fidelity = _max_fidelity(opts, task_data)
+    checkpoint = str(Path(checkpoint).resolve())
+    tables, actors, cpu_actors = _latency_objectives(opts, profile, checkpoint, space_name,
+                                                     experiment)
+    try:
+        # a CPU profiler actor holds a CPU for the whole search: leave it one
+        if cpu_actors and not opts.num_workers:
+            workers = max(1, workers - cpu_actors)
+        if workers + cpu_actors > cpus:
+            raise SearchError(
+                f"{workers} trials and {cpu_actors} CPU profiler actor(s) need more than the "
+                f"cluster's {cpus:g} CPUs; lower num_workers or use latency='predicted'"
+            )
+        setup = TrialSetup(checkpoint, task, opts, space_name, max_length, tables, actors)
+        return _fit(setup, space, meta, task_data, results_dir, experiment, workers,
+                    max_fidelity, storage_path)
+    finally:
+        _release_profilers()
+
+
+def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experiment: str,
+         workers: int, max_fidelity: float, storage_path):
+    opts = setup.search
+    fn = weight_sharing_trial if opts.mode == "weight_sharing" else standard_trial
+    trainable = tune.with_resources(tune.with_parameters(fn, setup=setup), {"cpu": 1})
+    storage = Path(storage_path or Path(results_dir).parent / "tune").resolve()
+    store = results_lib.ResultStore(results_dir, experiment)
+    ctx = {
+        "method": "nas", "searcher": opts.searcher, "scheduler": opts.scheduler,
+        "strategy": meta.get("strategy"), "space": setup.space, "task": task_data.spec.name,
+        "model": meta.get("base_model") or setup.checkpoint, "seed": opts.seed,
+        "fidelity_unit": "examples" if opts.mode == "weight_sharing" else "epochs",
+        "_started": time.time(),
+    }
+    callback = ResultsCallback(store, ctx, opts.objectives, opts.num_samples, max_fidelity)
+    exp_dir = storage / experiment
+    recorded = store.evaluations()
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log.info("resuming search %s from %s", experiment, exp_dir)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    else:
+        searcher = registry.load(registry.SEARCHERS, opts.searcher, "searcher", SearchError)(
+            space, opts.objectives, "min", opts.seed, fidelity_attr=FIDELITY,
+            max_fidelity=max_fidelity)
+        num_samples = opts.num_samples
+        if not recorded.empty:  # interrupted before Tune saved any state: keep what we have
+            finished = recorded["trial_id"].nunique()
+            num_samples = max(0, opts.num_samples - finished)
+            log.warning("no Tune state to resume in %s; %d trials of %s are already recorded, "
+                        "running the %d left", exp_dir, finished, experiment, num_samples)
+            _warm_start(searcher, recorded, opts.objectives)
+            if num_samples == 0:
+                return recorded
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=_scheduler(opts), num_samples=num_samples,
+                max_concurrent_trials=workers, reuse_actors=True,
+                time_budget_s=opts.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=str(storage), callbacks=[callback], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    grid = tuner.fit()
+    frame = store.evaluations()
+    if frame.empty and grid.errors:
+        raise SearchError(f"every trial failed; the first error: {grid.errors[0]}")
+    return frame
+
+
+def _scheduler(opts: SearchOptions):
+    """The trial scheduler of `opts` (None: Tune's FIFO)."""
+    if registry.SCHEDULERS[opts.scheduler] is None:
+        return None
+    cls = registry.load(registry.SCHEDULERS, opts.scheduler, "scheduler", SearchError)
+    return cls(opts.objectives, "min", time_attr="training_iteration",
+               grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
+               max_t=opts.max_t)
+
+
+def _latency_objectives(opts: SearchOptions, profile: ProfileOptions, checkpoint: str,
+                        space: str, experiment: str):
+    """Lookup tables (predicted) or named profiler actors (measured) for each latency
+    objective's hardware type, and how many of those actors hold a CPU; a type the cluster
+    lacks is an error before any trial."""
+    from nas_prune.profile import discover_hardware, measure_tables, resolve_hardware, start_pool
+
+    names = [o.split(":", 1)[1] for o in opts.objectives if o.startswith("latency:")]
+    if not names:
+        return {}, {}, 0
+    try:
+        hardware = resolve_hardware(names, discover_hardware())
+    except ProfileError as e:
+        raise SearchError(f"latency objective: {e}") from None
+    if opts.latency == "predicted":
+        tables = measure_tables(checkpoint, space, names, profile)
+        return {name: table.to_dict() for name, table in tables.items()}, {}, 0
+    actors = {}
+    for hw in hardware:
+        name = f"nas_prune_profiler_{experiment}_{hw.name}"
+        (actor,) = start_pool(checkpoint, space, hw, profile, name=name)
+        actors[hw.name] = name
+        _KEEP_ALIVE.append(actor)
+    return {}, actors, sum(not hw.gpu for hw in hardware)
+
+
+_KEEP_ALIVE: list[Any] = []
+"""Handles of the named profiler actors of the running search (they die with their handles)."""
+
+
+def _release_profilers() -> None:
+    """End the running search's profiler actors: each holds a CPU or GPU that the next search
+    in this process (or cluster) would otherwise wait for."""
+    for actor in _KEEP_ALIVE:
+        ray.kill(actor)
+    _KEEP_ALIVE.clear()
+
+
+def _warm_start(searcher, recorded, objectives: Sequence[str]) -> None:
+    """Feed complete recorded results to one of our searchers (Optuna's keeps its own)."""
+    from nas_prune.search.searchers import MultiObjectiveSearcher
+
+    if not isinstance(searcher, MultiObjectiveSearcher):
+        return
+    final = recorded[recorded["status"] == "ok"]
+    for _, row in final.iterrows():
+        searcher._observe(json.loads(row["config"]), np.array([row[k] for k in objectives],
+                                                              dtype=float))
