@@ -255,8 +255,9 @@ def load_task(
 
     Args:
         task: The task's options (nas_prune.options.TaskOptions, whose fields are the
-            keyword arguments below), or a :data:`TASKS` name, a path to a local CSV/TSV/JSON/JSONL/Parquet file, or another
-            ``datasets`` Hub name (needs network). With ``data_files`` it is just the task name.
+            keyword arguments below), or a :data:`TASKS` name, a path to a local
+            CSV/TSV/JSON/JSONL/Parquet file, or another ``datasets`` Hub name (needs network).
+            With ``data_files`` it is just the task name.
         data_files: A local file, or ``{"train": path, "test": path}`` (``"validation"`` may be
             given too, then train is not split).
         text_column: Text column of local files / other Hub datasets.

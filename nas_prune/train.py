@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from nas_prune.evaluate import evaluate
 from nas_prune.options import FinetuneOptions, SupernetOptions, TaskOptions, TrainOptions
 from nas_prune.space import make_space
 from nas_prune.strategies import StepContext, make_strategy
-from nas_prune.supernet import load_pretrained, rewire
+from nas_prune.supernet import EncoderForSequenceClassification, load_pretrained, rewire
 
 log = logging.getLogger(__name__)
 

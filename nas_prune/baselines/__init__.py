@@ -1,8 +1,8 @@
 """Published pruning methods run beside NAS, on the same teacher, data and results store.
 
-Each method is a module registered in :data:`METHODS` by name and imported only when used (a
-lazy registry, like Ray Tune's ``SEARCH_ALG_IMPORT``), so one method's dependencies never
-burden another. Every method module defines
+Each method is a module registered in :data:`nas_prune.registry.BASELINES` by name and imported
+only when used (a lazy registry, like Ray Tune's ``SEARCH_ALG_IMPORT``), so one method's
+dependencies never burden another. Every method module defines
 
 * ``Options``: a dataclass, one docstring under each field (the CLI help), validated in
   ``__post_init__``; a ``max_length`` field, if any, is the tokenisation length the caller uses;
@@ -22,7 +22,6 @@ structured intra-attention), ``layer_drop`` (keep the first k layers and fine-tu
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,14 +29,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-log = logging.getLogger(__name__)
+from nas_prune import registry
+from nas_prune.errors import BaselineError
 
-METHODS: dict[str, str] = {
-    "pins": "nas_prune.baselines.pins",
-    "grain": "nas_prune.baselines.grain",
-    "layer_drop": "nas_prune.baselines.layer_drop",
-}
-"""Baseline name -> module path; the CLI's choices come from here."""
+log = logging.getLogger(__name__)
 
 ROW_KEYS = (
     "method", "task", "model", "seed", "trial_id", "config", "fidelity", "fidelity_unit",
@@ -53,9 +48,7 @@ def get(name: str) -> ModuleType:
     Raises:
         BaselineError: `name` is not registered.
     """
-    if name not in METHODS:
-        raise BaselineError(f"unknown baseline {name!r}; choose one of {', '.join(METHODS)}")
-    return importlib.import_module(METHODS[name])
+    return registry.load(registry.BASELINES, name, "baseline", BaselineError)
 
 
 def make_options(name: str, values: Mapping[str, Any] | None = None) -> Any:
@@ -91,9 +84,10 @@ def measure_latency(model_dir: str | os.PathLike, settings: Any = None) -> dict[
     from transformers import AutoModelForSequenceClassification
 
     import nas_prune.supernet  # noqa: F401  registers our encoder with the Auto classes
-    from nas_prune.profile import ProfileSettings, time_callable
+    from nas_prune.options import ProfileOptions
+    from nas_prune.profile import time_callable
 
-    settings = settings or ProfileSettings()
+    settings = settings or ProfileOptions()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -140,14 +134,14 @@ def run_method(
     """Run baseline `method` and record its rows.
 
     Args:
-        method: a :data:`METHODS` name.
+        method: a :data:`nas_prune.registry.BASELINES` name.
         teacher_dir: fine-tuned teacher checkpoint (``nas-prune finetune``).
         task: the task, tokenised with the method's ``max_length``.
         tokenizer: saved with every produced model.
         out_dir: the method's model directory (one sub-directory per produced model).
         opts: the method's ``Options``.
         results_root: results store root (``<out>/results``).
-        latency: ProfileSettings for :func:`measure_latency` of rows without latency; None
+        latency: ProfileOptions for :func:`measure_latency` of rows without latency; None
             for the defaults.
         experiment: results experiment (default :func:`experiment_name`).
 

@@ -58,9 +58,13 @@ import torch
 from torch import nn
 
 from nas_prune import data as data_lib
-from nas_prune import train as train_lib
 from nas_prune.baselines.grain_model import GrainConfig, GrainForSequenceClassification, Masks
+from nas_prune.checkpoint import check_teacher, load_checkpoint
+from nas_prune.engine import init_distributed, make_engine
+from nas_prune.errors import BaselineError, NasPruneError
 from nas_prune.export import save_model_dir
+from nas_prune.options import TrainOptions
+from nas_prune.train import kd_loss
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ UNIT_KINDS = ("qk", "vo", "ffn")
 """GRAIN's unit types: query/key dims, value/output dims (per head) and FFN neurons."""
 
 
-class GrainError(ValueError):
+class GrainError(BaselineError):
     """GRAIN cannot run as asked (bad option, unsuitable teacher); the message says what to do."""
 
 
@@ -379,8 +383,8 @@ def distillation_step(engine: Any, teacher: GrainForSequenceClassification,
         logits, hidden = engine(**inputs)
 
     def logit_loss(student_logits: torch.Tensor) -> torch.Tensor:
-        return train_lib._kd_loss(student_logits.float(), target.logits.float(), batch["labels"],
-                                  opts.temperature)
+        return kd_loss(student_logits.float(), target.logits.float(), batch["labels"],
+                       opts.temperature)
 
     if pruner is not None:  # from the logits outside the engine's hooks, see Distiller
         pruner.update(pruner.importance(logit_loss(engine.module.logits), acts))
@@ -408,26 +412,20 @@ def prune_to(teacher: GrainForSequenceClassification, task: data_lib.TaskData, t
              opts: Options, target: float) -> tuple[GrainForSequenceClassification, Pruner, int]:
     """Distil and prune a copy of the dense `teacher` down to `target` of its prunable
     encoder weights; returns the physically pruned model, the pruner and the steps run."""
-    import deepspeed
-
-    train_lib.init_distributed()
+    init_distributed()
     if torch.distributed.get_world_size() != 1:
         raise GrainError("GRAIN runs on one worker; launch it without a multi-worker group")
     total = total_steps(task, opts)
-    train_opts = train_lib.TrainOptions(
-        strategy="standard", epochs=opts.epochs, max_steps=total, batch_size=opts.batch_size,
-        lr=opts.lr, weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
+    train_opts = TrainOptions(
+        epochs=opts.epochs, max_steps=total, batch_size=opts.batch_size, lr=opts.lr,
+        weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
         max_length=opts.max_length, seed=opts.seed, zero_stage=opts.zero_stage,
         precision=opts.precision,
     )
-    ds_config = train_lib.deepspeed_config(train_opts, 1, total, 1, torch.cuda.is_available())
     torch.manual_seed(opts.seed)
     distiller = Distiller(copy.deepcopy(teacher).requires_grad_(True)).train()
     pruner = Pruner(teacher.config, opts.ema_beta, opts.alpha)
-    with train_lib._quiet_deepspeed():
-        engine, _, _, _ = deepspeed.initialize(model=distiller,
-                                               model_parameters=list(distiller.parameters()),
-                                               config=ds_config)
+    engine, _ = make_engine(distiller, train_opts, total)
     student = engine.module.student
     dtype = next(student.parameters()).dtype
     teacher = teacher.to(engine.device, dtype).eval()
@@ -469,9 +467,9 @@ def load_teacher(teacher_dir: str | os.PathLike, task: data_lib.TaskData
                  ) -> tuple[GrainForSequenceClassification, dict[str, Any]]:
     """The fine-tuned teacher at `teacher_dir` as a dense GRAIN model, and its metadata."""
     try:
-        encoder, meta = train_lib.load_checkpoint(teacher_dir)
-        train_lib.check_teacher(meta, encoder.config, task, teacher_dir)
-    except train_lib.TrainingError as e:
+        encoder, meta = load_checkpoint(teacher_dir)
+        check_teacher(meta, encoder.config.num_labels, task, teacher_dir)
+    except NasPruneError as e:
         raise GrainError(str(e)) from e
     if encoder.config.layer_heads is not None or encoder.config.layer_units is not None:
         raise GrainError(f"{teacher_dir} holds a pruned sub-network; GRAIN starts from the "

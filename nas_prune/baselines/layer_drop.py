@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from nas_prune import data as data_lib
-from nas_prune.baselines import BaselineError
+from nas_prune.errors import BaselineError
+from nas_prune.options import FinetuneOptions
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,12 @@ class Options:
             raise BaselineError(str(e)) from None
 
     def train_options(self):
-        """The equivalent nas_prune.train.TrainOptions (strategy standard, no rewiring)."""
-        from nas_prune.train import TrainOptions
-
-        return TrainOptions(strategy="standard", rewire=False, epochs=self.epochs,
-                            max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
-                            weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
-                            max_length=self.max_length, seed=self.seed,
-                            log_every=self.log_every)
+        """The equivalent fine-tuning options."""
+        return FinetuneOptions(epochs=self.epochs, max_steps=self.max_steps,
+                               batch_size=self.batch_size, lr=self.lr,
+                               weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                               max_length=self.max_length, seed=self.seed,
+                               log_every=self.log_every)
 
 
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
@@ -80,16 +79,18 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     """Keep the first k layers of the teacher for each k in `opts.layers`, fine-tune, save a
     checkpoint (stock when the head reads [CLS]) to ``out_dir/layers-<k>/`` and return one
     evaluation row per model (validation split)."""
-    from nas_prune import train as train_lib
+    from nas_prune.checkpoint import check_teacher, load_checkpoint
+    from nas_prune.evaluate import evaluate
     from nas_prune.export import export_sub_network
     from nas_prune.supernet import SubNetwork
+    from nas_prune.train import train
 
     started = time.perf_counter()
     out = Path(out_dir)
     rows = []
     for k in opts.layers:
-        teacher, meta = train_lib.load_checkpoint(teacher_dir)
-        train_lib.check_teacher(meta, teacher.config, task, teacher_dir)
+        teacher, meta = load_checkpoint(teacher_dir)
+        check_teacher(meta, teacher.config.num_labels, task, teacher_dir)
         c = teacher.config
         if k > c.num_hidden_layers:
             raise BaselineError(f"cannot keep {k} layers: the teacher has "
@@ -105,11 +106,10 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         quick = dataclasses.replace(task, valid=task.valid.select(range(min(
             opts.batch_size, len(task.valid)))))
         log.info("layer dropping: keep %d of %d layers, fine-tune", k, c.num_hidden_layers)
-        with train_lib._quiet_deepspeed():
-            result = train_lib.train(small.train(), quick, tokenizer, work, opts.train_options(),
-                                     meta={"kind": "layer_drop", "task": task.spec.name})
+        result = train(small.train(), quick, tokenizer, work, opts.train_options(),
+                       meta={"kind": "layer_drop", "task": task.spec.name})
         t_eval = time.perf_counter()
-        scores = train_lib.evaluate(small, data_lib.make_loader(task.valid, tokenizer, 64),
+        scores = evaluate(small, data_lib.make_loader(task.valid, tokenizer, 64),
                                     task.spec)
         eval_time = time.perf_counter() - t_eval
         params, dense = teacher.num_params(sub), teacher.num_params()

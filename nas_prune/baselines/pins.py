@@ -53,7 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_prune import data as data_lib
-from nas_prune.baselines import BaselineError
+from nas_prune.checkpoint import check_teacher, load_checkpoint
+from nas_prune.engine import make_engine
+from nas_prune.errors import BaselineError
+from nas_prune.evaluate import evaluate
+from nas_prune.options import TrainOptions
+from nas_prune.train import batches, task_loss
 
 log = logging.getLogger(__name__)
 
@@ -338,13 +343,6 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
     DeepSpeed engine; `on_step(step, pruner, teacher)` is called after each optimizer step
     (masks applied, teacher updated). Returns facts of the run (steps, pruned count, teacher
     updates)."""
-    import deepspeed
-
-    from nas_prune import train as train_lib
-
-    train_lib.init_distributed()
-    use_gpu = torch.cuda.is_available()
-
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
                                     seed=opts.seed * 100_003 + epoch)
@@ -352,18 +350,13 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
     total = opts.max_steps or max(1, math.ceil(opts.epochs * len(epoch_loader(0))))
     warmup_steps = int(opts.initial_warmup * total)
     final_steps = int(opts.final_warmup * total)
-    train_opts = train_lib.TrainOptions(
-        strategy="standard", max_steps=total, batch_size=opts.batch_size, lr=opts.lr,
-        weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio, seed=opts.seed,
-        rewire=False, zero_stage=0, precision="fp32")
-    ds_config = train_lib.deepspeed_config(train_opts, 1, total, world_size=1, use_gpu=use_gpu)
+    train_opts = TrainOptions(max_steps=total, batch_size=opts.batch_size, lr=opts.lr,
+                              weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
+                              seed=opts.seed, zero_stage=0, precision="fp32")
     torch.manual_seed(opts.seed)
     model.reset_super_network()
     model.train()
-    with train_lib._quiet_deepspeed():
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config)
+    engine, _ = make_engine(model, train_opts, total)
     module, device = engine.module, engine.device
     pruner = Pruner(prunable_weights(module), opts.importance, opts.window,
                     opts.beta_importance, opts.beta_uncertainty)
@@ -372,7 +365,7 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
     if opts.eval_examples is not None:
         dev = dev.select(range(min(opts.eval_examples, len(dev))))
     dev_loader = data_lib.make_loader(dev, tokenizer, 64)
-    stream = train_lib._batches(epoch_loader, 0, 0, 1)
+    stream = batches(epoch_loader, 0, 0, 1)
     masked_at: tuple[float, int] | None = None  # (ratio, score updates) of the current masks
     t0, loss_sum, losses = time.perf_counter(), 0.0, 0
     for step in range(1, total + 1):
@@ -383,7 +376,7 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
             loss = self_distillation_loss(logits, teacher.logits(batch), batch["labels"],
                                           opts.temperature)
         else:
-            loss = train_lib._task_loss(logits, batch["labels"])
+            loss = task_loss(logits, batch["labels"])
         engine.backward(loss)
         lr = engine.optimizer.param_groups[0]["lr"]  # this update's learning rate
         pruner.accumulate(lr)
@@ -397,7 +390,7 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
         loss_sum, losses = loss_sum + loss.item(), losses + 1
         if teacher is not None and step > warmup_steps and (
                 step % opts.eval_every == 0 or step == total):
-            metric = train_lib.evaluate(module, dev_loader, task.spec)["metric"]
+            metric = evaluate(module, dev_loader, task.spec)["metric"]
             if teacher.offer(module, metric, step):
                 log.info("step %d: dev %s %.4f is the best so far; it is the teacher now",
                          step, task.spec.metric, metric)
@@ -421,19 +414,18 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     every model (dense-shaped, with zeros) to ``out_dir/<trial_id>/`` and return one
     evaluation row per model (validation split; params = all parameters minus the pruned
     weights; FLOPs of the dense model that is stored)."""
-    from nas_prune import train as train_lib
     from nas_prune.export import export_sub_network
 
     started = time.perf_counter()
     method = "pins" if opts.importance == "pins" else "magnitude"
     rows = []
     for sparsity in opts.sparsities:
-        model, meta = train_lib.load_checkpoint(teacher_dir)
-        train_lib.check_teacher(meta, model.config, task, teacher_dir)
+        model, meta = load_checkpoint(teacher_dir)
+        check_teacher(meta, model.config.num_labels, task, teacher_dir)
         dense_params = model.num_params()
         facts = prune_model(model, task, tokenizer, sparsity, opts)
         t_eval = time.perf_counter()
-        scores = train_lib.evaluate(model, data_lib.make_loader(task.valid, tokenizer, 64),
+        scores = evaluate(model, data_lib.make_loader(task.valid, tokenizer, 64),
                                     task.spec)
         eval_time = time.perf_counter() - t_eval
         pct = int(round(100 * sparsity))
