@@ -37,18 +37,13 @@ error) is skipped with a logged warning naming it, and the rest of the dataset i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
-import re
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +54,18 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from nas_prune.errors import ResultsError
+from nas_prune.search import pareto
+from nas_prune.results.schema import (
+    CFG_PREFIX,
+    EVALUATION_SCHEMA,
+    LATENCY_SCHEMA,
+    MAX_FLATTEN_KEYS,
+    PARTITION,
+    STATUSES,
+    TABLES,
+    config_hash,
+    prepare_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,324 +84,8 @@ __all__ = [
 ]
 
 
-CFG_PREFIX = "cfg_"
-"""Prefix of the flattened config columns of the evaluations table."""
-
-MAX_FLATTEN_KEYS = 64
-"""Configs with more keys than this (the ``large`` space) are stored as JSON only."""
-
-STATUSES = ("ok", "stopped", "error")
-"""Allowed values of the evaluations table's ``status`` column."""
-
-_TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-
-def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
-
-
-EVALUATION_SCHEMA: pa.Schema = pa.schema(
-    [
-        _field("experiment", pa.string()),  # partition key (directory name), set by the store
-        _field("method", pa.string()),  # "nas", "pins", "grain", "layer_drop", "dense", ...
-        _field("searcher", pa.string(), nullable=True),
-        _field("scheduler", pa.string(), nullable=True),
-        _field("strategy", pa.string(), nullable=True),  # supernet training strategy
-        _field("space", pa.string(), nullable=True),
-        _field("task", pa.string()),
-        _field("model", pa.string()),
-        _field("seed", pa.int64()),
-        _field("trial_id", pa.string()),
-        _field("config", pa.string()),  # canonical JSON of the sub-network config
-        _field("fidelity", pa.float64()),  # e.g. validation examples seen or epochs
-        _field("fidelity_unit", pa.string()),
-        _field("error", pa.float64()),
-        _field("metric_name", pa.string()),
-        _field("metric_value", pa.float64()),
-        _field("params", pa.int64()),
-        _field("params_ratio", pa.float64()),
-        _field("flops", pa.int64()),
-        _field("latency_ms", pa.float64(), nullable=True),  # on the primary hardware, if any
-        _field("hardware", pa.string(), nullable=True),
-        _field("wall_time_s", pa.float64()),  # seconds since the experiment started
-        _field("eval_time_s", pa.float64()),
-        _field("timestamp", _TIMESTAMP),
-        _field("status", pa.string()),  # one of STATUSES
-        _field("message", pa.string(), nullable=True),
-    ]
-)
-"""Fixed columns of the evaluations table; ``cfg_<key>`` int64 columns are added per write."""
-
-LATENCY_SCHEMA: pa.Schema = pa.schema(
-    [
-        _field("experiment", pa.string()),
-        _field("hardware", pa.string()),  # hardware type, e.g. "cpu", "A10G"
-        _field("device_name", pa.string()),  # e.g. the CUDA device name or the CPU model
-        _field("config", pa.string()),  # canonical JSON
-        _field("config_hash", pa.string()),  # config_hash(config) unless given
-        _field("batch_size", pa.int64()),
-        _field("seq_len", pa.int64()),
-        _field("dtype", pa.string()),
-        _field("median_ms", pa.float64()),
-        _field("p90_ms", pa.float64()),
-        _field("mean_ms", pa.float64()),
-        _field("std_ms", pa.float64()),
-        _field("repeats", pa.int64()),
-        _field("predicted", pa.bool_()),  # True: from the lookup-table predictor, not measured
-        _field("params", pa.int64()),
-        _field("timestamp", _TIMESTAMP),
-        _field("method", pa.string(), nullable=True),
-        _field("trial_id", pa.string(), nullable=True),
-    ]
-)
-"""Columns of the latency table."""
-
-TABLES: dict[str, pa.Schema] = {"evaluations": EVALUATION_SCHEMA, "latency": LATENCY_SCHEMA}
-"""Table name -> schema; each table is the dataset directory ``<root>/<name>``."""
-
-_AUTO_COLUMNS = {
-    "evaluations": ("experiment", "timestamp"),
-    "latency": ("experiment", "timestamp", "config_hash"),
-}
-_PARTITION = "experiment"
-_PARTITION_SCHEMA = pa.schema([pa.field(_PARTITION, pa.string())])
+_PARTITION_SCHEMA = pa.schema([pa.field(PARTITION, pa.string())])
 _HIDDEN_PREFIXES = (".", "_")
-
-
-# ------------------------------------------------------------------------------------ configs
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _as_config_dict(config: Mapping[str, Any] | str, where: str = "config") -> dict[str, Any]:
-    """A config given as a mapping or a JSON object string, as a dict with string keys."""
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError as exc:
-            raise ResultsError(f"{where}: not valid JSON ({exc}): {config[:80]!r}") from exc
-    if not isinstance(config, Mapping):
-        raise ResultsError(
-            f"{where} must be a dict or a JSON object string, got {type(config).__name__}"
-        )
-    return {str(key): value for key, value in config.items()}
-
-
-def _canonical_json(config: Mapping[str, Any] | str, where: str = "config") -> str:
-    """Sorted-key, compact JSON of a config (the form stored and hashed)."""
-    try:
-        return json.dumps(
-            _as_config_dict(config, where),
-            sort_keys=True,
-            separators=(",", ":"),
-            default=_json_default,
-            allow_nan=False,
-        )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ResultsError):
-            raise
-        raise ResultsError(f"{where} cannot be stored as JSON: {exc}") from exc
-
-
-def config_hash(config: Mapping[str, Any] | str) -> str:
-    """Stable 16-hex-digit key of a config: SHA-1 of its sorted-key JSON.
-
-    Args:
-        config: The config as a mapping (numpy scalars allowed) or a JSON object string; key
-            order does not matter.
-
-    Returns:
-        The first 16 hex digits of the SHA-1 digest.
-    """
-    return hashlib.sha1(_canonical_json(config).encode()).hexdigest()[:16]
-
-
-def _natural_key(name: str) -> list[Any]:
-    """Sort key putting ``heads_2`` before ``heads_10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _flatten_config(config: Mapping[str, Any], where: str) -> dict[str, int]:
-    """``cfg_<key>`` -> int (keys in natural order) for configs of at most MAX_FLATTEN_KEYS keys,
-    else ``{}``."""
-    if len(config) > MAX_FLATTEN_KEYS:
-        return {}
-    flat = {}
-    for key, value in sorted(config.items(), key=lambda item: _natural_key(item[0])):
-        if isinstance(value, bool | np.bool_):
-            value = int(value)
-        if not isinstance(value, int | np.integer):
-            raise ResultsError(
-                f"{where}: config value {key!r}={value!r} ({type(value).__name__}) is not an "
-                f"integer; configs are flat dict[str, int] and are flattened into int64 "
-                f"'{CFG_PREFIX}<key>' columns"
-            )
-        flat[CFG_PREFIX + key] = _check_int64(int(value), f"{where}: config key {key!r}")
-    return flat
-
-
-# --------------------------------------------------------------------------------- validation
-
-
-def _is_null(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _check_int64(value: int, where: str) -> int:
-    if not -(2**63) <= value < 2**63:
-        raise ResultsError(f"{where}: {value} does not fit in int64")
-    return value
-
-
-def _convert(value: Any, field: pa.Field, where: str) -> Any:
-    """A Python value of the field's Arrow type, or ResultsError naming the column."""
-    kind = field.type
-
-    def bad(expected: str) -> ResultsError:
-        return ResultsError(
-            f"{where}: column {field.name!r} ({kind}) must be {expected}, got "
-            f"{type(value).__name__} {value!r:.80}"
-        )
-
-    if pa.types.is_string(kind):
-        if not isinstance(value, str):
-            raise bad("a str")
-        return str(value)
-    if pa.types.is_int64(kind):
-        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-            raise bad("an integer")
-        return _check_int64(int(value), f"{where}: column {field.name!r}")
-    if pa.types.is_float64(kind):
-        if isinstance(value, bool | np.bool_) or not isinstance(
-            value, int | float | np.integer | np.floating
-        ):
-            raise bad("a number")
-        return float(value)
-    if pa.types.is_boolean(kind):
-        if not isinstance(value, bool | np.bool_):
-            raise bad("a bool")
-        return bool(value)
-    if pa.types.is_timestamp(kind):
-        return _to_utc(value, bad)
-    raise AssertionError(f"no conversion for {kind}")  # pragma: no cover - schema is fixed
-
-
-def _to_utc(value: Any, bad: Callable[[str], ResultsError]) -> datetime:
-    """An aware UTC datetime; naive datetimes are taken to be UTC already."""
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            raise bad("a datetime or an ISO-8601 string") from None
-    elif isinstance(value, np.datetime64):
-        value = pd.Timestamp(value).to_pydatetime()
-    if not isinstance(value, datetime):
-        raise bad("a datetime (naive = UTC), pandas Timestamp or ISO-8601 string")
-    if isinstance(value, pd.Timestamp):
-        value = value.to_pydatetime(warn=False)
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
-def _prepare_rows(
-    rows: Sequence[Mapping[str, Any]], table: str, experiment: str
-) -> tuple[pa.Table, list[dict[str, Any]]]:
-    """Validate rows, fill defaults, flatten configs; the Arrow table to write (no partition
-    column) and the converted rows."""
-    schema = TABLES[table]
-    if isinstance(rows, Mapping):
-        raise ResultsError(
-            f"{table} rows must be a sequence of mappings; wrap a single row in [...]"
-        )
-    rows = list(rows)
-    auto = _AUTO_COLUMNS[table]
-    required = [f.name for f in schema if not f.nullable and f.name not in auto]
-    optional = [f.name for f in schema if f.nullable]
-    known = set(schema.names)
-    now = datetime.now(UTC)
-    out: list[dict[str, Any]] = []
-    cfg_columns: dict[str, None] = {}  # ordered set, in order of first appearance
-    for index, row in enumerate(rows):
-        where = f"{table} row {index}"
-        if not isinstance(row, Mapping):
-            raise ResultsError(f"{where} is a {type(row).__name__}, not a mapping")
-        keys = [str(key) for key in row]
-        unknown = [k for k in keys if k not in known and not k.startswith(CFG_PREFIX)]
-        if unknown:
-            raise ResultsError(
-                f"{where} has unknown column(s) {unknown}; columns are {schema.names}"
-                + (f" (plus derived '{CFG_PREFIX}*')" if table == "evaluations" else "")
-            )
-        missing = [name for name in required if name not in row]
-        if missing:
-            raise ResultsError(
-                f"{where} is missing required column(s) {missing}; required: {required}; "
-                f"optional (null if absent): {optional}; filled in if absent: {list(auto)}"
-            )
-        converted: dict[str, Any] = {}
-        for field in schema:
-            name = field.name
-            value = row.get(name)
-            if name == "config":
-                config = _as_config_dict(value, f"{where}: column 'config'")
-                converted[name] = _canonical_json(config, f"{where}: column 'config'")
-                if table == "evaluations":
-                    flat = _flatten_config(config, where)
-                    converted.update(flat)
-                    cfg_columns.update(dict.fromkeys(flat))
-                continue
-            if _is_null(value):
-                if name == _PARTITION:
-                    value = experiment
-                elif name == "timestamp":
-                    value = now
-                elif name == "config_hash":
-                    value = config_hash(row["config"])
-                elif field.nullable:
-                    converted[name] = None
-                    continue
-                elif isinstance(value, float):  # NaN in a required double column is a value
-                    if pa.types.is_float64(field.type):
-                        converted[name] = value
-                        continue
-                    raise ResultsError(f"{where}: required column {name!r} is NaN")
-                else:
-                    raise ResultsError(f"{where}: required column {name!r} is {value!r}")
-            converted[name] = _convert(value, field, where)
-        if converted[_PARTITION] != experiment:
-            raise ResultsError(
-                f"{where}: experiment {converted[_PARTITION]!r} differs from the store's "
-                f"experiment {experiment!r}"
-            )
-        if table == "evaluations" and converted["status"] not in STATUSES:
-            raise ResultsError(
-                f"{where}: column 'status' must be one of {list(STATUSES)}, "
-                f"got {converted['status']!r}"
-            )
-        out.append(converted)
-
-    fields = [f for f in schema if f.name != _PARTITION]
-    fields += [pa.field(name, pa.int64(), nullable=True) for name in cfg_columns]
-    file_schema = pa.schema(fields, metadata={b"nas_prune.table": table.encode()})
-    columns = {f.name: [row.get(f.name) for row in out] for f in fields}
-    try:
-        arrow = pa.Table.from_pydict(columns, schema=file_schema)
-    except (pa.ArrowException, TypeError, ValueError) as exc:  # pragma: no cover - validated
-        raise ResultsError(f"{table} rows do not fit the schema: {exc}") from exc
-    return arrow, out
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -426,7 +117,7 @@ def _check_experiment(experiment: str) -> str:
 
 
 def _partition_dir(table_dir: Path, experiment: str) -> Path:
-    return table_dir / f"{_PARTITION}={urllib.parse.quote(experiment, safe='')}"
+    return table_dir / f"{PARTITION}={urllib.parse.quote(experiment, safe='')}"
 
 
 def _write_atomic(table: pa.Table, directory: Path) -> Path:
@@ -482,7 +173,7 @@ def _partitions(table_dir: Path, experiment: str | None) -> list[tuple[str, Path
     found = []
     for directory in sorted(table_dir.iterdir()):
         key, sep, value = directory.name.partition("=")
-        if sep and key == _PARTITION and _visible(directory.name) and directory.is_dir():
+        if sep and key == PARTITION and _visible(directory.name) and directory.is_dir():
             found.append((urllib.parse.unquote(value), directory))
     return found
 
@@ -493,7 +184,7 @@ def _resolve(path: str | os.PathLike, table: str | None) -> tuple[Path, str, str
     if table is not None and table not in TABLES:
         raise ResultsError(f"unknown table {table!r}; tables are {list(TABLES)}")
     implied = None
-    if path.name.startswith(f"{_PARTITION}="):  # an experiment's partition directory
+    if path.name.startswith(f"{PARTITION}="):  # an experiment's partition directory
         implied = urllib.parse.unquote(path.name.partition("=")[2])
         path = path.parent
     if path.name in TABLES and not (table is not None and (path / table).is_dir()):
@@ -538,7 +229,7 @@ def _read_table(
             schema = _read_schema(file)
             if schema is not None:
                 files.append((experiment, file, schema))
-    base_fields = pa.schema([f for f in base if f.name != _PARTITION])
+    base_fields = pa.schema([f for f in base if f.name != PARTITION])
     try:
         unified = pa.unify_schemas(
             [base_fields, *(s.remove_metadata() for _, _, s in files)],
@@ -548,7 +239,7 @@ def _read_table(
         logger.warning("results files in %s have conflicting schemas (%s)", table_dir, exc)
         unified = None
     if unified is not None and files:
-        unified = unified.insert(0, base.field(_PARTITION))
+        unified = unified.insert(0, base.field(PARTITION))
         try:
             dataset = ds.dataset(
                 [str(f) for _, f, _ in files],
@@ -567,12 +258,12 @@ def _read_table(
         arrow = _read_file(file, columns)
         if arrow is None:
             continue
-        if columns is None or _PARTITION in columns:
+        if columns is None or PARTITION in columns:
             arrow = arrow.append_column(
-                base.field(_PARTITION), pa.array([experiment] * len(arrow), pa.string())
+                base.field(PARTITION), pa.array([experiment] * len(arrow), pa.string())
             )
         tables.append(arrow.replace_schema_metadata(None))
-    empty = base_fields.insert(0, base.field(_PARTITION)).empty_table()
+    empty = base_fields.insert(0, base.field(PARTITION)).empty_table()
     if columns is not None:
         empty = empty.select([c for c in columns if c in empty.column_names])
     result = pa.concat_tables([empty, *tables], promote_options="permissive")
@@ -617,8 +308,8 @@ def load(
     columns = list(columns) if columns is not None else None
     arrow = _read_table(_partitions(table_dir, experiment), TABLES[name], table_dir, columns)
     frame = arrow.to_pandas()
-    if _PARTITION in frame.columns and isinstance(frame[_PARTITION].dtype, pd.CategoricalDtype):
-        frame[_PARTITION] = frame[_PARTITION].astype(str)  # pragma: no cover - defensive
+    if PARTITION in frame.columns and isinstance(frame[PARTITION].dtype, pd.CategoricalDtype):
+        frame[PARTITION] = frame[PARTITION].astype(str)  # pragma: no cover - defensive
     return frame
 
 
@@ -650,7 +341,7 @@ class ResultStore:
         return _partition_dir(self.root / table, self.experiment)
 
     def _append(self, table: str, rows: Sequence[Mapping[str, Any]]) -> tuple[Path | None, list]:
-        arrow, converted = _prepare_rows(rows, table, self.experiment)
+        arrow, converted = prepare_rows(rows, table, self.experiment)
         if not converted:
             return None, converted
         file = _write_atomic(arrow, self._dir(table))
@@ -737,7 +428,7 @@ class ResultStore:
             if arrow is not None:
                 rows = arrow.to_pylist()
                 for row in rows:
-                    row[_PARTITION] = self.experiment
+                    row[PARTITION] = self.experiment
                 self._index_latency(rows)
 
     def cached_latency(
@@ -842,16 +533,4 @@ def pareto_rows(
     except (TypeError, ValueError) as exc:
         raise ResultsError(f"objective columns {objectives} are not numeric: {exc}") from exc
     values = values * np.where(np.array(modes) == "max", -1.0, 1.0)  # all minimised now
-    candidates = np.flatnonzero(~np.isnan(values).any(axis=1))
-    # Lexicographic order: any dominator of a row comes before it, and a row dominated by a
-    # dominated row is dominated by a front row, so comparing with the front so far suffices.
-    order = candidates[np.lexsort(values[candidates].T[::-1])]
-    front: list[int] = []
-    for index in order:
-        if front:
-            kept = values[front]
-            point = values[index]
-            if np.any(np.all(kept <= point, axis=1) & np.any(kept < point, axis=1)):
-                continue
-        front.append(int(index))
-    return df.iloc[sorted(front)]
+    return df[pareto.pareto_mask(values)]
