@@ -54,7 +54,6 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from nas_prune.errors import ResultsError
-from nas_prune.search import pareto
 from nas_prune.results.schema import (
     CFG_PREFIX,
     EVALUATION_SCHEMA,
@@ -66,6 +65,7 @@ from nas_prune.results.schema import (
     config_hash,
     prepare_rows,
 )
+from nas_prune.search import pareto
 
 logger = logging.getLogger(__name__)
 
