@@ -55,8 +55,10 @@ def test_dominated_trial_stops_and_spread_trial_continues():
     scheduler = MOASHA(["a", "b"], ["min", "min"], max_t=8, grace_period=1, reduction_factor=2)
     assert report(scheduler, "A", 1, 2, 2) == CONTINUE  # first at the rung
     assert report(scheduler, "B", 1, 3, 3) == STOP  # dominated by A; rank 1, keep 1
-    assert report(scheduler, "C", 1, 1, 4) == CONTINUE  # front {A, C}: best first objective
-    # front {A, C, D} normalised: C (0, 1), A (1/3, 1/3), D (1, 0); after C, D is farthest.
+    # front {A, C} normalised: C (0, 1), A (1, 0): equally near the ideal, the newcomer first
+    assert report(scheduler, "C", 1, 1, 4) == CONTINUE
+    # front {A, C, D} normalised: C (0, 1), A (1/3, 1/3), D (1, 0): the compromise A first,
+    # then C and D are equally far from it: the newcomer D first.
     assert report(scheduler, "D", 1, 4, 1) == CONTINUE  # rank 1 < ceil(4 / 2)
     assert report(scheduler, "E", 1, 2.5, 2.5) == STOP  # dominated by A; rank 3 >= 3
     # only the first report past a rung decides: A continues at iteration 1 again
@@ -77,6 +79,93 @@ def test_trial_dominating_its_rung_continues():
     assert pareto.sort_order(points)[4] >= math.ceil(len(points) / 3)
     assert pareto.rank(points)[4] == 0
     assert report(scheduler, "new", 1, 1, 1) == CONTINUE
+
+
+@pytest.mark.parametrize("metrics", [("a", "b"), ("b", "a")])
+def test_only_slot_goes_to_the_compromise_not_the_first_objective_end(metrics):
+    """Three non-dominated trials at a rung with rf=3: one may continue. It is the compromise
+    point (4, 4), nearest the ideal point after normalisation, whichever objective comes
+    first and whichever trial arrives last; the ends (1, 9) and (9, 1) are stopped."""
+    points = {"end_a": (1, 9), "middle": (4, 4), "end_b": (9, 1)}
+    for newcomer in points:
+        scheduler = MOASHA(list(metrics), max_t=9, grace_period=1, reduction_factor=3)
+        for other in points:
+            if other != newcomer:
+                report(scheduler, other, 1, *points[other])
+        expected = CONTINUE if newcomer == "middle" else STOP
+        assert report(scheduler, newcomer, 1, *points[newcomer]) == expected, newcomer
+
+
+def test_num_stopped_counts_early_stops_only():
+    scheduler = MOASHA(["a", "b"], max_t=3, grace_period=1, reduction_factor=3)
+    assert report(scheduler, "A", 1, 0, 0) == CONTINUE
+    assert report(scheduler, "A", 3, 0, 0) == STOP  # finished at max_t: not stopped early
+    assert "num_stopped=0" in scheduler.debug_string()
+    assert report(scheduler, "B", 1, 1, 1) == STOP  # dominated at rung 1
+    assert report(scheduler, "C", 1, 2, 2) == STOP
+    assert report(scheduler, "D", 1, -1, -1) == CONTINUE
+    assert report(scheduler, "D", 3, -1, -1) == STOP  # max_t again
+    assert "num_stopped=2" in scheduler.debug_string()
+
+
+def _history_run(scheduler: MOASHA) -> list[tuple[str, int, dict[str, float]]]:
+    """Reports a fixed history to `scheduler` as Tune would, returning it as rows."""
+    history = [
+        ("t0", 1, 2, 2), ("t1", 1, 3, 3), ("t0", 2, 1.8, 1.9), ("t2", 1, 1, 4),
+        ("t0", 3, 1.5, 1.5), ("t3", 1, 4, 1), ("t2", 2, 0.9, 3.5), ("t2", 3, 0.8, 3.2),
+        ("t4", 1, 2.5, 2.5), ("t5", 1, 0.5, 5), ("t3", 2, 3, 0.9), ("t5", 2, 0.5, 4.5),
+        ("t3", 3, 2.5, 0.8), ("t5", 3, 0.4, 4), ("t0", 9, 1, 1),
+    ]
+    rows, stopped = [], set()
+    for trial_id, t, a, b in history:
+        if trial_id in stopped:
+            continue
+        if report(scheduler, trial_id, t, a, b) == STOP:
+            stopped.add(trial_id)
+        rows.append((trial_id, t, {"a": a, "b": b}))
+    return rows
+
+
+@pytest.mark.parametrize("brackets", [1, 2])
+def test_record_history_rebuilds_the_rungs(brackets):
+    """After Tuner.restore Tune never calls restore(): record_history refills the rungs from
+    recorded results, and newcomers are then judged as by the uninterrupted scheduler."""
+
+    def fresh() -> MOASHA:
+        return MOASHA(["a", "b"], max_t=9, grace_period=1, reduction_factor=3,
+                      brackets=brackets)
+
+    uninterrupted = fresh()
+    rows = _history_run(uninterrupted)
+    rebuilt = fresh()
+    rebuilt.record_history(rows)
+    assert rebuilt.debug_string().splitlines()[1:] == uninterrupted.debug_string().splitlines()[1:]
+    newcomers = [("n0", 1, 2.2, 2.2), ("n1", 1, 0.2, 0.2), ("n2", 3, 1.6, 1.6),
+                 ("n3", 3, 0.3, 6), ("n4", 3, 1.4, 1.4), ("n5", 3, 3, 3)]
+    decisions = []
+    for trial_id, t, a, b in newcomers:
+        decision = report(rebuilt, trial_id, t, a, b)
+        assert decision == report(uninterrupted, trial_id, t, a, b), trial_id
+        decisions.append(decision)
+    assert STOP in decisions and CONTINUE in decisions
+    # an empty scheduler (what Tuner.restore leaves) would let a dominated newcomer through
+    assert report(fresh(), "late", 1, 9, 9) == CONTINUE
+    assert report(rebuilt, "late", 1, 9, 9) == report(uninterrupted, "late", 1, 9, 9) == STOP
+
+
+def test_record_history_sorts_each_trials_rows_and_checks_keys():
+    in_order, shuffled = (MOASHA(["a", "b"], max_t=9, reduction_factor=3) for _ in range(2))
+    in_order.record_history([("t0", 1, {"a": 2, "b": 2}), ("t0", 2, {"a": 1, "b": 1}),
+                             ("t1", 3, {"a": 3, "b": 0})])
+    # t0's second report listed first: the rung at 1 must still hold its first report
+    shuffled.record_history([("t0", 2, {"a": 1, "b": 1}), ("t0", 1, {"a": 2, "b": 2}),
+                             ("t1", 3, {"a": 3, "b": 0})])
+    assert "t=1: 1 trials | t=3: 1 trials" in shuffled.debug_string()
+    for scheduler in (in_order, shuffled):
+        # against (2, 2) it continues; had t0's report at 2 taken rung 1, (1, 1) would stop it
+        assert report(scheduler, "new", 1, 1.5, 1.5) == CONTINUE
+    with pytest.raises(ValueError, match=r"\['b'\], missing"):
+        in_order.record_history([("t2", 1, {"a": 0.5})])
 
 
 def test_max_mode_flips_the_sign():
@@ -179,7 +268,8 @@ def test_tuner_stops_dominated_configs(ray_cluster, tmp_path):
 
     # x=0 and x=1 are the Pareto front; x>=2 are ever worse. Trials run one at a time in grid
     # order, so every rung sees the front first: with epsilon-net ranks and rf=3, the second
-    # front member continues only if it is best in the first objective, hence x=1 is (0, 1).
+    # front member ties with the first (both extremes of a two-point front) and, as the
+    # newcomer, wins the tie.
     objectives = {0: (1.0, 0.0), 1: (0.0, 1.0)}
 
     def trainable(config):

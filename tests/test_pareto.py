@@ -40,9 +40,34 @@ def test_empty_input():
 
 def test_epsilon_net_order_spreads_a_front():
     points = [(2, 2), (4, 0), (0, 4), (3, 1), (1, 3)]
-    # start with the best first objective (0, 4), then the farthest (4, 0), then the middle
-    # (2, 2); (3, 1) and (1, 3) are then equally far: the lower index goes first.
-    assert pareto.epsilon_net_order(points).tolist() == [2, 1, 0, 3, 4]
+    # start with the compromise (2, 2), nearest the ideal (0, 0); (4, 0) and (0, 4) are then
+    # equally far: the lower index goes first, then the other extreme; (3, 1) and (1, 3) are
+    # then equally far from the chosen points: the lower index first.
+    assert pareto.epsilon_net_order(points).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_epsilon_net_order_starts_at_the_compromise_not_an_end():
+    points = np.array([(0, 10), (1, 6), (3, 3), (6, 1), (10, 0)], float)
+    # normalised: (0.3, 0.3) is nearest the ideal (0, 0); then the extremes, then the rest
+    assert pareto.epsilon_net_order(points).tolist() == [2, 0, 4, 1, 3]
+    assert pareto.epsilon_net_order(points[:, ::-1]).tolist() == [2, 0, 4, 1, 3]
+    skewed = np.array([(0, 1.0), (0.05, 0.5), (0.3, 0.2), (0.6, 0.1), (1.0, 0.0)])
+    # distances to the ideal: 1, 0.502, 0.361, 0.608, 1
+    assert pareto.epsilon_net_order(skewed)[0] == 2
+
+
+def test_epsilon_net_order_does_not_depend_on_the_objective_order():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        x = np.sort(rng.uniform(0, 1, size=rng.integers(2, 12)))
+        front = np.column_stack([x, 1 - x ** rng.uniform(0.3, 3)])  # all non-dominated
+        assert pareto.pareto_mask(front).all()
+        order = pareto.epsilon_net_order(front)
+        assert order.tolist() == pareto.epsilon_net_order(front[:, ::-1]).tolist()
+        three = np.column_stack([front, rng.permutation(front[:, 0])])
+        for columns in ([1, 0, 2], [2, 0, 1], [1, 2, 0]):
+            assert pareto.epsilon_net_order(three[:, columns])[0] == pareto.epsilon_net_order(
+                three)[0]
 
 
 def test_epsilon_net_order_is_scale_free():
@@ -58,8 +83,9 @@ def test_rank_is_the_inverse_of_the_ordering():
     points = [(2, 6), (6, 2), (4, 4), (5, 5), (1, 1)]
     order = pareto.sort_order(points)
     ranks = pareto.rank(points)
-    assert order.tolist() == [4, 0, 1, 2, 3]
-    assert ranks.tolist() == [1, 2, 3, 4, 0]
+    # front 1 {(2, 6), (6, 2), (4, 4)}: the compromise (4, 4), then (2, 6) (tie, lower index)
+    assert order.tolist() == [4, 2, 0, 1, 3]
+    assert ranks.tolist() == [2, 3, 1, 4, 0]
     assert order[4] >= math.ceil(5 / 3)  # misread: would stop
     assert ranks[4] == 0
 
@@ -67,7 +93,7 @@ def test_rank_is_the_inverse_of_the_ordering():
 def test_rank_methods_differ_inside_a_front():
     points = [(3, 1), (1, 3), (2, 2), (4, 4)]
     assert pareto.rank(points, "nondominated").tolist() == [0, 1, 2, 3]
-    assert pareto.rank(points, "epsilon_net").tolist() == [1, 0, 2, 3]
+    assert pareto.rank(points, "epsilon_net").tolist() == [1, 2, 0, 3]  # (2, 2) first
     with pytest.raises(ValueError, match="unknown rank method"):
         pareto.rank(points, "crowding")
 

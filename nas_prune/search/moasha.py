@@ -25,7 +25,7 @@ import math
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +76,8 @@ class MOASHA(FIFOScheduler):
     ``grace_period * reduction_factor**s``. Trials are assigned to brackets round-robin, in the
     order Tune adds them (deterministic, unlike Ray's soft-max draw). Every trial is stopped once
     its ``time_attr`` reaches ``max_t``. See the module docstring for the continue/stop rule.
+    After ``Tuner.restore``, refill the rungs with `record_history` (Tune does not call
+    `restore` on schedulers).
 
     Args:
         metrics: Result keys of the objectives (flattened with ``/`` for nested results).
@@ -193,7 +195,7 @@ class MOASHA(FIFOScheduler):
         progress, vector = self._read(result)
         action = self._record(trial.trial_id, progress, vector, decide=True)
         if progress >= self._max_t:
-            action = TrialScheduler.STOP
+            return TrialScheduler.STOP  # finished its budget: not counted as stopped early
         if action == TrialScheduler.STOP:
             self._num_stopped += 1
         return action
@@ -209,8 +211,49 @@ class MOASHA(FIFOScheduler):
             progress, vector = self._read(result)
             self._record(trial.trial_id, progress, vector, decide=False)
 
+    def record_history(
+        self, rows: Iterable[tuple[str, float, Mapping[str, float]]]
+    ) -> None:
+        """Rebuilds the rungs from results reported before an interruption.
+
+        Ray Tune (2.60) never calls a scheduler's `save`/`restore`, so after ``Tuner.restore``
+        the rungs start empty. Feed this the results recorded before the interruption, and
+        every rung holds the objective vectors it held then; later trials are ranked against
+        them. Each row is recorded as `on_trial_complete` records a result: at the highest rung
+        its progress reaches, if the trial is not there yet, without deciding anything.
+
+        Rows are taken in the given order (the order they were reported, so that brackets are
+        assigned round-robin as before); each trial's own rows are first put in increasing
+        progress, so a rung holds the trial's first report at or past it. ``num_stopped``
+        counts only stops made after the rebuild.
+
+        Args:
+            rows: ``(trial_id, progress, objectives)`` per reported result: ``progress`` is the
+                value of ``time_attr`` and ``objectives`` maps every metric to its reported
+                (unsigned) value; other keys are ignored.
+
+        Raises:
+            ValueError: If a row lacks one of the metrics.
+        """
+        rows = list(rows)
+        slots: dict[str, list[int]] = {}
+        for i, (trial_id, _, _) in enumerate(rows):
+            slots.setdefault(trial_id, []).append(i)
+        ordered = list(rows)
+        for positions in slots.values():
+            by_progress = sorted((rows[i] for i in positions), key=lambda row: float(row[1]))
+            for i, row in zip(positions, by_progress, strict=True):
+                ordered[i] = row
+        for trial_id, progress, objectives in ordered:
+            progress, vector = self._read({**objectives, self._time_attr: progress})
+            self._record(trial_id, progress, vector, decide=False)
+
     def debug_string(self) -> str:
-        """One line for the settings, one per bracket with the number of trials per rung."""
+        """One line for the settings, one per bracket with the number of trials per rung.
+
+        ``num_stopped`` counts the trials stopped early at a rung, not those that reached
+        ``max_t``.
+        """
         lines = [
             f"Using MOASHA: objectives {self._describe_objectives()}, "
             f"{self._time_attr} max_t={self._max_t}, reduction_factor={self._reduction_factor}, "

@@ -7,7 +7,10 @@ Callers flip the sign of an objective they want to maximise. Points are arrays o
   order of MO-ASHA (Schmucker, Donini, Zafar, Salinas, Archambeau: "Multi-objective asynchronous
   successive halving", arXiv 2106.12639) puts well-spread points first. `rank` turns that ordering
   into one rank per point. The reference implementation (syne-tune) reads the *ordering* as ranks,
-  which can stop a trial that dominates every other; here ``ranks[order] = arange(n)``.
+  which can stop a trial that dominates every other; here ``ranks[order] = arange(n)``. It also
+  seeds the spread at the point best in the first objective, so when fewer points may continue
+  than a front holds, that end of the front always wins; here the spread starts at the front's
+  compromise point (nearest the ideal point), which no objective order favours.
 - Hypervolume: an exact sweep for two objectives, `moocore` for three or more.
 - Normalisation: min-max bounds (`Normaliser`, recorded with results through ``to_dict``) or the
   quantile transform over all runs of a task with reference point (2, 2) that Klein et al.
@@ -104,9 +107,11 @@ def epsilon_net_order(points: ArrayLike) -> np.ndarray:
 
     Each objective is min-max normalised to [0, 1] over the given points (an objective with a
     single value is left at 0); ``+inf`` then maps to 2, ``-inf`` to -1 and NaN to 2. The order
-    starts from the point best in the first objective (ties: the next objectives, then the lower
-    index) and repeatedly appends the point farthest (Euclidean) from all points chosen so far
-    (ties: the lower index). Meant for the points of one front.
+    starts from the *compromise* point: the one nearest (Euclidean) to the ideal point, the
+    per-objective minimum of the normalised points (ties: the lower index). It then repeatedly
+    appends the point farthest from all points chosen so far (ties: the lower index), so the
+    extremes of a front come next. Neither end of a front is favoured: permuting the
+    objectives gives the same order. Meant for the points of one front.
 
     Args:
         points: Array of shape ``(n_points, n_objectives)``.
@@ -126,7 +131,7 @@ def epsilon_net_order(points: ArrayLike) -> np.ndarray:
     span = np.where(np.isfinite(span) & (span > 0), span, 1.0)
     scaled = np.nan_to_num((pts - lower) / span, nan=2.0, posinf=2.0, neginf=-1.0)
 
-    first = int(np.lexsort(scaled.T[::-1])[0])
+    first = int(np.argmin(np.linalg.norm(scaled - scaled.min(axis=0), axis=1)))
     order = [first]
     chosen = np.zeros(n, dtype=bool)
     chosen[first] = True

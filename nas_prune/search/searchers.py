@@ -5,10 +5,11 @@
   largest, the smallest and the middle config; afterwards a random archive member with exactly
   one dimension re-sampled.
 * `morea`: multi-objective regularised evolution (Real et al. 2019, multi-objective as in
-  syne-tune): a fixed-size population ages out its oldest member; each child mutates the best
-  of a random sample, "best" meaning lowest multi-objective rank (non-dominated sort, then
-  epsilon-net spread).
-* `nsga2`: Optuna's NSGA-II sampler through Ray's `OptunaSearch`.
+  syne-tune): a fixed-size population ages out its oldest member; each child mutates a parent
+  drawn uniformly from the non-dominated members of a random sample (not the sample's
+  rank-0 member, which would always be its lowest-error one).
+* `nsga2`: Optuna's NSGA-II sampler through Ray's `OptunaSearch`, never suggesting a
+  sub-network twice (`NSGA2Searcher`).
 
 All are seeded: the same seed, space and results give the same suggestions. Every searcher
 minimises each objective after the sign flip of its mode, done once in the constructor.
@@ -18,6 +19,7 @@ archives, so the searchers combine with MO-ASHA's early stopping.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -27,7 +29,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import optuna
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 from nas_prune.search import pareto
 from nas_prune.space import SearchSpace
@@ -179,6 +184,11 @@ class LocalSearcher(MultiObjectiveSearcher):
 class MOREASearcher(MultiObjectiveSearcher):
     """Multi-objective regularised evolution.
 
+    Until the population is full, configs are uniform samples. Then each child mutates one
+    dimension of a parent: ``sample_size`` members are drawn without replacement and the parent
+    is drawn uniformly (with the searcher's RNG) from the sample's non-dominated members, so
+    every trade-off in the sample can be improved, not only the lowest-error one.
+
     Args:
         population_size: members kept; the oldest is dropped when a child arrives.
         sample_size: members drawn to pick a parent from.
@@ -200,32 +210,144 @@ class MOREASearcher(MultiObjectiveSearcher):
             return self.space.sample(self.rng)
         members = list(self.population)
         picks = self.rng.choice(len(members), size=self.sample_size, replace=False)
-        ranks = pareto.rank(np.array([members[i][1] for i in picks]))
-        parent = members[picks[int(np.argmin(ranks))]][0]
+        front = picks[pareto.pareto_mask(np.array([members[i][1] for i in picks]))]
+        if len(front) == 0:  # every sampled vector has a NaN (possible after a warm start)
+            front = picks
+        parent = members[front[self.rng.integers(len(front))]][0]
         return self.space.mutate(parent, self.rng)
 
     def _observe(self, config, vector):
         self.population.append((config, vector))
 
 
-def _nsga2(space: SearchSpace, objectives, modes="min", seed=0, population_size=20, **_):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+class NSGA2Searcher(OptunaSearch):
+    """Optuna's NSGA-II through Ray's `OptunaSearch`, without re-evaluating a sub-network.
 
-    modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
-    _signs(objectives, modes)
-    sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
-    return OptunaSearch(space=space.param_space(), metric=list(objectives), mode=modes,
-                        sampler=sampler)
+    NSGA-II's crossover and mutation often reproduce a parent (about one suggestion in ten
+    over 1,000 evaluations). Each Optuna trial asked for is checked against the sub-networks
+    already handed to Tune (`SearchSpace.to_sub_network`, so configs that select the same
+    sub-network count as one):
+
+    * already evaluated: the Optuna trial is told that sub-network's result (values and state)
+      at once and never reaches Tune, so the study still counts it in its generation;
+    * still in flight: the Optuna trial waits and is told the same outcome when the running
+      trial completes;
+
+    then Optuna is asked again. After `max_retries` duplicates in a row, an unseen config (a
+    seeded uniform draw, or the first unseen one in the space when draws keep hitting seen
+    ones) is enqueued in the study and asked for, so Optuna records it as its own trial. When
+    every sub-network of the space has been handed out, `suggest` returns `FINISHED`.
+
+    Args:
+        space: the search space configs come from.
+        objectives: result keys of the objectives.
+        modes: "min"/"max" per objective (or one for all).
+        seed: seed of the sampler and of the fallback draws.
+        population_size: NSGA-II's population size per generation.
+    """
+
+    max_retries = 50
+    """Duplicates in a row after which an unseen config is enqueued."""
+    max_draws = 200
+    """Uniform draws for an unseen config before walking the space in order."""
+
+    def __init__(self, space: SearchSpace, objectives, modes="min", seed=0,
+                 population_size: int = 20, **_):
+        modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
+        _signs(objectives, modes)
+        sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+        super().__init__(space=self.convert_search_space(space.param_space()),
+                         metric=list(objectives), mode=modes, sampler=sampler)
+        self.space = space
+        self.rng = np.random.default_rng(seed)
+        self.outcomes: dict[Any, tuple[list | None, TrialState]] = {}
+        """Sub-network -> (values, Optuna state) it was told, once its trial completed."""
+        self.in_flight: dict[Any, str] = {}
+        """Sub-network -> id of the Tune trial evaluating it."""
+        self.waiting: dict[str, list] = {}
+        """Tune trial id -> Optuna trials of the same sub-network, told when it completes."""
+
+    def suggest(self, trial_id: str) -> dict[str, int] | str | None:
+        """The next config whose sub-network has not been handed out; `FINISHED` when the
+        space has none left."""
+        if trial_id in self._ot_trials:
+            return super().suggest(trial_id)
+        for _ in range(self.max_retries):
+            ot_trial = self._ot_study.ask(fixed_distributions=self._space)
+            key = self.space.to_sub_network(ot_trial.params)
+            if key in self.outcomes:
+                self._tell(ot_trial, *self.outcomes[key])
+            elif key in self.in_flight:
+                self.waiting.setdefault(self.in_flight[key], []).append(ot_trial)
+            else:
+                return self._hand_out(trial_id, ot_trial, key)
+        config = self._unseen_config()
+        if config is None:
+            log.info("nsga2: every sub-network of the space has been suggested")
+            return Searcher.FINISHED
+        self._ot_study.enqueue_trial(config)
+        ot_trial = self._ot_study.ask(fixed_distributions=self._space)
+        return self._hand_out(trial_id, ot_trial, self.space.to_sub_network(ot_trial.params))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        """Tells Optuna the result, and the same outcome to the waiting duplicates."""
+        if trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)  # logs a warning
+        super().on_trial_complete(trial_id, result, error)
+        key = self.space.to_sub_network(self._ot_trials[trial_id].params)
+        if self.in_flight.get(key) == trial_id:
+            del self.in_flight[key]
+        values = [result.get(m) for m in self.metric] if result else None
+        if values is not None and any(v is None for v in values):
+            values = None
+        state = _optuna_state(values, error)
+        self.outcomes[key] = (values, state)
+        for ot_trial in self.waiting.pop(trial_id, []):
+            self._tell(ot_trial, values, state)
+
+    def _hand_out(self, trial_id: str, ot_trial, key) -> dict[str, int]:
+        self._ot_trials[trial_id] = ot_trial
+        self.in_flight[key] = trial_id
+        return super().suggest(trial_id)
+
+    def _tell(self, ot_trial, values, state) -> None:
+        try:
+            self._ot_study.tell(ot_trial, values, state=state)
+        except Exception as exc:  # as OptunaSearch does, e.g. for NaN values
+            log.warning(exc)
+
+    def _seen(self, config: dict[str, int]) -> bool:
+        key = self.space.to_sub_network(config)
+        return key in self.outcomes or key in self.in_flight
+
+    def _unseen_config(self) -> dict[str, int] | None:
+        for _ in range(self.max_draws):
+            config = self.space.sample(self.rng)
+            if not self._seen(config):
+                return config
+        ranges = [range(d.low, d.high + 1) for d in self.space.dims]
+        for values in itertools.product(*ranges):
+            config = {d.name: v for d, v in zip(self.space.dims, values, strict=True)}
+            if not self._seen(config):
+                return config
+        return None
+
+
+def _optuna_state(values: list | None, error: bool) -> TrialState:
+    """Optuna's state for a trial outcome, as `OptunaSearch.on_trial_complete` decides it."""
+    if values is not None:
+        return TrialState.COMPLETE
+    return TrialState.FAIL if error else TrialState.PRUNED
 
 
 SEARCHERS: dict[str, Callable[..., Searcher]] = {
     "random": RandomSearcher,
     "local": LocalSearcher,
     "morea": MOREASearcher,
-    "nsga2": _nsga2,
+    "nsga2": NSGA2Searcher,
 }
-"""Searchers by name (factories; Optuna is imported only when `nsga2` is used)."""
+"""Searchers by name: classes taking (space, objectives, modes, seed, **options)."""
 
 EARLY_STOPPING_OK = {"random", "local", "morea"}
 """Searchers that can run under MO-ASHA. NSGA-II is not among them: Optuna's multi-objective
