@@ -37,12 +37,13 @@ SEARCHERS: dict[str, str] = {
     "random": "nas_prune.search.searchers:RandomSearcher",
     "local": "nas_prune.search.searchers:LocalSearcher",
     "morea": "nas_prune.search.searchers:MOREASearcher",
-    "nsga2": "nas_prune.search.searchers:nsga2",
+    "nsga2": "nas_prune.search.searchers:NSGA2Searcher",
 }
 """Ray Tune searchers (factories taking space, objectives, modes, seed)."""
 
 EARLY_STOPPING_OK = ("random", "local", "morea")
-"""Searchers that accept results of trials a scheduler stopped early (MO-ASHA)."""
+"""Searchers that can run under MO-ASHA. NSGA-II is not among them: Optuna's multi-objective
+studies cannot take pruned (early-stopped) trials, and each generation needs complete ones."""
 
 SCHEDULERS: dict[str, str | None] = {
     "fifo": None,  # Tune's default: every trial runs to max_t

@@ -243,7 +243,7 @@ def test_missing_required_columns_error_names_them_and_the_required_ones(tmp_pat
         ({"timestamp": 1700000000}, r"column 'timestamp' .* must be a datetime"),
         ({"timestamp": "yesterday"}, r"column 'timestamp' .* ISO-8601"),
         ({"method": None}, r"required column 'method' is None"),
-        ({"status": "done"}, r"'status' must be one of \['ok', 'stopped', 'error'\]"),
+        ({"status": "done"}, r"'status' must be one of \['ok', 'rung', 'stopped', 'error'\]"),
         ({"config": [1, 2]}, r"column 'config'.* must be a dict or a JSON object string"),
         ({"config": "{nope"}, r"column 'config'.*not valid JSON"),
         ({"config": {"num_layers": 2.5}}, r"config value 'num_layers'=2.5 \(float\)"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nas_prune import registry
 from nas_prune.space import (
-    SPACES,
     Dim,
     LargeSpace,
     LayerSpace,
@@ -71,8 +71,9 @@ def test_large_space_dims():
 
 
 def test_spaces_registry_and_make_space(supernet):
-    assert set(SPACES) == {"small", "medium", "layer", "large"}
-    for name, cls in SPACES.items():
+    assert set(registry.SPACES) == {"small", "medium", "layer", "large"}
+    for name in registry.SPACES:
+        cls = registry.load(registry.SPACES, name, "search space")
         space = make_space(name, supernet.config)
         assert type(space) is cls
         assert (space.num_layers, space.num_heads, space.num_units) == (L, H, F)

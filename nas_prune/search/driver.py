@@ -35,6 +35,7 @@ from nas_prune.checkpoint import check_supernet, check_teacher, read_meta
 from nas_prune.errors import CheckpointError, ProfileError, SearchError
 from nas_prune.options import ProfileOptions, SearchOptions, TaskOptions
 from nas_prune.search import pareto
+from nas_prune.search.searchers import MultiObjectiveSearcher, make_searcher
 from nas_prune.search.worker import (
     FIDELITY,
     LATENCY_ROWS,
@@ -256,9 +257,8 @@ def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experimen
         log.info("resuming search %s from %s", experiment, exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
-        searcher = registry.load(registry.SEARCHERS, opts.searcher, "searcher", SearchError)(
-            space, opts.objectives, "min", opts.seed, fidelity_attr=FIDELITY,
-            max_fidelity=max_fidelity)
+        searcher = make_searcher(opts.searcher, space, opts.objectives, "min", opts.seed,
+                                 fidelity_attr=FIDELITY, max_fidelity=max_fidelity)
         num_samples = opts.num_samples
         if not recorded.empty:  # interrupted before Tune saved any state: keep what we have
             finished = recorded["trial_id"].nunique()
@@ -271,7 +271,8 @@ def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experimen
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=_scheduler(opts), num_samples=num_samples,
+                search_alg=searcher, num_samples=num_samples,
+                scheduler=_scheduler(opts, RungHistory(store, opts.objectives)),
                 max_concurrent_trials=workers, reuse_actors=True,
                 time_budget_s=opts.time_budget_s,
             ),
@@ -287,14 +288,40 @@ def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experimen
     return frame
 
 
-def _scheduler(opts: SearchOptions):
-    """The trial scheduler of `opts` (None: Tune's FIFO)."""
+class RungHistory:
+    """The results the experiment's trials reported so far, as MOASHA.record_history takes
+    them: (trial id, report number, objectives) in the order they were stored. Picklable, so
+    the scheduler that Tune pickles at the start of a search reads them when it is restored."""
+
+    def __init__(self, store: results_lib.ResultStore, objectives: Sequence[str]):
+        self.root, self.experiment = str(store.root), store.experiment
+        self.objectives = list(objectives)
+
+    def __call__(self) -> list[tuple[str, float, dict[str, float]]]:
+        frame = results_lib.ResultStore(self.root, self.experiment).evaluations()
+        if frame.empty:
+            return []
+        frame = frame[frame["status"].isin(["rung", "ok", "stopped"])].sort_values(
+            ["timestamp", "fidelity"], kind="stable")
+        frame = frame.assign(report=frame.groupby("trial_id")["fidelity"].rank(method="first"))
+        return [(row.trial_id, float(row.report), {k: self._value(row, k) for k in self.objectives})
+                for row in frame.itertuples(index=False)]
+
+    @staticmethod
+    def _value(row, objective: str) -> float:
+        if objective.startswith("latency:"):
+            return float(row.latency_ms)
+        return float(getattr(row, objective))
+
+
+def _scheduler(opts: SearchOptions, history: RungHistory | None = None):
+    """The trial scheduler of `opts` (None: Tune's FIFO); MO-ASHA gets the run's `history`."""
     if registry.SCHEDULERS[opts.scheduler] is None:
         return None
     cls = registry.load(registry.SCHEDULERS, opts.scheduler, "scheduler", SearchError)
     return cls(opts.objectives, "min", time_attr="training_iteration",
                grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-               max_t=opts.max_t)
+               max_t=opts.max_t, history=history)
 
 
 def _latency_objectives(opts: SearchOptions, profile: ProfileOptions, checkpoint: str,
@@ -337,11 +364,9 @@ def _release_profilers() -> None:
 
 def _warm_start(searcher, recorded, objectives: Sequence[str]) -> None:
     """Feed complete recorded results to one of our searchers (Optuna's keeps its own)."""
-    from nas_prune.search.searchers import MultiObjectiveSearcher
-
     if not isinstance(searcher, MultiObjectiveSearcher):
         return
     final = recorded[recorded["status"] == "ok"]
     for _, row in final.iterrows():
-        searcher._observe(json.loads(row["config"]), np.array([row[k] for k in objectives],
+        searcher.observe(json.loads(row["config"]), np.array([row[k] for k in objectives],
                                                               dtype=float))

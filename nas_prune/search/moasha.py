@@ -25,7 +25,7 @@ import math
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +90,10 @@ class MOASHA(FIFOScheduler):
         rank_method: Order inside a Pareto front, ``"epsilon_net"`` or ``"nondominated"``
             (see `nas_prune.search.pareto.sort_order`).
 
+        history: Called once, before the first trial is added, for the results an
+            interrupted run reported (see `record_history`): Tune 2.60 restores a scheduler as
+            pickled when the search started, so a resumed search rebuilds its rungs so.
+
     Raises:
         ValueError: For inconsistent arguments; the message says which.
     """
@@ -104,6 +108,7 @@ class MOASHA(FIFOScheduler):
         max_t: int | float = 81,
         brackets: int = 1,
         rank_method: str = "epsilon_net",
+        history: Callable[[], Iterable[tuple[str, float, Mapping[str, float]]]] | None = None,
     ) -> None:
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
         modes = [modes] * len(metrics) if isinstance(modes, str) else list(modes)
@@ -145,6 +150,7 @@ class MOASHA(FIFOScheduler):
         self._brackets = [[_Rung(level) for level in levels[s:]] for s in range(brackets)]
         self._trial_bracket: dict[str, int] = {}
         self._num_stopped = 0
+        self._history = history
 
     @property
     def metrics(self) -> list[str]:
@@ -181,7 +187,11 @@ class MOASHA(FIFOScheduler):
         return False
 
     def on_trial_add(self, tune_controller: TuneController | None, trial: Trial) -> None:
-        """Assigns the trial to a bracket, round-robin."""
+        """Assigns the trial to a bracket, round-robin (after putting back the `history` of an
+        interrupted run, the first time)."""
+        if self._history is not None:
+            history, self._history = self._history, None
+            self.record_history(history())
         self._bracket_of(trial.trial_id)
 
     def on_trial_result(

@@ -25,7 +25,7 @@ import os
 import pickle
 import tempfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,8 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from nas_prune import registry
+from nas_prune.errors import SearchError
 from nas_prune.search import pareto
 from nas_prune.space import SearchSpace
 
@@ -119,9 +121,9 @@ class MultiObjectiveSearcher(Searcher):
             return
         vector = self.objective_vector(result or {})
         if vector is not None and np.all(np.isfinite(vector)):
-            self._observe(config, vector)
+            self.observe(config, vector)
 
-    def _observe(self, config: dict[str, int], vector: np.ndarray) -> None:
+    def observe(self, config: dict[str, int], vector: np.ndarray) -> None:
         raise NotImplementedError
 
     # -- persistence: Tune calls these on experiment checkpoints and on restore -------------
@@ -154,7 +156,7 @@ class RandomSearcher(MultiObjectiveSearcher):
     def _next_config(self):
         return self.space.sample(self.rng)
 
-    def _observe(self, config, vector):
+    def observe(self, config, vector):
         pass
 
 
@@ -174,7 +176,7 @@ class LocalSearcher(MultiObjectiveSearcher):
         parent, _ = self.archive[self.rng.integers(len(self.archive))]
         return self.space.mutate(parent, self.rng)
 
-    def _observe(self, config, vector):
+    def observe(self, config, vector):
         points = np.array([v for _, v in self.archive] + [vector])
         keep = pareto.pareto_mask(points)
         entries = [*self.archive, (config, vector)]
@@ -216,7 +218,7 @@ class MOREASearcher(MultiObjectiveSearcher):
         parent = members[front[self.rng.integers(len(front))]][0]
         return self.space.mutate(parent, self.rng)
 
-    def _observe(self, config, vector):
+    def observe(self, config, vector):
         self.population.append((config, vector))
 
 
@@ -341,21 +343,7 @@ def _optuna_state(values: list | None, error: bool) -> TrialState:
     return TrialState.FAIL if error else TrialState.PRUNED
 
 
-SEARCHERS: dict[str, Callable[..., Searcher]] = {
-    "random": RandomSearcher,
-    "local": LocalSearcher,
-    "morea": MOREASearcher,
-    "nsga2": NSGA2Searcher,
-}
-"""Searchers by name: classes taking (space, objectives, modes, seed, **options)."""
-
-EARLY_STOPPING_OK = {"random", "local", "morea"}
-"""Searchers that can run under MO-ASHA. NSGA-II is not among them: Optuna's multi-objective
-studies cannot take pruned (early-stopped) trials, and each generation needs complete ones."""
-
-
 def make_searcher(name: str, space: SearchSpace, objectives, modes="min", seed=0, **kwargs):
-    """Build searcher `name`; see SEARCHERS."""
-    if name not in SEARCHERS:
-        raise ValueError(f"unknown searcher {name!r}; choose one of {', '.join(SEARCHERS)}")
-    return SEARCHERS[name](space, objectives, modes, seed, **kwargs)
+    """Build the searcher registered as `name` (nas_prune.registry.SEARCHERS)."""
+    cls = registry.load(registry.SEARCHERS, name, "searcher", SearchError)
+    return cls(space, objectives, modes, seed, **kwargs)
