@@ -3,6 +3,7 @@ actors on a real two-node local Ray cluster whose nodes stand in for two hardwar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,12 +19,13 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from nas_prune import data, results, train
 from nas_prune import profile as prof
+from nas_prune.checkpoint import load_checkpoint
+from nas_prune.options import FinetuneOptions, ProfileOptions
 from nas_prune.profile import (
     Hardware,
     LatencyTable,
     ProfileError,
     Profiler,
-    ProfileSettings,
     build_table,
     default_grid,
     discover_hardware,
@@ -42,7 +44,7 @@ SMALLEST = {"num_layers": 0, "num_heads": 1, "num_units": 1}
 MIDDLE = {"num_layers": 1, "num_heads": 2, "num_units": 24}
 FULL = {"num_layers": 2, "num_heads": 4, "num_units": 48}
 CONFIGS = [SMALLEST, MIDDLE, FULL]
-SETTINGS = ProfileSettings(repeats=5, warmup=1, seq_len=16)
+SETTINGS = ProfileOptions(repeats=5, warmup=1, seq_len=16)
 TYPES = {"typeA", "typeB", "cpu"}
 
 
@@ -59,7 +61,7 @@ def checkpoint(tmp_path_factory, tokenizer):
     csv = _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
     task = data.tokenize(data.load_task(csv), tokenizer, max_length=32)
     out = tmp_path_factory.mktemp("teacher")
-    train.finetune(str(base), task, out, train.TrainOptions(max_steps=2, batch_size=16))
+    train.finetune(str(base), task, out, FinetuneOptions(max_steps=2, batch_size=16))
     return str(out)
 
 
@@ -103,7 +105,7 @@ def profiled(cluster, checkpoint, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prof, "start_pool", recording_start_pool)
-        rows = profile_configs(checkpoint, "small", CONFIGS, hardware=None, settings=SETTINGS,
+        rows = profile_configs(checkpoint, "small", CONFIGS, settings=SETTINGS,
                                store=results.ResultStore(root, "exp"),
                                trial_ids=["t-small", "t-middle", "t-full"])
     return {"rows": rows, "root": root, "pools": pools, "start_pool": recording_start_pool}
@@ -154,11 +156,11 @@ def test_resolve_hardware_names_present_types_when_missing():
 )
 def test_profile_settings_validation(kwargs, message):
     with pytest.raises(ProfileError, match=message):
-        ProfileSettings(**kwargs)
+        ProfileOptions(**kwargs)
 
 
 def test_profile_settings_accept_zero_warmup():
-    assert ProfileSettings(warmup=0, dtype="fp16").warmup == 0
+    assert ProfileOptions(warmup=0, dtype="fp16").warmup == 0
 
 
 def test_time_callable_on_cpu():
@@ -181,7 +183,7 @@ def test_cpu_profiler_refuses_half_precision(checkpoint):
     threads = torch.get_num_threads()
     try:
         with pytest.raises(ProfileError, match="profile CPUs in fp32"):
-            Profiler(checkpoint, "small", "cpu", ProfileSettings(dtype="bf16"))
+            Profiler(checkpoint, "small", "cpu", ProfileOptions(dtype="bf16"))
     finally:
         torch.set_num_threads(threads)
 
@@ -238,7 +240,7 @@ def test_latency_falls_with_size(tmp_path):
     config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4,
                         num_attention_heads=4, intermediate_size=512, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(tmp_path)
-    settings = ProfileSettings(batch_size=8, seq_len=64, warmup=2, repeats=15)
+    settings = ProfileOptions(batch_size=8, seq_len=64, warmup=2, repeats=15)
     threads = torch.get_num_threads()
     try:
         profiler = Profiler(str(tmp_path), "small", "cpu", settings)
@@ -319,8 +321,9 @@ def test_second_call_is_served_from_the_store(profiled, checkpoint):
         mp.setattr(prof, "start_pool", lambda *a, **k: starts.append(a) or [])
         store = results.ResultStore(root, "exp")  # a new store: the cache is read from disk
         rows = profile_configs(checkpoint, "small", CONFIGS, settings=SETTINGS, store=store)
-        only_b = profile_configs(checkpoint, "small", [FULL], hardware=["typeB"],
-                                 settings=SETTINGS, store=store)
+        only_b = profile_configs(checkpoint, "small", [FULL],
+                                 settings=dataclasses.replace(SETTINGS, hardware=["typeB"]),
+                                 store=store)
     assert starts == []  # no actor started: nothing measured
     assert len(rows) == len(TYPES) * len(CONFIGS)
     assert all(r["cached"] is True for r in rows)
@@ -335,8 +338,8 @@ def test_other_settings_are_measured_again(profiled, checkpoint):
     """The cache is per setting: another sequence length is a new measurement."""
     root = profiled["root"]
     before = len(results.load(root, table="latency"))
-    other = ProfileSettings(repeats=2, warmup=0, seq_len=8)
-    rows = profile_configs(checkpoint, "small", [SMALLEST], hardware=["typeA"], settings=other,
+    other = ProfileOptions(hardware=["typeA"], repeats=2, warmup=0, seq_len=8)
+    rows = profile_configs(checkpoint, "small", [SMALLEST], settings=other,
                            store=results.ResultStore(root, "exp"))
     assert [(r["hardware"], r["cached"], r["seq_len"]) for r in rows] == [("typeA", False, 8)]
     assert len(results.load(root, table="latency")) == before + 1
@@ -345,7 +348,8 @@ def test_other_settings_are_measured_again(profiled, checkpoint):
 def test_missing_hardware_fails_fast(cluster, checkpoint, tmp_path):
     start = time.monotonic()
     with pytest.raises(ProfileError, match=r"\['A100'\].*present: \['cpu', 'typeA', 'typeB'\]"):
-        profile_configs(checkpoint, "small", CONFIGS, hardware=["A100"], settings=SETTINGS,
+        profile_configs(checkpoint, "small", CONFIGS,
+                        settings=dataclasses.replace(SETTINGS, hardware=["A100"]),
                         store=results.ResultStore(tmp_path, "exp"))
     assert time.monotonic() - start < 5
     assert results.load(tmp_path, table="latency").empty
@@ -354,9 +358,9 @@ def test_missing_hardware_fails_fast(cluster, checkpoint, tmp_path):
 def test_measure_tables_predict_measured_latency(profiled, checkpoint):
     # more repeats than the measurements: each table entry is one median, the prediction a sum
     tables = measure_tables(checkpoint, "small",
-                            settings=ProfileSettings(repeats=9, warmup=2, seq_len=16))
+                            settings=ProfileOptions(repeats=9, warmup=2, seq_len=16))
     assert set(tables) == TYPES
-    model, _ = train.load_checkpoint(checkpoint)
+    model, _ = load_checkpoint(checkpoint)
     space_full = SubNetwork.uniform(2, 2, 4, 48)
     measured = {r["hardware"]: r["median_ms"] for r in profiled["rows"] if r["config"] == FULL}
     for hw, table in tables.items():

@@ -16,23 +16,24 @@ import pytest
 import ray
 from ray.tune.search.optuna import OptunaSearch
 
-from nas_prune import data, results, train
+from nas_prune import checkpoint, data, registry, results, train
+from nas_prune.errors import CheckpointError, SearchError
 from nas_prune.export import export_sub_network
+from nas_prune.options import (
+    FinetuneOptions,
+    ProfileOptions,
+    SearchOptions,
+    SupernetOptions,
+    TaskOptions,
+)
+from nas_prune.search.driver import run_search
 from nas_prune.search.searchers import (
-    SEARCHERS,
     LocalSearcher,
     MOREASearcher,
     RandomSearcher,
     make_searcher,
 )
-from nas_prune.search.tuner import (
-    SearchError,
-    SearchOptions,
-    resident_evaluator,
-    run_search,
-    score_sub_network,
-    trial_setup,
-)
+from nas_prune.search.worker import TrialSetup, resident_evaluator, score_sub_network
 from nas_prune.space import SmallSpace
 from tests.test_train import _synthetic_csv, save_tiny_bert
 
@@ -59,13 +60,10 @@ def test_bad_search_options_fail_before_any_trial(kwargs, message):
         SearchOptions(**kwargs)
 
 
-def test_validation_order_follows_seed_unless_fixed(tmp_path):
-    def setup(**kwargs):
-        return trial_setup(tmp_path, {"task": "x.csv"}, SearchOptions(**kwargs), "small")
-
-    assert setup(seed=3).valid_seed == 3
-    fixed = setup(seed=3, valid_seed=0)
-    assert (fixed.seed, fixed.valid_seed) == (3, 0)
+def test_validation_order_follows_seed_unless_fixed():
+    assert SearchOptions(seed=3).validation_seed == 3
+    fixed = SearchOptions(seed=3, valid_seed=0)
+    assert (fixed.seed, fixed.validation_seed) == (3, 0)
 
 
 # ------------------------------------------------------------------------------- searchers
@@ -83,7 +81,7 @@ def test_random_searcher_is_seeded():
     assert seq_a != [c.suggest(str(i)) for i in range(10)]
 
 
-@pytest.mark.parametrize("name", list(SEARCHERS))
+@pytest.mark.parametrize("name", list(registry.SEARCHERS))
 def test_every_searcher_is_seeded(name):
     """The same seed and results give the same suggestions, another seed others."""
 
@@ -168,10 +166,11 @@ def supernet(tmp_path_factory):
     csv = _synthetic_csv(root / "toy.csv")
     task = data.tokenize(data.load_task(csv), tokenizer, 32)
     train.finetune(str(root / "base"), task, root / "teacher",
-                   train.TrainOptions(epochs=2, batch_size=16, lr=3e-3))
+                   FinetuneOptions(epochs=2, batch_size=16, lr=3e-3, max_length=32))
     train.train_supernet(root / "teacher", task, root / "supernet",
-                         train.TrainOptions(strategy="full", max_steps=6, batch_size=16))
-    return root, csv
+                         SupernetOptions(strategy="full", max_steps=6, batch_size=16,
+                                         max_length=32))
+    return root, TaskOptions(task=str(csv))
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +189,14 @@ def test_search_writes_every_result_to_parquet(supernet, ray_local, tmp_path, se
     max_t = 3 if scheduler == "moasha" else 1
     opts = SearchOptions(searcher=searcher, scheduler=scheduler, num_samples=8, max_t=max_t,
                          batch_size=16, objectives=["error", "params_ratio"])
-    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
+    frame = run_search(root / "supernet", csv, tmp_path / "results", "exp", opts,
                        storage_path=tmp_path / "tune")
     assert frame["trial_id"].nunique() == 8
     final = frame.sort_values("fidelity").groupby("trial_id").tail(1)
     n_valid = len(data.load_task(csv).valid)
+    assert set(frame["status"]) <= {"ok", "stopped", "rung"}
+    # the README's recipe: status ok is exactly the complete evaluations
+    assert (frame.loc[frame["status"] == "ok", "fidelity"] == n_valid).all()
     assert set(final["status"]) <= {"ok", "stopped"}
     assert (final.loc[final["status"] == "ok", "fidelity"] == n_valid).all()
     assert ((frame["error"] >= 0) & (frame["error"] <= 1)).all()
@@ -217,7 +219,7 @@ def test_evaluator_is_loaded_once_per_process_and_scores_growing_prefixes(supern
     error on growing prefixes of the validation set and leaves the supernet full."""
     root, csv = supernet
     opts = SearchOptions(scheduler="moasha", max_t=3, batch_size=8, valid_examples=40)
-    setup = trial_setup(root / "supernet", {"task": csv}, opts, "small")
+    setup = TrialSetup(str(root / "supernet"), csv, opts, "small", 32)
     evaluator = resident_evaluator(setup)
     assert resident_evaluator(setup) is evaluator
     assert len(evaluator.chunks) == 3 and len(evaluator.task.train) == 0  # valid only
@@ -235,7 +237,7 @@ def test_moasha_stops_weak_subnetworks(supernet, ray_local, tmp_path):
     root, csv = supernet
     opts = SearchOptions(searcher="random", scheduler="moasha", num_samples=12, max_t=4,
                          grace_period=1, reduction_factor=2, batch_size=8, num_workers=1)
-    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
+    frame = run_search(root / "supernet", csv, tmp_path / "results", "exp", opts,
                        storage_path=tmp_path / "tune")
     final = frame.sort_values("fidelity").groupby("trial_id").tail(1)
     assert (final["status"] == "stopped").any()
@@ -246,37 +248,45 @@ def test_latency_objective_needs_profiled_hardware(supernet, ray_local, tmp_path
     root, csv = supernet
     opts = SearchOptions(num_samples=2, objectives=["error", "latency:H100"])
     with pytest.raises(SearchError, match="H100"):
-        run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp", opts,
+        run_search(root / "supernet", csv, tmp_path / "r", "exp", opts,
                    storage_path=tmp_path / "tune")
 
 
 def test_search_rejects_a_non_supernet_and_infeasible_workers(supernet, ray_local, tmp_path):
     root, csv = supernet
-    with pytest.raises(SearchError, match="no config.json"):
-        run_search(tmp_path, {"task": csv}, tmp_path / "r", "exp", SearchOptions(num_samples=1))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        run_search(tmp_path, csv, tmp_path / "r", "exp", SearchOptions(num_samples=1))
+    with pytest.raises(CheckpointError, match="fine-tuned teacher, not a trained supernet"):
+        run_search(root / "teacher", csv, tmp_path / "r", "exp", SearchOptions(num_samples=1))
+    three = tmp_path / "three.csv"  # the supernet predicts 2 labels
+    three.write_text("text,label\n" + "".join(f"w{i} x,{i % 3}\n" for i in range(60)))
+    with pytest.raises(CheckpointError, match="fine-tuned for task"):
+        run_search(root / "supernet", TaskOptions(task=str(three)), tmp_path / "r", "exp",
+                   SearchOptions(num_samples=1))
     with pytest.raises(SearchError, match="need 5 CPUs but the Ray cluster has 2"):
-        run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp",
+        run_search(root / "supernet", csv, tmp_path / "r", "exp",
                    SearchOptions(num_samples=1, num_workers=5))
     with pytest.raises(Exception, match="out of range|outside|leave the model"):
-        run_search(root / "supernet", {"task": csv}, tmp_path / "r", "exp",
+        run_search(root / "supernet", csv, tmp_path / "r", "exp",
                    SearchOptions(num_samples=1), space_bounds={"num_layers": (0, 9)})
-    model, _ = train.load_checkpoint(root / "supernet")
+    model, _ = checkpoint.load_checkpoint(root / "supernet")
     tokenizer = data.load_tokenizer(str(root / "supernet"))
     exported = export_sub_network(model, SPACE.to_sub_network(SPACE.middle()),
                                   tmp_path / "exported", tokenizer)
-    with pytest.raises(SearchError, match="exported sub-network, not a supernet"):
-        run_search(exported, {"task": csv}, tmp_path / "r", "exp", SearchOptions(num_samples=1))
+    with pytest.raises(CheckpointError, match="exported sub-network, not a supernet"):
+        run_search(exported, csv, tmp_path / "r", "exp", SearchOptions(num_samples=1))
 
 
 _DRIVER = textwrap.dedent("""
     import sys
     import ray
-    from nas_prune.search.tuner import SearchOptions, run_search
+    from nas_prune.options import SearchOptions, TaskOptions
+    from nas_prune.search.driver import run_search
     supernet, csv, out = sys.argv[1:4]
     ray.init(num_cpus=1, include_dashboard=False)
     opts = SearchOptions(searcher="local", num_samples=int(sys.argv[4]), batch_size=16,
                          num_workers=1)
-    run_search(supernet, {"task": csv}, out + "/results", "exp", opts,
+    run_search(supernet, TaskOptions(task=csv), out + "/results", "exp", opts,
                storage_path=out + "/tune")
 """)
 
@@ -286,7 +296,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(supernet, tmp_p
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    args = [sys.executable, str(script), str(root / "supernet"), csv, str(tmp_path), "60"]
+    args = [sys.executable, str(script), str(root / "supernet"), csv.task, str(tmp_path), "60"]
     proc = subprocess.Popen(args, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = results.ResultStore(tmp_path / "results", "exp")
@@ -320,10 +330,9 @@ def test_latency_objective_in_moasha_search(supernet, ray_local, tmp_path):
     like the others, here under MO-ASHA with local search."""
     root, csv = supernet
     opts = SearchOptions(searcher="local", scheduler="moasha", max_t=2, num_samples=6,
-                         batch_size=16, objectives=["error", "latency:cpu"],
-                         latency_seq_len=16)
-    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
-                       storage_path=tmp_path / "tune")
+                         batch_size=16, objectives=["error", "latency:cpu"])
+    frame = run_search(root / "supernet", csv, tmp_path / "results", "exp", opts,
+                       profile=ProfileOptions(seq_len=16), storage_path=tmp_path / "tune")
     assert frame["trial_id"].nunique() == 6
     assert (frame["hardware"] == "cpu").all() and (frame["latency_ms"] > 0).all()
     by_layers = frame.groupby("cfg_num_layers")["latency_ms"].mean()
@@ -337,7 +346,7 @@ def test_standard_nas_trains_each_subnetwork(supernet, ray_local, tmp_path):
     root, csv = supernet
     opts = SearchOptions(searcher="random", mode="standard", max_t=2, num_samples=2,
                          batch_size=16, train_batch_size=32, lr=1e-3)
-    frame = run_search(root / "teacher", {"task": csv}, tmp_path / "results", "std", opts,
+    frame = run_search(root / "teacher", csv, tmp_path / "results", "std", opts,
                        storage_path=tmp_path / "tune")
     assert frame["trial_id"].nunique() == 2
     assert sorted(frame["fidelity"].unique()) == [1.0, 2.0]
@@ -350,10 +359,9 @@ def test_measured_latency_objective_and_its_actor_is_released(supernet, ray_loca
     search gets its CPU back."""
     root, csv = supernet
     opts = SearchOptions(searcher="random", num_samples=3, num_workers=1, batch_size=16,
-                         objectives=["error", "latency:cpu"], latency="measured",
-                         latency_seq_len=16)
-    frame = run_search(root / "supernet", {"task": csv}, tmp_path / "results", "exp", opts,
-                       storage_path=tmp_path / "tune")
+                         objectives=["error", "latency:cpu"], latency="measured")
+    frame = run_search(root / "supernet", csv, tmp_path / "results", "exp", opts,
+                       profile=ProfileOptions(seq_len=16), storage_path=tmp_path / "tune")
     assert frame["trial_id"].nunique() == 3
     assert (frame["hardware"] == "cpu").all() and (frame["latency_ms"] > 0).all()
     # each measurement in full in the latency table, once per trial

@@ -75,7 +75,7 @@ def test_spaces_registry_and_make_space(supernet):
     for name in registry.SPACES:
         cls = registry.load(registry.SPACES, name, "search space")
         space = make_space(name, supernet.config)
-        assert type(space) is cls
+        assert type(space) is cls and cls.name == name
         assert (space.num_layers, space.num_heads, space.num_units) == (L, H, F)
 
 
