@@ -256,6 +256,16 @@ class Layer(nn.Module):
         self.ffn = FeedForward(config, num_units) if num_units else None
 
 
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention bias for a (batch, length) 0/1 padding mask: 0 where a key is a real token,
+    the dtype's most negative value where it is padding, shaped (batch, 1, 1, length).
+
+    It is applied to every batch, padded or not: a branch on the mask's values (skipping it when
+    nothing is padded) would be data-dependent control flow, which a trace or an ONNX export
+    records for the example batch only."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """One vector per sequence: the first token's state, or the mean over unmasked tokens."""
     if pooling == "cls":
@@ -367,9 +377,7 @@ class EncoderForSequenceClassification(PreTrainedModel):
         **_: object,
     ) -> SequenceClassifierOutput:
         x = self.embeddings(input_ids, token_type_ids)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask[:, None, None, :].bool()
+        mask = None if attention_mask is None else additive_mask(attention_mask, x.dtype)
         for layer, (heads, rows, units, cols) in zip(self.layers, self._active, strict=True):
             if heads:
                 x = layer.attention(x, mask, heads, rows)

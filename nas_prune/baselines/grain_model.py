@@ -134,6 +134,16 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention bias for a (batch, length) 0/1 padding mask: 0 where a key is a real token,
+    the dtype's most negative value where it is padding, shaped (batch, 1, 1, length).
+
+    It is applied to every batch, padded or not: a branch on the mask's values (skipping it when
+    nothing is padded) would be data-dependent control flow, which a trace or an ONNX export
+    records for the example batch only."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def _pad_positions(dims: list[int], width: int) -> list[int] | None:
     """Where each packed row goes in the (heads x width) padded layout; None if no padding."""
     if all(d == width for d in dims):
@@ -337,9 +347,7 @@ class GrainForSequenceClassification(PreTrainedModel):
         **_: object,
     ) -> SequenceClassifierOutput:
         x = self.embeddings(input_ids, token_type_ids)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask[:, None, None, :].bool()
+        mask = None if attention_mask is None else additive_mask(attention_mask, x.dtype)
         hidden = [x]
         for layer in self.layers:
             x = layer(x, mask)
