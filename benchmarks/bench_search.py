@@ -39,8 +39,6 @@ import numpy as np
 import pandas as pd
 import torch
 from _common import command_line, machine_summary, markdown_table, quiet_transformers
-
-from nas_prune.search import pareto
 from nas_prune.search.tuner import (
     SearchOptions,
     resident_evaluator,
@@ -48,6 +46,8 @@ from nas_prune.search.tuner import (
     score_sub_network,
     trial_setup,
 )
+
+from nas_prune.search import pareto
 from nas_prune.train import read_meta
 
 log = logging.getLogger("bench_search")

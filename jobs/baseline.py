@@ -2,7 +2,7 @@
 
 Submit it to a running cluster from the repository root::
 
-    ray job submit --working-dir . -- python jobs/baseline.py pins --teacher /mnt/shared/nas/teacher --out /mnt/shared/nas --sparsities 0.5 0.8
+    ray job submit --working-dir . -- python jobs/baseline.py pins --out /mnt/shared/nas --pins.sparsities '[0.5, 0.8]'
 
 Methods: pins, grain, layer_drop (`nas-prune baseline --help`); every option of
 `nas-prune baseline <method> --help` works here. Models go to OUT/baselines/<method>/, rows to

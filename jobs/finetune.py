@@ -2,7 +2,7 @@
 
 Submit it to a running cluster from the repository root::
 
-    ray job submit --working-dir . -- python jobs/finetune.py --out /mnt/shared/nas/teacher --task rotten_tomatoes
+    ray job submit --working-dir . -- python jobs/finetune.py --out /mnt/shared/nas --data.task rotten_tomatoes
 
 Every option of `nas-prune finetune --help` works here; on a cluster, put output directories on
 shared storage (a shared filesystem, see README) so every node reads and writes the same files.

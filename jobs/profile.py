@@ -2,7 +2,7 @@
 
 Submit it to a running cluster from the repository root::
 
-    ray job submit --working-dir . -- python jobs/profile.py --supernet /mnt/shared/nas/supernet --results /mnt/shared/nas/results
+    ray job submit --working-dir . -- python jobs/profile.py --out /mnt/shared/nas
 
 Every option of `nas-prune profile --help` works here; on a cluster, put output directories on
 shared storage (a shared filesystem, see README) so every node reads and writes the same files.

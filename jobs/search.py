@@ -2,7 +2,7 @@
 
 Submit it to a running cluster from the repository root::
 
-    ray job submit --working-dir . -- python jobs/search.py --supernet /mnt/shared/nas/supernet --out /mnt/shared/nas --searcher local --num-samples 500
+    ray job submit --working-dir . -- python jobs/search.py --out /mnt/shared/nas --search.searcher local --search.num_samples 500
 
 Every option of `nas-prune search --help` works here; on a cluster, put output directories on
 shared storage (a shared filesystem, see README) so every node reads and writes the same files.

@@ -2,7 +2,7 @@
 
 Submit it to a running cluster from the repository root::
 
-    ray job submit --working-dir . -- python jobs/supernet.py --teacher /mnt/shared/nas/teacher --out /mnt/shared/nas/supernet --strategy full --workers 2
+    ray job submit --working-dir . -- python jobs/supernet.py --out /mnt/shared/nas --supernet.strategy full --workers 2
 
 Every option of `nas-prune supernet --help` works here; on a cluster, put output directories on
 shared storage (a shared filesystem, see README) so every node reads and writes the same files.

@@ -130,7 +130,8 @@ def cmd_export(args, opts) -> Any:
 
     configs = _configs(args.sub_network, "--sub_network")
     named = {f"custom-{config_hash(c)[:10]}": c for c in configs} if configs else None
-    paths = pipeline.export(_rundir(args), opts, args.supernet, named, args.objectives)
+    paths = pipeline.export(_rundir(args), opts, args.supernet, named, args.objectives,
+                            onnx=args.format == "onnx")
     return [str(p) for p in paths]
 
 
@@ -181,6 +182,8 @@ def _stage_parser(name: str, fields: dict[str, Any]):
 
     help_, sections, _ = COMMANDS[name]
     p = ArgumentParser(description=help_, exit_on_error=False)
+    if name == "baseline":  # the options are the method's: see _baseline_methods
+        return p
     _common(p)
     if name == "run":
         p.add_argument("--preset", choices=list(PRESETS), default="quick",
@@ -208,10 +211,11 @@ def _stage_parser(name: str, fields: dict[str, Any]):
         p.add_argument("--configs", help="JSON config or list of configs (or a file holding "
                        "it) instead of the Pareto set")
     if name == "export":
+        p.add_argument("--format", choices=["hf", "onnx"], default="hf",
+                       help="hf: Hugging Face model directories; onnx: also a model.onnx in "
+                       "each, validated with onnxruntime")
         p.add_argument("--sub_network", help="JSON config (or list, or a file) to export "
                        "instead of the Pareto set; each goes to OUT/export/custom-<hash>")
-    if name == "baseline":
-        p.add_argument("--teacher", help="fine-tuned teacher (default: OUT/teacher)")
     return p
 
 
@@ -241,9 +245,14 @@ def _baseline_methods(p) -> None:
 
     from nas_prune import registry
 
+    sections = _sections()
     methods = p.add_subcommands(dest="method", required=True)
     for name in registry.BASELINES:
         m = ArgumentParser(exit_on_error=False)
+        _common(m)
+        m.add_argument("--teacher", help="fine-tuned teacher (default: OUT/teacher)")
+        for section in COMMANDS["baseline"][1]:
+            m.add_class_arguments(sections[section], section)
         try:
             module = registry.load(registry.BASELINES, name, "baseline")
         except ImportError as e:
@@ -281,9 +290,9 @@ def build_parser(argv: list[str]):
             preset = _preset(argv)
             p.set_defaults({f"{section}.{k}": v for section, values in PRESETS[preset].items()
                             for k, v in values.items()})
+        sub.add_subcommand(name, p, help=help_)
         if name == "baseline":
             _baseline_methods(p)
-        sub.add_subcommand(name, p, help=help_)
     return parser
 
 
@@ -300,6 +309,13 @@ def _preset(argv: list[str]) -> str:
     return "quick"
 
 
+def _method_namespace(sub):
+    method = sub.method
+    namespace = sub[method]
+    namespace.method = method
+    return namespace
+
+
 def _options(command: str, init) -> Any:
     """The PipelineOptions of a parsed subcommand (sections it does not take keep defaults)."""
     from nas_prune.options import PipelineOptions, SearchOptions
@@ -309,7 +325,7 @@ def _options(command: str, init) -> Any:
     if command == "baseline":
         method = init["method"]
         values["baselines"] = [method]
-        values["baseline_options"] = {method: dataclasses.asdict(init[method][method])}
+        values["baseline_options"] = {method: dataclasses.asdict(init[method])}
     if command in ("profile", "export", "report"):
         search = {k: init[k] for k in ("objectives", "space") if init.get(k) is not None}
         values["search"] = SearchOptions(**search)
@@ -350,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parser.parse_args(argv)
         init = parser.instantiate(cfg)
         sub = init[init.command]
+        if init.command == "baseline":  # the method's own parser holds every option
+            sub = _method_namespace(sub)
         opts = _options(init.command, sub)
     except _user_error_types() as e:
         print(f"nas-prune {command}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -236,9 +236,11 @@ def report(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | None 
 
 def export(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None = None,
            configs: dict[str, dict[str, int]] | None = None,
-           objectives: Sequence[str] | None = None) -> list[Path]:
+           objectives: Sequence[str] | None = None, onnx: bool = False) -> list[Path]:
     """Export `configs` (name -> config; default: the Pareto set by trial id) of the supernet
-    (default ``run.supernet``) to ``run.export(name)``; existing exports are kept."""
+    (default ``run.supernet``) to ``run.export(name)``; existing exports are kept. With
+    `onnx`, each also gets a ``model.onnx`` (dynamic batch and sequence axes) checked against
+    PyTorch with onnxruntime (nas_prune.onnx_export)."""
     from nas_prune import export as export_lib
     from nas_prune.checkpoint import load_checkpoint
     from nas_prune.space import make_space
@@ -265,6 +267,10 @@ def export(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
                 model, space.to_sub_network(config), target, tokenizer,
                 metadata={"config": config, "error": errors.get(name), "space": space_name,
                           "task": meta.get("task"), "supernet": str(supernet_dir)})
+        if onnx and not (target / "model.onnx").exists():
+            from nas_prune.onnx_export import export_onnx
+
+            export_onnx(target)
         exported.append(target)
     return exported
 

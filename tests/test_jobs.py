@@ -72,7 +72,8 @@ def test_job_docstring_has_a_working_submit_line(job):
     assert line.startswith(submit + " ") or line == submit
     # the documented options are options of the stage the job runs
     assert f'main(["{job.stem}", *sys.argv[1:]])' in source
-    args = build_parser().parse_args([job.stem, *shlex.split(line[len(submit):])])
+    argv = [job.stem, *shlex.split(line[len(submit):])]
+    args = build_parser(argv).parse_args(argv)
     assert args.command == job.stem
 
 

@@ -11,7 +11,13 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
 
 from nas_prune import data, train
+from nas_prune.checkpoint import load_checkpoint
+from nas_prune.engine import deepspeed_config
+from nas_prune.errors import CheckpointError, TrainingError
+from nas_prune.evaluate import evaluate
+from nas_prune.options import FinetuneOptions, SupernetOptions, TrainOptions
 from nas_prune.space import SmallSpace
+from nas_prune.strategies import StepContext, make_strategy
 from nas_prune.supernet import SubNetwork
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -65,7 +71,7 @@ def task(task_kwargs, tokenizer):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_model_dir, task):
     out = tmp_path_factory.mktemp("teacher")
-    opts = train.TrainOptions(epochs=4, batch_size=16, lr=3e-3, log_every=5)
+    opts = FinetuneOptions(epochs=4, batch_size=16, lr=3e-3, log_every=5)
     result = train.finetune(tiny_model_dir, task, out, opts)
     return out, result
 
@@ -73,8 +79,8 @@ def teacher_dir(tmp_path_factory, tiny_model_dir, task):
 # --------------------------------------------------------------------------------- strategies
 def _plan(name, **kw):
     space = SmallSpace(2, 4, 48)
-    strategy = train.make_strategy(name, **kw)
-    ctx = train.StepContext(space, np.random.default_rng(0), step=5, total_steps=10)
+    strategy = make_strategy(name, **kw)
+    ctx = StepContext(space, np.random.default_rng(0), step=5, total_steps=10)
     return strategy, strategy.plan(ctx)
 
 
@@ -106,11 +112,11 @@ def test_sandwich_ends_with_smallest_and_starts_with_full():
 
 def test_random_linear_probability_rises():
     space = SmallSpace(2, 4, 48)
-    strategy = train.make_strategy("random_linear")
+    strategy = make_strategy("random_linear")
     rng = np.random.default_rng(0)
 
     def share(step):
-        ctx = train.StepContext(space, rng, step=step, total_steps=101)
+        ctx = StepContext(space, rng, step=step, total_steps=101)
         return np.mean([strategy.plan(ctx)[0].sub is not None for _ in range(400)])
 
     assert share(0) == 0.0
@@ -127,23 +133,23 @@ def test_kd_loss_formula_and_temperature():
         log_p_student = torch.log_softmax(student / t, -1)
         soft = -(p_teacher * log_p_student).sum() * t * t
         hard = -torch.log_softmax(student, -1)[0, 2]
-        got = train._kd_loss(student, teacher, labels, t)
+        got = train.kd_loss(student, teacher, labels, t)
         assert got.item() == pytest.approx((soft + hard).item(), rel=1e-6)
-    assert train._kd_loss(student, teacher, labels, 1.0) != train._kd_loss(
+    assert train.kd_loss(student, teacher, labels, 1.0) != train.kd_loss(
         student, teacher, labels, 4.0
     )
 
 
 def test_kd_loss_regression_uses_mse():
     student, teacher = torch.tensor([[0.5]]), torch.tensor([[1.5]])
-    got = train._kd_loss(student, teacher, torch.tensor([2.0]), 2.0)
+    got = train.kd_loss(student, teacher, torch.tensor([2.0]), 2.0)
     assert got.item() == pytest.approx(1.0 + 2.25)
 
 
 # --------------------------------------------------------------------------------- bad input
 def test_unknown_strategy_is_rejected():
-    with pytest.raises(train.TrainingError, match="unknown strategy 'bogus'.*sandwich"):
-        train.TrainOptions(strategy="bogus")
+    with pytest.raises(TrainingError, match="unknown strategy 'bogus'.*sandwich"):
+        SupernetOptions(strategy="bogus")
 
 
 @pytest.mark.parametrize(
@@ -156,61 +162,60 @@ def test_unknown_strategy_is_rejected():
     ],
 )
 def test_contradictory_deepspeed_config(override, message):
-    opts = train.TrainOptions(strategy="sandwich", deepspeed=override)
-    with pytest.raises(train.TrainingError, match=message):
-        train.deepspeed_config(opts, passes_per_step=4, total_steps=10, world_size=1,
-                               use_gpu=False)
+    opts = SupernetOptions(strategy="sandwich", deepspeed=override)
+    with pytest.raises(TrainingError, match=message):
+        deepspeed_config(opts, passes_per_step=4, total_steps=10, world_size=1, use_gpu=False)
 
 
 def test_deepspeed_config_accumulates_every_pass():
-    opts = train.TrainOptions(strategy="full", num_random=3, gradient_accumulation=2)
-    strategy = train.make_strategy("full", 3)
-    config = train.deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=False)
+    opts = SupernetOptions(strategy="full", num_random=3, gradient_accumulation=2)
+    strategy = make_strategy("full", 3)
+    config = deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=False)
     assert config["gradient_accumulation_steps"] == 2 * 5
     assert config["optimizer"]["params"]["torch_adam"] is True
     assert config["bf16"]["enabled"] is False
-    gpu = train.deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=True)
+    gpu = deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=True)
     assert gpu["bf16"]["enabled"] is True
 
 
 def test_bf16_on_cpu_is_rejected():
-    opts = train.TrainOptions(precision="bf16")
-    with pytest.raises(train.TrainingError, match="needs a GPU"):
-        train.deepspeed_config(opts, 1, 10, 1, use_gpu=False)
+    opts = TrainOptions(precision="bf16")
+    with pytest.raises(TrainingError, match="needs a GPU"):
+        deepspeed_config(opts, 1, 10, 1, use_gpu=False)
 
 
 def test_teacher_must_be_finetuned_for_the_task(tiny_model_dir, task, tmp_path, teacher_dir):
-    with pytest.raises(train.TrainingError, match="not a fine-tuned nas_prune model"):
-        train.train_supernet(tiny_model_dir, task, tmp_path / "a", train.TrainOptions())
+    with pytest.raises(CheckpointError, match="not a fine-tuned nas_prune model"):
+        train.train_supernet(tiny_model_dir, task, tmp_path / "a", SupernetOptions())
     other = data.TaskData(
         data.TaskSpec("other_task", "text", None, "label", 2, "accuracy"),
         task.train, task.valid, task.test,
     )
-    with pytest.raises(train.TrainingError, match="fine-tuned for task"):
-        train.train_supernet(teacher_dir[0], other, tmp_path / "b", train.TrainOptions())
+    with pytest.raises(CheckpointError, match="fine-tuned for task"):
+        train.train_supernet(teacher_dir[0], other, tmp_path / "b", SupernetOptions())
     three = data.TaskData(
         data.TaskSpec(task.spec.name, "text", None, "label", 3, "accuracy"),
         task.train, task.valid, task.test,
     )
-    with pytest.raises(train.TrainingError, match="predicts 2 labels"):
-        train.train_supernet(teacher_dir[0], three, tmp_path / "c", train.TrainOptions())
+    with pytest.raises(CheckpointError, match="predicts 2 labels"):
+        train.train_supernet(teacher_dir[0], three, tmp_path / "c", SupernetOptions())
 
 
 def test_checkpoint_of_another_family_or_corrupt(tmp_path, teacher_dir):
     gpt = tmp_path / "gpt2"
     GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(gpt)
-    with pytest.raises(train.TrainingError, match="BERT and RoBERTa"):
-        train.load_checkpoint(gpt)
+    with pytest.raises(CheckpointError, match="BERT and RoBERTa"):
+        load_checkpoint(gpt)
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in teacher_dir[0].iterdir():
         if f.is_file():
             (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(train.TrainingError, match="cannot load checkpoint"):
-        train.load_checkpoint(broken)
-    with pytest.raises(train.TrainingError, match="no config.json"):
-        train.load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(tmp_path)
 
 
 # --------------------------------------------------------------------------------- training
@@ -218,18 +223,18 @@ def test_finetune_loss_falls_and_checkpoint_loads(teacher_dir, task, tokenizer):
     out, result = teacher_dir
     assert result.steps == 4 * math.ceil(len(task.train) / 16)
     assert np.mean(result.losses[-5:]) < 0.5 * np.mean(result.losses[:5])
-    model, meta = train.load_checkpoint(out)
+    model, meta = load_checkpoint(out)
     assert meta["kind"] == "teacher" and meta["finished"] and meta["steps_done"] == result.steps
-    valid = train.evaluate(model, data.make_loader(task.valid, tokenizer, 32), task.spec)
+    valid = evaluate(model, data.make_loader(task.valid, tokenizer, 32), task.spec)
     assert valid["metric"] == pytest.approx(result.valid["metric"])
     assert valid["metric"] > 0.9
     assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()
 
 
 def test_finished_run_is_not_silently_overwritten(teacher_dir, tiny_model_dir, task):
-    with pytest.raises(train.TrainingError, match="already holds a finished"):
+    with pytest.raises(TrainingError, match="already holds a finished"):
         train.finetune(tiny_model_dir, task, teacher_dir[0],
-                       train.TrainOptions(epochs=4, batch_size=16, lr=3e-3, log_every=5))
+                       FinetuneOptions(epochs=4, batch_size=16, lr=3e-3, log_every=5))
 
 
 def _forward_counter(monkeypatch):
@@ -249,8 +254,8 @@ def _forward_counter(monkeypatch):
 def test_num_random_changes_training(teacher_dir, task, tmp_path, monkeypatch, strategy,
                                      num_random, forwards):
     calls = _forward_counter(monkeypatch)
-    opts = train.TrainOptions(strategy=strategy, num_random=num_random, max_steps=2,
-                              batch_size=16, rewire=False)
+    opts = SupernetOptions(strategy=strategy, num_random=num_random, max_steps=2,
+                           batch_size=16, rewire=False)
     steps = []
     train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts,
                          on_step=lambda s, _: steps.append((s, len(calls))))
@@ -258,13 +263,13 @@ def test_num_random_changes_training(teacher_dir, task, tmp_path, monkeypatch, s
 
 
 def _state(path):
-    model, _ = train.load_checkpoint(path)
+    model, _ = load_checkpoint(path)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_supernet_resume_repeats_and_loses_no_step(teacher_dir, task, tmp_path):
-    opts = train.TrainOptions(strategy="full", max_steps=6, batch_size=16, lr=1e-3,
-                              rewire_batches=2)
+    opts = SupernetOptions(strategy="full", max_steps=6, batch_size=16, lr=1e-3,
+                           rewire_batches=2)
     straight = []
     train.train_supernet(teacher_dir[0], task, tmp_path / "straight", opts,
                          on_step=lambda s, loss: straight.append((s, loss)))
@@ -286,55 +291,56 @@ def test_supernet_resume_repeats_and_loses_no_step(teacher_dir, task, tmp_path):
 
 
 def test_resume_with_other_options_is_rejected(teacher_dir, task, tmp_path):
-    opts = train.TrainOptions(strategy="random", max_steps=4, batch_size=16, rewire=False)
+    opts = SupernetOptions(strategy="random", max_steps=4, batch_size=16, rewire=False)
     train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts, stop_after=1)
-    other = train.TrainOptions(strategy="sandwich", max_steps=4, batch_size=16, rewire=False)
-    with pytest.raises(train.TrainingError, match="other options.*strategy"):
+    other = SupernetOptions(strategy="sandwich", max_steps=4, batch_size=16, rewire=False)
+    with pytest.raises(TrainingError, match="other options.*strategy"):
         train.train_supernet(teacher_dir[0], task, tmp_path / "sn", other)
 
 
-def test_resume_of_a_run_saved_before_an_option_existed(teacher_dir, task, tmp_path):
+def test_resume_of_a_run_saved_before_an_option_existed(tiny_model_dir, task, tmp_path):
     """A run whose saved options lack an option added later resumes when today's value is
     that option's default."""
-    opts = train.TrainOptions(strategy="random", max_steps=2, batch_size=16, rewire=False)
-    train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts, stop_after=1)
-    meta_file = tmp_path / "sn" / "nas_prune.json"
+    # pooling (added later) is a fine-tuning option now, so the interrupted run is a fine-tuning
+    opts = FinetuneOptions(max_steps=2, batch_size=16)
+    train.finetune(tiny_model_dir, task, tmp_path / "ft", opts, stop_after=1)
+    meta_file = tmp_path / "ft" / "nas_prune.json"
     meta = json.loads(meta_file.read_text())
     del meta["options"]["pooling"]
     meta_file.write_text(json.dumps(meta))
-    resumed = train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts)
+    resumed = train.finetune(tiny_model_dir, task, tmp_path / "ft", opts)
     assert resumed.steps == 2 and len(resumed.losses) == 1  # step 1 was not run again
 
 
 def test_pooling_is_chosen_at_fine_tuning_and_kept_by_the_supernet(tiny_model_dir, task,
                                                                     tmp_path):
-    with pytest.raises(train.TrainingError, match="pooling must be auto, cls or mean"):
-        train.TrainOptions(pooling="max")
-    opts = train.TrainOptions(max_steps=1, batch_size=16, pooling="mean")
+    with pytest.raises(TrainingError, match="unknown pooling 'max'; choose one of auto, cls, mean"):
+        FinetuneOptions(pooling="max")
+    opts = FinetuneOptions(max_steps=1, batch_size=16, pooling="mean")
     train.finetune(tiny_model_dir, task, tmp_path / "teacher", opts)
-    teacher, _ = train.load_checkpoint(tmp_path / "teacher")
+    teacher, _ = load_checkpoint(tmp_path / "teacher")
     assert teacher.config.pooling == "mean"
-    supernet_opts = train.TrainOptions(strategy="sandwich", max_steps=1, batch_size=16)
+    supernet_opts = SupernetOptions(strategy="sandwich", max_steps=1, batch_size=16)
     train.train_supernet(tmp_path / "teacher", task, tmp_path / "sn", supernet_opts)
-    supernet, _ = train.load_checkpoint(tmp_path / "sn")
+    supernet, _ = load_checkpoint(tmp_path / "sn")
     assert supernet.config.pooling == "mean"
-    default, _ = train.load_checkpoint(train.finetune(
-        tiny_model_dir, task, tmp_path / "cls", train.TrainOptions(max_steps=1, batch_size=16)
+    default, _ = load_checkpoint(train.finetune(
+        tiny_model_dir, task, tmp_path / "cls", FinetuneOptions(max_steps=1, batch_size=16)
     ).checkpoint)
     assert default.config.pooling == "cls"  # a plain transformers checkpoint reads [CLS]
 
 
 def test_full_supernet_improves_small_subnetworks(teacher_dir, task, tokenizer, tmp_path):
     """`full` training makes small sub-networks better than cutting them from the teacher."""
-    teacher, _ = train.load_checkpoint(teacher_dir[0])
+    teacher, _ = load_checkpoint(teacher_dir[0])
     small = SubNetwork.uniform(2, 1, 1, 6)
     loader = data.make_loader(task.valid, tokenizer, 64)
-    before = train.evaluate(teacher, loader, task.spec, small)["loss"]
-    opts = train.TrainOptions(strategy="full", epochs=3, batch_size=16, lr=3e-3, rewire=True)
+    before = evaluate(teacher, loader, task.spec, small)["loss"]
+    opts = SupernetOptions(strategy="full", epochs=3, batch_size=16, lr=3e-3, rewire=True)
     train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts)
-    supernet, meta = train.load_checkpoint(tmp_path / "sn")
+    supernet, meta = load_checkpoint(tmp_path / "sn")
     assert meta["kind"] == "supernet" and meta["strategy"] == "full"
-    after = train.evaluate(supernet, loader, task.spec, small)["loss"]
+    after = evaluate(supernet, loader, task.spec, small)["loss"]
     assert after < before
 
 
@@ -342,8 +348,8 @@ def test_zero3_equals_zero0(teacher_dir, task, tmp_path):
     """ZeRO-3 partitions the parameters our blocks slice; training must not change."""
     results = {}
     for stage in (0, 3):
-        opts = train.TrainOptions(strategy="sandwich", max_steps=4, batch_size=16, lr=1e-3,
-                                  zero_stage=stage, rewire=False)
+        opts = SupernetOptions(strategy="sandwich", max_steps=4, batch_size=16, lr=1e-3,
+                               zero_stage=stage, rewire=False)
         result = train.train_supernet(teacher_dir[0], task, tmp_path / f"z{stage}", opts)
         results[stage] = (result.losses, _state(tmp_path / f"z{stage}"))
     teacher = _state(teacher_dir[0])
