@@ -42,24 +42,25 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extens
 
 import pandas as pd  # noqa: E402
 
-from nas_prune import baselines, report, results  # noqa: E402
+from nas_prune import baselines, registry, report, results  # noqa: E402
 from nas_prune import data as data_lib  # noqa: E402
 from nas_prune import train as train_lib  # noqa: E402
-from nas_prune.pipeline import dense_evaluation  # noqa: E402
-from nas_prune.profile import ProfileSettings  # noqa: E402
+from nas_prune.checkpoint import read_meta  # noqa: E402
+from nas_prune.evaluate import dense_evaluation  # noqa: E402
+from nas_prune.options import FinetuneOptions, ProfileOptions, TaskOptions  # noqa: E402
 
 
-def _teacher(args: argparse.Namespace, task_kwargs: dict) -> Path:
+def _teacher(args: argparse.Namespace, task_options: TaskOptions) -> Path:
     if args.run:
         return args.run / "teacher"
     if args.teacher:
         return args.teacher
     out = args.workdir / "teacher"
-    if not train_lib.read_meta(out).get("finished"):
+    if not read_meta(out).get("finished"):
         tokenizer = data_lib.load_tokenizer(args.model)
-        task = data_lib.tokenize(data_lib.load_task(**task_kwargs), tokenizer, args.max_length)
-        opts = train_lib.TrainOptions(strategy="standard", epochs=args.teacher_epochs,
-                                      batch_size=32, lr=1e-4, max_length=args.max_length)
+        task = data_lib.tokenize(data_lib.load_task(task_options), tokenizer, args.max_length)
+        opts = FinetuneOptions(epochs=args.teacher_epochs, batch_size=32, lr=1e-4,
+                               max_length=args.max_length)
         train_lib.finetune(args.model, task, out, opts, tokenizer=tokenizer)
     return out
 
@@ -107,8 +108,8 @@ def main() -> None:
                         help="layer counts kept by layer dropping")
     parser.add_argument("--layer-drop-steps", type=int, default=80,
                         help="fine-tuning steps per layer-dropped model")
-    parser.add_argument("--methods", nargs="+", default=list(baselines.METHODS),
-                        choices=list(baselines.METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(registry.BASELINES),
+                        choices=list(registry.BASELINES))
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--latency-rounds", type=int, default=5,
                         help="interleaved latency rounds over all models for the table")
@@ -120,11 +121,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_transformers()
 
-    task_kwargs = {"task": "rotten_tomatoes", "max_examples": args.max_examples, "seed": 0}
-    teacher = _teacher(args, task_kwargs)
+    task_options = TaskOptions(task="rotten_tomatoes", max_examples=args.max_examples, seed=0)
+    teacher = _teacher(args, task_options)
     nas = _nas_rows(args.nas_results or (args.run / "results" if args.run else None))
     tokenizer = data_lib.load_tokenizer(str(teacher))
-    latency = ProfileSettings(seq_len=128, repeats=args.latency_repeats, threads=1)
+    latency = ProfileOptions(seq_len=128, repeats=args.latency_repeats, threads=1)
     method_options = {
         "pins": {"sparsities": args.pins_sparsities, "max_steps": args.pins_steps,
                  "eval_every": 50, "eval_examples": 500, "max_length": args.max_length},
@@ -142,13 +143,13 @@ def main() -> None:
         rows = []
         for name in args.methods:
             opts = baselines.make_options(name, method_options[name])
-            task = data_lib.tokenize(data_lib.load_task(**task_kwargs), tokenizer,
+            task = data_lib.tokenize(data_lib.load_task(task_options), tokenizer,
                                      opts.max_length)
             rows += baselines.run_method(name, teacher, task, tokenizer,
                                          args.workdir / "baselines" / name, opts, store_root,
                                          latency=latency)
         rows_file.write_text(json.dumps(rows, indent=2, default=str))
-    task = data_lib.tokenize(data_lib.load_task(**task_kwargs), tokenizer, args.max_length)
+    task = data_lib.tokenize(data_lib.load_task(task_options), tokenizer, args.max_length)
     dense = dense_evaluation(teacher, task, tokenizer)
     dense.update(baselines.measure_latency(teacher, latency))
     if not reused:

@@ -35,15 +35,15 @@ import numpy as np
 from _common import command_line, machine_summary, markdown_table, quiet_transformers
 
 from nas_prune import data
+from nas_prune.checkpoint import load_checkpoint
+from nas_prune.options import ProfileOptions
 from nas_prune.profile import (
     Profiler,
-    ProfileSettings,
     measure_tables,
     profile_configs,
     relative_errors,
 )
 from nas_prune.space import SmallSpace
-from nas_prune.train import load_checkpoint
 
 log = logging.getLogger("bench_latency")
 
@@ -86,9 +86,9 @@ def speed_vs_flops(args, model, space, subs) -> tuple[list[list[str]], list[dict
     full_label = subs[0][0]
     rows, raw = [], []
     for batch, length in args.shapes:
-        settings = ProfileSettings(batch_size=batch, seq_len=length, dtype="fp32",
-                                   warmup=args.warmup, repeats=args.repeats,
-                                   threads=args.threads)
+        settings = ProfileOptions(batch_size=batch, seq_len=length, dtype="fp32",
+                                  warmup=args.warmup, repeats=args.repeats,
+                                  threads=args.threads)
         profiler = Profiler(args.model, "small", "cpu", settings)
         medians: dict[str, list[float]] = {label: [] for label, _ in subs}
         p90s: dict[str, list[float]] = {label: [] for label, _ in subs}
@@ -138,14 +138,14 @@ def predictor_error(args, space) -> tuple[list[list[str]], list[dict]]:
     rows, raw = [], []
     try:
         for batch, length in args.predictor_shapes:
-            settings = ProfileSettings(batch_size=batch, seq_len=length, dtype="fp32",
-                                       warmup=args.warmup, repeats=args.repeats,
-                                       threads=args.threads)
+            settings = ProfileOptions(hardware=["cpu"], batch_size=batch, seq_len=length,
+                                      dtype="fp32", warmup=args.warmup, repeats=args.repeats,
+                                      threads=args.threads)
             started = time.perf_counter()
             table = measure_tables(args.model, "small", ["cpu"], settings)["cpu"]
             table_s = time.perf_counter() - started
             started = time.perf_counter()
-            measured = profile_configs(args.model, "small", configs, ["cpu"], settings)
+            measured = profile_configs(args.model, "small", configs, settings)
             measure_s = time.perf_counter() - started
             measured_ms = [r["median_ms"] for r in measured]
             predicted_ms = [table.predict(space.to_sub_network(c)) for c in configs]

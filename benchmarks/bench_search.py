@@ -3,7 +3,7 @@
 Takes a trained supernet checkpoint directory (`--supernet`, e.g. the `full` strategy on
 rotten_tomatoes) and the task it was trained on.
 
-1. Orchestration overhead. `nas_prune.search.tuner.run_search` scores N random sub-networks
+1. Orchestration overhead. `nas_prune.search.driver.run_search` scores N random sub-networks
    (random searcher, FIFO, objectives error and params_ratio) with 1 and with 2 concurrent
    trials. The same configs are then scored by a plain loop in this process, one torch thread,
    through `score_sub_network` with the same `TrialSetup`: the same supernet, the same
@@ -39,16 +39,13 @@ import numpy as np
 import pandas as pd
 import torch
 from _common import command_line, machine_summary, markdown_table, quiet_transformers
-from nas_prune.search.tuner import (
-    SearchOptions,
-    resident_evaluator,
-    run_search,
-    score_sub_network,
-    trial_setup,
-)
 
+from nas_prune import data as data_lib
+from nas_prune.checkpoint import read_meta
+from nas_prune.options import SearchOptions, TaskOptions
 from nas_prune.search import pareto
-from nas_prune.train import read_meta
+from nas_prune.search.driver import check_checkpoint, run_search
+from nas_prune.search.worker import TrialSetup, resident_evaluator, score_sub_network
 
 log = logging.getLogger("bench_search")
 
@@ -80,7 +77,7 @@ def overhead(args, work: Path) -> tuple[list[list[str]], dict]:
                        num_workers=workers)
         started = time.perf_counter()
         frame = run_search(args.supernet, args.task, work / "results", f"overhead-w{workers}",
-                           opts, storage_path=work / "tune", max_length=args.max_length)
+                           opts, storage_path=work / "tune")
         wall = time.perf_counter() - started
         frames[workers] = frame
         done = sorted(frame["wall_time_s"])
@@ -92,8 +89,9 @@ def overhead(args, work: Path) -> tuple[list[list[str]], dict]:
     reference = frames[args.workers[0]]
     configs = [json.loads(c) for c in reference["config"]]
     opts = options(args, searcher="random", num_samples=args.overhead_samples, seed=0)
-    space = opts.space or read_meta(args.supernet).get("space") or "small"
-    setup = trial_setup(args.supernet, args.task, opts, space, args.max_length)
+    # the space and token length run_search takes from the supernet, as it sets them up
+    _, space, max_length = check_checkpoint(args.supernet, opts, data_lib.load_task(args.task))
+    setup = TrialSetup(str(args.supernet.resolve()), args.task, opts, space, max_length)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -151,7 +149,7 @@ def quality(args, work: Path) -> tuple[list[str], list[list[str]], list[list[str
             name = f"quality-{method.replace('+', '-')}-s{seed}"
             started = time.perf_counter()
             frame = run_search(args.supernet, args.task, work / "results", name, opts,
-                               storage_path=work / "tune", max_length=args.max_length)
+                               storage_path=work / "tune")
             wall = time.perf_counter() - started
             final = frame.sort_values("fidelity").groupby("trial_id").tail(1)
             max_fidelity = frame["fidelity"].max()
@@ -217,7 +215,6 @@ def main() -> None:
     parser.add_argument("--valid-examples", type=int, default=256,
                         help="validation examples a complete evaluation scores")
     parser.add_argument("--batch-size", type=int, default=32, help="validation batch size")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
     parser.add_argument("--overhead-samples", type=int, default=100,
                         help="sub-networks per overhead run (0: skip the overhead part)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
@@ -244,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.supernet / "config.json").exists():
         parser.error(f"{args.supernet} is not a checkpoint directory (no config.json)")
-    args.task = {"task": args.task}
+    args.task = TaskOptions(task=args.task)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("nas_prune").setLevel(logging.WARNING)
@@ -275,7 +272,7 @@ def main() -> None:
     print(f"Machine: {machine_summary()}\n")
     print(f"Supernet: {args.supernet} (strategy {meta.get('strategy')}, space "
           f"{meta.get('space')}, task {meta.get('task')}, base {meta.get('base_model')}). "
-          f"Task {args.task['task']}, {args.valid_examples} validation examples per complete "
+          f"Task {args.task.task}, {args.valid_examples} validation examples per complete "
           f"evaluation (search quality: subset seed {args.valid_seed}) in batches of "
           f"{args.batch_size}. Ray with {cpus} CPUs. Load average "
           f"before/after: {load_before[0]:.2f} / {load_after[0]:.2f}.\n")

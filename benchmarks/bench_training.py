@@ -23,7 +23,6 @@ interrupted run continues; `--supernet` of this script is then usable by bench_s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import statistics
@@ -41,6 +40,9 @@ import torch  # noqa: E402
 
 from nas_prune import data as data_lib  # noqa: E402
 from nas_prune import train as train_lib  # noqa: E402
+from nas_prune.checkpoint import load_checkpoint, read_meta  # noqa: E402
+from nas_prune.evaluate import evaluate  # noqa: E402
+from nas_prune.options import FinetuneOptions, SupernetOptions  # noqa: E402
 from nas_prune.space import make_space  # noqa: E402
 from nas_prune.supernet import load_pretrained, rewire  # noqa: E402
 
@@ -48,17 +50,25 @@ TARGET_ACCURACY = 0.80
 TARGET_THROUGHPUT = 0.9
 
 
-def _options(args: argparse.Namespace, **changes) -> train_lib.TrainOptions:
-    base = train_lib.TrainOptions(
-        strategy="standard", batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-        seed=args.seed, log_every=50, pooling=args.pooling,
-    )
-    return dataclasses.replace(base, **changes)
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options fine-tuning and supernet training of this script share."""
+    return {"batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
+            "seed": args.seed, "log_every": 50}
+
+
+def _options(args: argparse.Namespace, **changes) -> FinetuneOptions:
+    """Fine-tuning options (the standard strategy on the full network)."""
+    return FinetuneOptions(**{**_shared(args), "pooling": args.pooling, **changes})
+
+
+def _supernet_options(args: argparse.Namespace, **changes) -> SupernetOptions:
+    """Supernet training options (the pooling is the teacher's)."""
+    return SupernetOptions(**{**_shared(args), **changes})
 
 
 def _accuracy(model, split, tokenizer, spec, sub=None) -> float:
     loader = data_lib.make_loader(split, tokenizer, 128)
-    return train_lib.evaluate(model, loader, spec, sub=sub)["metric"]
+    return evaluate(model, loader, spec, sub=sub)["metric"]
 
 
 # ----------------------------------------------------------------------------- 1 and 2
@@ -69,9 +79,9 @@ def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
     def stage(label: str, directory: Path, epochs: float, fit) -> tuple[Any, list]:
         """Train with `fit()` unless `directory` holds a finished run; the model and its row."""
         seconds_file = out / f"{directory.name}_seconds.txt"
-        if not train_lib.read_meta(directory).get("finished"):
+        if not read_meta(directory).get("finished"):
             seconds_file.write_text(f"{fit().seconds:.1f}\n")
-        model, meta = train_lib.load_checkpoint(directory)
+        model, meta = load_checkpoint(directory)
         return model, [label, f"{epochs:g}", meta["total_steps"],
                        f"{float(seconds_file.read_text()):.0f}",
                        f"{_accuracy(model, task.valid, tokenizer, task.spec):.4f}",
@@ -86,7 +96,7 @@ def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
         "supernet (full), full network", supernet_dir, args.supernet_epochs,
         lambda: train_lib.train_supernet(
             teacher_dir, task, supernet_dir,
-            _options(args, strategy="full", epochs=args.supernet_epochs)))
+            _supernet_options(args, strategy="full", epochs=args.supernet_epochs)))
     rows = [teacher_row, supernet_row]
     print(f"\n### Fine-tuning and supernet training (head pooling: {teacher.config.pooling})\n")
     print(markdown_table(["run", "epochs", "steps", "seconds", "valid accuracy", "test accuracy"],
@@ -97,7 +107,7 @@ def fine_tune_and_supernet(args, task, tokenizer) -> tuple[str, str]:
 
     # the same SMALL-space sub-networks: supernet vs cut from the plain teacher
     space = make_space("small", teacher.config)
-    rewired, _ = train_lib.load_checkpoint(teacher_dir)
+    rewired, _ = load_checkpoint(teacher_dir)
     loader = data_lib.make_loader(task.train, tokenizer, args.batch_size, shuffle=True,
                                   seed=args.seed + 1)  # the rewiring batches train() uses
     rewire(rewired, [b for _, b in zip(range(8), loader, strict=False)])
@@ -135,7 +145,7 @@ class _PlainTwin:
     DeepSpeed: the same batches (train()'s loader and seed), torch AdamW with the same weight
     decay, linear warm-up then linear decay, gradient clipping at 1.0."""
 
-    def __init__(self, args, task, tokenizer, opts: train_lib.TrainOptions, steps: int):
+    def __init__(self, args, task, tokenizer, opts: FinetuneOptions, steps: int):
         self.model = load_pretrained(args.model, num_labels=task.spec.num_labels,
                                      pooling=args.pooling).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr,

@@ -13,8 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-from nas_prune import baselines, cli, data, pipeline, results, train
+from nas_prune import baselines, cli, data, pipeline, registry, results, train
 from nas_prune.baselines import BaselineError, layer_drop
+from nas_prune.checkpoint import load_checkpoint
+from nas_prune.options import FinetuneOptions, PipelineOptions, replace
+from nas_prune.rundir import RunDir
 from nas_prune.supernet import SubNetwork
 from tests.test_cli import _run
 from tests.test_train import _synthetic_csv, save_tiny_bert
@@ -29,7 +32,7 @@ def test_registry_is_lazy_and_names_the_choices():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.strip() == "[]", done.stderr
-    assert list(baselines.METHODS) == ["pins", "grain", "layer_drop"]
+    assert list(registry.BASELINES) == ["pins", "grain", "layer_drop"]
     assert baselines.get("layer_drop") is layer_drop
     with pytest.raises(BaselineError, match="unknown baseline 'bogus'; choose one of pins, "
                                             "grain, layer_drop"):
@@ -40,12 +43,12 @@ def test_registry_is_lazy_and_names_the_choices():
 
 
 def test_pipeline_options_take_baselines():
-    opts = pipeline.options_from_dict({"baselines": ["pins", "layer_drop"],
+    opts = replace(PipelineOptions(), {"baselines": ["pins", "layer_drop"],
                                        "baseline_options": {"pins": {"sparsities": [0.5]}}})
     assert opts.baselines == ["pins", "layer_drop"]
-    assert pipeline.PipelineOptions().baselines == []  # the quick preset runs none
+    assert PipelineOptions().baselines == []  # the quick preset runs none
     with pytest.raises(ValueError, match="unknown baseline 'cofi'"):
-        pipeline.options_from_dict({"baselines": ["cofi"]})
+        replace(PipelineOptions(), {"baselines": ["cofi"]})
 
 
 def test_baseline_rows_keep_their_own_latency():
@@ -77,7 +80,7 @@ def task(csv_task, tokenizer):
 def teacher_dir(tmp_path_factory, tokenizer, task):
     tiny = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer)
     out = tmp_path_factory.mktemp("teacher")
-    train.finetune(tiny, task, out, train.TrainOptions(max_steps=6, batch_size=16, lr=3e-3))
+    train.finetune(tiny, task, out, FinetuneOptions(max_steps=6, batch_size=16, lr=3e-3))
     return out
 
 
@@ -86,7 +89,7 @@ def test_layer_drop_rows_and_stock_models(teacher_dir, task, tokenizer, tmp_path
     opts = layer_drop.Options(layers=[1], max_steps=3, batch_size=16, max_length=32)
     (row,) = layer_drop.run(teacher_dir, task, tokenizer, tmp_path, opts)
     assert set(baselines.ROW_KEYS) <= set(row)
-    teacher, _ = train.load_checkpoint(teacher_dir)
+    teacher, _ = load_checkpoint(teacher_dir)
     sub = SubNetwork.uniform(2, 1, 4, 48)
     assert row["method"] == "layer_drop" and row["trial_id"] == "layers-1"
     assert row["config"] == {"num_layers": 1} and row["fidelity"] == 3.0
@@ -109,16 +112,18 @@ def test_layer_drop_rows_and_stock_models(teacher_dir, task, tokenizer, tmp_path
 
 def test_pipeline_runs_baselines_once(teacher_dir, csv_task, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="nas_prune.pipeline")
-    opts = pipeline.options_from_dict({"data": {"task": csv_task},
-                                       "profile": {"repeats": 2, "seq_len": 16}})
-    method_opts = {"layer_drop": layer_drop.Options(layers=[1], max_steps=2, batch_size=16,
-                                                    max_length=32)}
-    store = results.ResultStore(tmp_path / "results", "nas-random-fifo-seed0")
+    opts = replace(PipelineOptions(), {
+        "data": {"task": csv_task}, "profile": {"repeats": 2, "seq_len": 16},
+        "baselines": ["layer_drop"],
+        "baseline_options": {"layer_drop": {"layers": [1], "max_steps": 2, "batch_size": 16,
+                                            "max_length": 32}}})
     for _ in range(2):  # the second call finds the rows and skips the method
-        experiments = pipeline._baselines(teacher_dir, store, opts, method_opts, tmp_path)
+        experiments = pipeline.baselines(RunDir(tmp_path), opts, teacher_dir)
     assert experiments == ["baseline-layer_drop-seed0"]
     frame = results.load(tmp_path / "results")
-    assert frame["trial_id"].tolist() == ["layers-1"]
+    # the method's one row, and the dense reference row the stage adds once
+    assert frame["trial_id"].tolist() == ["layers-1", "dense"]
+    assert frame["method"].tolist() == ["layer_drop", "dense"]
     assert frame["latency_ms"].iloc[0] > 0
     assert (tmp_path / "baselines" / "layer_drop" / "layers-1" / "config.json").exists()
     assert "already in baseline-layer_drop-seed0" in caplog.text
@@ -128,22 +133,24 @@ def test_pipeline_runs_baselines_once(teacher_dir, csv_task, tmp_path, caplog):
 def test_cli_pins_end_to_end(teacher_dir, csv_task, tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["baseline", "pins", "--teacher", str(teacher_dir), "--out", str(out),
-                     "--task", csv_task, "--sparsities", "0.5", "--max-steps", "12",
-                     "--batch-size", "16", "--window", "3", "--eval-every", "3",
-                     "--max-length", "32", "--latency-seq-len", "16",
-                     "--latency-repeats", "2"])
+                     "--data.task", csv_task, "--pins.sparsities", "[0.5]",
+                     "--pins.max_steps", "12", "--pins.batch_size", "16", "--pins.window", "3",
+                     "--pins.eval_every", "3", "--pins.max_length", "32",
+                     "--profile.seq_len", "16", "--profile.repeats", "2"])
     assert code == 0
-    assert "pins-s50" in capsys.readouterr().out
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"results": str(out / "results"), "experiments": ["baseline-pins-seed0"]}
     frame = results.load(out / "results")
     pins_rows = frame[frame["method"] == "pins"]
     assert len(pins_rows) == 1 and (frame["method"] == "dense").sum() == 1
     row = pins_rows.iloc[0]
+    assert row["trial_id"] == "pins-s50"
     assert row["experiment"] == "baseline-pins-seed0" and row["cfg_sparsity_pct"] == 50
     assert row["status"] == "ok" and 0 <= row["error"] <= 1
     assert row["latency_ms"] > 0 and row["hardware"] == "cpu"
     dense = frame[frame["method"] == "dense"].iloc[0]
     # half of the encoder's weight matrices are gone; embeddings, biases, head stay
-    teacher, _ = train.load_checkpoint(teacher_dir)
+    teacher, _ = load_checkpoint(teacher_dir)
     prunable = sum(p.numel() for n, p in teacher.named_parameters()
                    if n.startswith("layers.") and n.endswith("weight") and "norm" not in n)
     assert row["params"] == dense["params"] - prunable // 2
@@ -153,19 +160,18 @@ def test_cli_pins_end_to_end(teacher_dir, csv_task, tmp_path, capsys):
                 if "encoder" in n and n.endswith("weight") and "LayerNorm" not in n)
     assert zeros == prunable // 2
 
-    assert cli.main(["report", "--results", str(out / "results"), "--out",
-                     str(tmp_path / "report")]) == 0
-    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert cli.main(["report", "--out", str(out)]) == 0
+    summary = (out / "report" / "summary.md").read_text()
     assert "pins-s50" in summary and "dense" in summary
-    assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
+    assert (out / "report" / "pareto.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["baseline", "bogus", "--teacher", "t", "--out", "o"], "invalid choice: 'bogus'"),
-    (["baseline", "pins", "--teacher", "t", "--out", "o", "--sparsities", "1.5"],
+    (["baseline", "pins", "--teacher", "t", "--out", "o", "--pins.sparsities", "[1.5]"],
      "sparsities must lie strictly between 0 and 1"),
     (["baseline", "layer_drop", "--teacher", "nowhere", "--out", "o"],
-     "--teacher nowhere is not a checkpoint directory"),
+     "nowhere holds no finished fine-tuned teacher"),
 ])
 def test_baseline_user_errors_are_one_line(tmp_path, args, message):
     done = _run(args, tmp_path)

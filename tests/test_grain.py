@@ -33,7 +33,10 @@ from nas_prune.baselines.grain import (
     schedule,
 )
 from nas_prune.baselines.grain_model import GrainForSequenceClassification, Masks
+from nas_prune.checkpoint import load_checkpoint
+from nas_prune.engine import init_distributed, make_engine
 from nas_prune.export import save_model_dir
+from nas_prune.options import FinetuneOptions, TrainOptions
 from nas_prune.results import ResultStore
 from nas_prune.results import load as load_results
 from nas_prune.supernet import from_hf
@@ -288,7 +291,7 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
                 + (ffn.down.weight.grad * ffn.down.weight).sum(0)).abs().detach()
 
     def logit_loss(logits, hidden, target):
-        return train._kd_loss(logits, target.logits, batch["labels"], opts.temperature)
+        return train.kd_loss(logits, target.logits, batch["labels"], opts.temperature)
 
     def total_loss(logits, hidden, target):
         from nas_prune.baselines.grain import hidden_loss
@@ -298,15 +301,10 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
     from_logits, from_total = weight_taylor(logit_loss), weight_taylor(total_loss)
     assert not torch.allclose(from_logits, from_total, rtol=0.05)
 
-    import deepspeed
-
-    train.init_distributed()
-    train_opts = train.TrainOptions(strategy="standard", batch_size=3, lr=opts.lr, max_steps=10)
-    config = train.deepspeed_config(train_opts, 1, 10, 1, use_gpu=False)
+    init_distributed()
+    train_opts = TrainOptions(batch_size=3, lr=opts.lr, max_steps=10)
     distiller = Distiller(copy.deepcopy(student))
-    with train._quiet_deepspeed():
-        engine, _, _, _ = deepspeed.initialize(model=distiller, config=config,
-                                               model_parameters=list(distiller.parameters()))
+    engine, _ = make_engine(distiller, train_opts, 10)  # as grain.prune_to builds it
     pruner = Pruner(student.config, opts.ema_beta, opts.alpha)
     before = engine.module.student.layers[0].ffn.up.weight.detach().clone()
     losses = distillation_step(engine, teacher, batch, opts, pruner)
@@ -315,7 +313,7 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
                                rtol=1e-4)
     assert losses["hidden_loss"] > 0 and losses["logit_loss"] > 0
     # the total gradient updates the weights, the projections included (the learning rate
-    # of train.deepspeed_config's warm-up is 0 for the first two steps)
+    # of engine.deepspeed_config's warm-up is 0 for the first two steps)
     for _ in range(2):
         distillation_step(engine, teacher, batch, opts, None)
     assert not torch.equal(engine.module.student.layers[0].ffn.up.weight, before)
@@ -415,7 +413,7 @@ def tiny_task_and_teacher(tmp_path_factory, tokenizer):
     BertForSequenceClassification(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     teacher_dir = tmp_path_factory.mktemp("teacher")
-    opts = train.TrainOptions(max_steps=15, batch_size=16, lr=3e-3, log_every=5)
+    opts = FinetuneOptions(max_steps=15, batch_size=16, lr=3e-3, log_every=5)
     train.finetune(str(model_dir), task, teacher_dir, opts)
     return task, teacher_dir, str(model_dir)
 
@@ -425,7 +423,7 @@ def test_run_end_to_end(tiny_task_and_teacher, tokenizer, tmp_path):
     opts = Options(target_ratios=[0.5, 0.2], max_steps=10, batch_size=16, lr=1e-3, log_every=5)
     rows = run(teacher_dir, task, tokenizer, tmp_path / "grain", opts)
     assert [r["trial_id"] for r in rows] == ["grain-r0.50", "grain-r0.20"]
-    teacher, _ = train.load_checkpoint(teacher_dir)
+    teacher, _ = load_checkpoint(teacher_dir)
     for row, target in zip(rows, (0.5, 0.2), strict=True):
         assert set(ROW_KEYS) <= set(row)
         assert (row["method"], row["status"], row["fidelity"], row["fidelity_unit"]) == (
