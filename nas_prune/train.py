@@ -150,9 +150,9 @@ def train(
     if resume is None and opts.rewire and opts.strategy != "standard":
         rewire_loader = data_lib.make_loader(task.train, tokenizer, opts.batch_size,
                                              shuffle=True, seed=opts.seed + 1)
-        batches = [b for _, b in zip(range(opts.rewire_batches), rewire_loader, strict=False)]
-        rewire(model, batches)
-        log.info("rewired heads and neurons by importance on %d batches", len(batches))
+        chosen = [b for _, b in zip(range(opts.rewire_batches), rewire_loader, strict=False)]
+        rewire(model, chosen)
+        log.info("rewired heads and neurons by importance on %d batches", len(chosen))
     model.train()
     engine, ds_config = make_engine(model, opts, total, strategy.passes_per_step)
     step = 0
