@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from _common import command_line, machine_summary, markdown_table, quiet_transformers
 
-from nas_prune import data
+from nas_prune import data, metrics
 from nas_prune.checkpoint import load_checkpoint
 from nas_prune.options import ProfileOptions
 from nas_prune.profile import (
@@ -153,7 +153,7 @@ def predictor_error(args, space) -> tuple[list[list[str]], list[dict]]:
             rel = np.abs(np.asarray(predicted_ms) - measured_ms) / np.asarray(measured_ms)
             worst = int(np.argmax(rel))
             bias = float(np.median(np.asarray(predicted_ms) / measured_ms))
-            rho = data.spearman(np.asarray(predicted_ms), np.asarray(measured_ms))
+            rho = metrics.spearman(np.asarray(predicted_ms), np.asarray(measured_ms))
             rows.append([f"{batch} x {length}", str(errors["n"]), f"{errors['median']:.1%}",
                          f"{errors['max']:.1%}", f"{np.percentile(rel, 90):.1%}",
                          f"{bias:.3f}", f"{rho:.3f}",

@@ -42,9 +42,10 @@ from nas_prune import data as data_lib  # noqa: E402
 from nas_prune import train as train_lib  # noqa: E402
 from nas_prune.checkpoint import load_checkpoint, read_meta  # noqa: E402
 from nas_prune.evaluate import evaluate  # noqa: E402
+from nas_prune.importance import rewire  # noqa: E402
 from nas_prune.options import FinetuneOptions, SupernetOptions  # noqa: E402
 from nas_prune.space import make_space  # noqa: E402
-from nas_prune.supernet import load_pretrained, rewire  # noqa: E402
+from nas_prune.supernet import load_pretrained  # noqa: E402
 
 TARGET_ACCURACY = 0.80
 TARGET_THROUGHPUT = 0.9

@@ -7,8 +7,8 @@ FFN neurons are kept, and the forward pass runs on *slices* of the weight tensor
 sub-network with 25% of the encoder costs about 25% of the compute (the reference code masks
 instead, which computes the full network whatever the mask).
 
-Heads and neurons can first be sorted by importance (DynaBERT, Hou et al. 2020, "network
-rewiring"), so that the prefixes the search spaces select are the most important units; the
+Heads and neurons can first be sorted by importance (nas_prune.importance: DynaBERT, Hou et al.
+2020, "network rewiring"), so that the prefixes the search spaces select are the most important units; the
 full network's function does not change.
 
 The same class, built with per-layer sizes (`EncoderConfig.layer_heads` / `layer_units`), is the
@@ -492,49 +492,6 @@ class EncoderForSequenceClassification(PreTrainedModel):
 def _rows(selection: Selection, dim: int) -> torch.Tensor:
     heads = torch.arange(selection) if isinstance(selection, int) else torch.tensor(selection)
     return (heads[:, None] * dim + torch.arange(dim)).flatten()
-
-
-def importance(model: EncoderForSequenceClassification, batches) -> tuple[list, list]:
-    """Per-layer importance of each head and each FFN neuron on the full network.
-
-    The importance of a unit is |dL/dg| for a gate g multiplying its output (Michel et al. 2019
-    for heads, DynaBERT for neurons), accumulated over `batches` (dicts of tensors with
-    `labels`). The gate's gradient needs no gate: for head h it equals the sum over the output
-    projection's columns of h of weight x gradient, and likewise for a neuron with the FFN's
-    down projection.
-    """
-    model.reset_super_network()
-    was_training = model.training
-    model.eval()
-    dim = model.config.head_dim
-    heads = [torch.zeros(layer.attention.num_heads) for layer in model.layers]
-    units = [torch.zeros(layer.ffn.up.out_features) for layer in model.layers]
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for i, layer in enumerate(model.layers):
-            out = layer.attention.out.weight
-            per_col = (out * out.grad).sum(0).detach().cpu()
-            heads[i] += per_col.view(-1, dim).sum(1).abs()
-            down = layer.ffn.down.weight
-            units[i] += (down * down.grad).sum(0).detach().cpu().abs()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return heads, units
-
-
-def rewire(model: EncoderForSequenceClassification, batches) -> tuple[list, list]:
-    """Sort every layer's heads and neurons by decreasing importance (DynaBERT rewiring), so
-    that prefix sub-networks keep the most important units. Returns the importances in the
-    new order."""
-    heads, units = importance(model, batches)
-    head_order = [torch.argsort(h, descending=True, stable=True) for h in heads]
-    unit_order = [torch.argsort(u, descending=True, stable=True) for u in units]
-    model.reorder(head_order, unit_order)
-    return (
-        [h[o] for h, o in zip(heads, head_order, strict=True)],
-        [u[o] for u, o in zip(units, unit_order, strict=True)],
-    )
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -44,10 +44,11 @@ from nas_prune.checkpoint import (
 from nas_prune.engine import make_engine, zero_stage
 from nas_prune.errors import TrainingError
 from nas_prune.evaluate import evaluate
+from nas_prune.importance import rewire
 from nas_prune.options import FinetuneOptions, SupernetOptions, TaskOptions, TrainOptions
 from nas_prune.space import make_space
 from nas_prune.strategies import StepContext, make_strategy
-from nas_prune.supernet import EncoderForSequenceClassification, load_pretrained, rewire
+from nas_prune.supernet import EncoderForSequenceClassification, load_pretrained
 
 log = logging.getLogger(__name__)
 

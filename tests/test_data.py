@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nas_prune import data
+from nas_prune import data, metrics
 from nas_prune.data import DataError, TaskSpec, load_task
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -405,31 +405,31 @@ def test_regression_labels_are_float(tmp_path, tokenizer):
 
 
 def test_accuracy_and_f1_by_hand():
-    assert data.accuracy(np.array([0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 0])) == 0.6
+    assert metrics.accuracy(np.array([0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 0])) == 0.6
     # tp = 2, fp = 1, fn = 1 -> precision = recall = 2/3 -> F1 = 2/3
     predictions, labels = np.array([1, 1, 0, 1, 0, 0]), np.array([1, 0, 0, 1, 1, 0])
-    assert data.f1(predictions, labels) == pytest.approx(2 / 3)
-    assert data.f1(np.zeros(3), np.zeros(3)) == 0.0
+    assert metrics.f1(predictions, labels) == pytest.approx(2 / 3)
+    assert metrics.f1(np.zeros(3), np.zeros(3)) == 0.0
 
 
 def test_matthews_by_hand():
     # tp = 2, tn = 2, fp = 1, fn = 1 -> (4 - 1) / sqrt(3 * 3 * 3 * 3) = 1/3
     predictions, labels = np.array([1, 1, 0, 1, 0, 0]), np.array([1, 0, 0, 1, 1, 0])
-    assert data.matthews(predictions, labels) == pytest.approx(1 / 3)
+    assert metrics.matthews(predictions, labels) == pytest.approx(1 / 3)
     # three classes: c = 3, s = 4, t = (2, 1, 1), p = (2, 0, 2) -> 6 / sqrt(8 * 10)
-    assert data.matthews(np.array([0, 2, 2, 0]), np.array([0, 1, 2, 0])) == pytest.approx(
+    assert metrics.matthews(np.array([0, 2, 2, 0]), np.array([0, 1, 2, 0])) == pytest.approx(
         6 / math.sqrt(80))
-    assert data.matthews(np.ones(4), np.array([0, 1, 0, 1])) == 0.0
-    assert data.matthews(np.array([0, 1, 2]), np.array([0, 1, 2])) == pytest.approx(1.0)
+    assert metrics.matthews(np.ones(4), np.array([0, 1, 0, 1])) == 0.0
+    assert metrics.matthews(np.array([0, 1, 2]), np.array([0, 1, 2])) == pytest.approx(1.0)
 
 
 def test_spearman_by_hand_with_ties():
     # ranks (1, 2.5, 2.5, 4) vs (1, 3, 2, 4): cov 4.5, var 4.5 and 5 -> sqrt(0.9)
-    assert data.spearman(np.array([1.0, 2, 2, 3]), np.array([1.0, 3, 2, 4])) == pytest.approx(
+    assert metrics.spearman(np.array([1.0, 2, 2, 3]), np.array([1.0, 3, 2, 4])) == pytest.approx(
         math.sqrt(0.9))
-    assert data.spearman(np.array([1.0, 2, 3]), np.array([1.0, 4, 9])) == pytest.approx(1.0)
-    assert data.spearman(np.array([3.0, 2, 1]), np.array([1.0, 4, 9])) == pytest.approx(-1.0)
-    assert data.spearman(np.ones(3), np.array([1.0, 2, 3])) == 0.0
+    assert metrics.spearman(np.array([1.0, 2, 3]), np.array([1.0, 4, 9])) == pytest.approx(1.0)
+    assert metrics.spearman(np.array([3.0, 2, 1]), np.array([1.0, 4, 9])) == pytest.approx(-1.0)
+    assert metrics.spearman(np.ones(3), np.array([1.0, 2, 3])) == 0.0
 
 
 def test_compute_metric_and_error():
@@ -441,4 +441,4 @@ def test_compute_metric_and_error():
     assert data.error_from_metric(0.75) == 0.25
     assert data.error_from_metric(-0.5) == 1.5
     with pytest.raises(ValueError, match="equally long"):
-        data.accuracy(np.array([0, 1]), np.array([0]))
+        metrics.accuracy(np.array([0, 1]), np.array([0]))

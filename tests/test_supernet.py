@@ -23,6 +23,7 @@ from transformers import (
     GPT2Config,
 )
 
+from nas_prune.importance import importance, rewire
 from nas_prune.supernet import (
     EncoderConfig,
     EncoderForSequenceClassification,
@@ -30,9 +31,7 @@ from nas_prune.supernet import (
     SubNetwork,
     checkpoint_pooling,
     from_hf,
-    importance,
     load_pretrained,
-    rewire,
 )
 
 ATOL = 1e-5
