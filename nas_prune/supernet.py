@@ -8,8 +8,8 @@ sub-network with 25% of the encoder costs about 25% of the compute (the referenc
 instead, which computes the full network whatever the mask).
 
 Heads and neurons can first be sorted by importance (nas_prune.importance: DynaBERT, Hou et al.
-2020, "network rewiring"), so that the prefixes the search spaces select are the most important units; the
-full network's function does not change.
+2020, "network rewiring"), so that the prefixes the search spaces select are the most important
+units; the full network's function does not change.
 
 The same class, built with per-layer sizes (`EncoderConfig.layer_heads` / `layer_units`), is the
 physically smaller *exported* model: `extract_sub_network` copies the kept slices into it.
