@@ -296,6 +296,30 @@ def build_parser(argv: list[str]):
     return parser
 
 
+def _own_sections(argv: list[str], command: str) -> list[str]:
+    """`argv` with each `--config FILE` of a stage subcommand narrowed to the sections that
+    stage takes, so one YAML file serves `run` and every stage (as `nas-prune run
+    --print_config` writes it)."""
+    if command not in COMMANDS or command == "run":
+        return argv
+    import yaml
+
+    from nas_prune import registry
+
+    keep = {*COMMANDS[command][1], *(registry.BASELINES if command == "baseline" else ())}
+    out = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--config" and Path(argv[i + 1]).is_file():
+            try:
+                values = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise UserError(f"--config {argv[i + 1]} is not valid YAML: {e}") from None
+            if isinstance(values, dict):
+                values = {**(values.pop("baseline_options", None) or {}), **values}
+                out[i + 1] = yaml.safe_dump({k: v for k, v in values.items() if k in keep})
+    return out
+
+
 def _preset(argv: list[str]) -> str:
     from nas_prune.options import PRESETS
 
@@ -363,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), "nas-prune")
     try:
         parser = build_parser(argv)
-        cfg = parser.parse_args(argv)
+        cfg = parser.parse_args(_own_sections(argv, command))
         init = parser.instantiate(cfg)
         sub = init[init.command]
         if init.command == "baseline":  # the method's own parser holds every option

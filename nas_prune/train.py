@@ -166,7 +166,7 @@ def train(
     device = engine.device
     stream = batches(epoch_loader, step * opts.gradient_accumulation, rank, world)
     losses: list[float] = []
-    examples, t0 = 0, time.perf_counter()
+    examples, t0, first_step = 0, time.perf_counter(), step
     base_meta = {
         **(meta or {}),
         "strategy": opts.strategy,
@@ -229,9 +229,11 @@ def train(
         if on_step is not None:
             on_step(step, losses[-1])
         if step % opts.log_every == 0 or step == total:
-            rate = examples / max(1e-9, time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f examples/s", step, total,
-                     losses[-1], engine.get_lr()[0], rate)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / max(1, step - first_step) * (total - step)
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f examples/s  ETA %s", step, total,
+                     losses[-1], engine.get_lr()[0], examples / max(1e-9, elapsed),
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
         if step == total or (stop_after is not None and step >= stop_after):
             break
         if opts.checkpoint_every and step % opts.checkpoint_every == 0:

@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -83,7 +84,7 @@ def test_job_help(job, tmp_path):
     proc = subprocess.run([sys.executable, str(job), "--help"], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith(f"usage: nas-prune {job.stem}")
+    assert re.match(rf"usage: nas-prune (\[options\] )?{job.stem}\b", proc.stdout), proc.stdout
 
 
 # ------------------------------------------------------------------------------ Ray head
@@ -253,3 +254,21 @@ def test_pipeline_as_a_ray_job(ray_head, tiny_run_config):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     rerun = results.load(out / "results")
     assert len(rerun) == len(frame) and set(rerun["trial_id"]) == set(frame["trial_id"])
+
+    # `nas-prune search` with the same options (the same YAML) gives the same rows as `run`:
+    # the same sub-networks with the same scores, and the same dense row
+    alone = root / "alone"
+    search = [str(BIN / "ray"), "job", "submit", "--address", ray_head["url"], "--working-dir",
+              str(REPO), "--", "python", "jobs/search.py", "--out", str(alone), "--supernet",
+              str(out / "supernet"), "--config", str(config)]
+    proc = subprocess.run(search, cwd=root, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0 and re.search(r"Job '[^']+' succeeded", proc.stdout), tail
+    columns = ["method", "config", "error", "params", "params_ratio", "flops", "fidelity",
+               "status"]
+
+    def rows(frame):
+        return frame[columns].sort_values(["method", "config"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(results.load(alone / "results")), rows(frame))

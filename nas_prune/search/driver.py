@@ -143,9 +143,10 @@ class ResultsCallback(tune.Callback):
 
 # --------------------------------------------------------------------------- checks
 def check_checkpoint(checkpoint: str | os.PathLike, opts: SearchOptions,
-                     task: data_lib.TaskData) -> tuple[dict[str, Any], str, int]:
+                     task: data_lib.TaskData | None = None) -> tuple[dict[str, Any], str, int]:
     """(metadata, space name, max_length) of the checkpoint a search scores through: a trained
-    supernet (weight sharing) or a fine-tuned model (standard NAS) for `task`'s labels."""
+    supernet (weight sharing) or a fine-tuned model (standard NAS), for `task`'s labels if
+    given."""
     path = Path(checkpoint)
     if opts.mode == "weight_sharing":
         meta = check_supernet(path)
@@ -153,7 +154,8 @@ def check_checkpoint(checkpoint: str | os.PathLike, opts: SearchOptions,
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
         meta = read_meta(path)
-    check_teacher(meta, int(meta.get("num_labels", 0)), task, path)
+    if task is not None:
+        check_teacher(meta, int(meta.get("num_labels", 0)), task, path)
     trained = meta.get("space")
     space = opts.space or trained or "small"
     if trained and trained != space:
@@ -202,6 +204,7 @@ def run_search(
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     profile = profile or ProfileOptions()
+    check_checkpoint(checkpoint, opts)  # before loading any data
     task_data = data_lib.load_task(task)
     meta, space_name, max_length = check_checkpoint(checkpoint, opts, task_data)
     from transformers import AutoConfig
