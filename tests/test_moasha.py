@@ -228,7 +228,7 @@ def test_missing_metric_names_the_keys():
     [
         ({"metrics": []}, "at least one metric"),
         ({"metrics": ["a", "a"]}, "distinct"),
-        ({"modes": ["min"]}, "2 metrics .* but 1 modes"),
+        ({"modes": ["min"]}, r"1 modes \[.min.\] for 2 objectives"),
         ({"modes": "maximise"}, "'min' or 'max'"),
         ({"grace_period": 0}, "grace_period must be > 0"),
         ({"reduction_factor": 1}, "reduction_factor must be > 1"),

@@ -521,16 +521,13 @@ def pareto_rows(
     missing = [name for name in objectives if name not in df.columns]
     if missing:
         raise ResultsError(f"objective column(s) {missing} not in the DataFrame")
-    if modes is None:
-        modes = ["min"] * len(objectives)
-    elif isinstance(modes, str):
-        modes = [modes] * len(objectives)
-    modes = list(modes)
-    if len(modes) != len(objectives) or any(m not in ("min", "max") for m in modes):
-        raise ResultsError(f"modes must be 'min'/'max' for each of {objectives}, got {modes!r}")
+    try:
+        signs = pareto.mode_signs(modes, len(objectives))
+    except ValueError as e:
+        raise ResultsError(f"modes for {objectives}: {e}") from None
     try:
         values = df[objectives].to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as exc:
         raise ResultsError(f"objective columns {objectives} are not numeric: {exc}") from exc
-    values = values * np.where(np.array(modes) == "max", -1.0, 1.0)  # all minimised now
+    values = values * signs  # all minimised now
     return df[pareto.pareto_mask(values)]

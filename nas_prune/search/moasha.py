@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODES = ("min", "max")
 
 
 def rung_levels(grace_period: float, reduction_factor: float, max_t: float) -> list[int | float]:
@@ -116,13 +115,7 @@ class MOASHA(FIFOScheduler):
             raise ValueError("MOASHA needs at least one metric")
         if len(set(metrics)) != len(metrics):
             raise ValueError(f"metrics must be distinct, got {metrics}")
-        if len(modes) != len(metrics):
-            raise ValueError(
-                f"got {len(metrics)} metrics {metrics} but {len(modes)} modes {modes}; give one "
-                "mode per metric or a single mode for all"
-            )
-        if bad := [m for m in modes if m not in MODES]:
-            raise ValueError(f"modes must be 'min' or 'max', got {bad}")
+        signs = pareto.mode_signs(modes, len(metrics))
         if not grace_period > 0:
             raise ValueError(f"grace_period must be > 0, got {grace_period}")
         if not reduction_factor > 1:
@@ -142,7 +135,7 @@ class MOASHA(FIFOScheduler):
         super().__init__()
         self._metrics = metrics
         self._modes = modes
-        self._signs = np.array([1.0 if mode == "min" else -1.0 for mode in modes])
+        self._signs = signs
         self._time_attr = time_attr
         self._reduction_factor = reduction_factor
         self._max_t = max_t

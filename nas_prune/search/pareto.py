@@ -28,6 +28,28 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 RANK_METHODS = ("epsilon_net", "nondominated")
+
+MODES = ("min", "max")
+"""Objective modes; everything in this package minimises after `mode_signs`."""
+
+
+def mode_signs(modes: Sequence[str] | str | None, count: int) -> np.ndarray:
+    """+1 for each minimised and -1 for each maximised objective of `count` (one mode for all
+    when `modes` is a string, all minimised when None): multiply objective vectors by it once
+    and minimise everything after.
+
+    Raises:
+        ValueError: The number of modes differs from `count`, or a mode is not min/max.
+    """
+    if modes is None:
+        modes = "min"
+    modes = [modes] * count if isinstance(modes, str) else list(modes)
+    if len(modes) != count:
+        raise ValueError(f"got {len(modes)} modes {modes} for {count} objectives; give one "
+                         "mode per objective or a single mode for all")
+    if bad := [m for m in modes if m not in MODES]:
+        raise ValueError(f"modes must be 'min' or 'max', got {bad}")
+    return np.array([1.0 if m == "min" else -1.0 for m in modes])
 """Orders inside a front: farthest-point spread, or input order (earlier rows first)."""
 
 DEFAULT_REFERENCE = 1.1

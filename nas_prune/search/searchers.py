@@ -42,17 +42,6 @@ from nas_prune.space import SearchSpace
 log = logging.getLogger(__name__)
 
 
-def _signs(objectives: Sequence[str], modes: Sequence[str] | str) -> np.ndarray:
-    if isinstance(modes, str):
-        modes = [modes] * len(objectives)
-    if len(modes) != len(objectives):
-        raise ValueError(f"{len(objectives)} objectives but {len(modes)} modes")
-    bad = [m for m in modes if m not in ("min", "max")]
-    if bad:
-        raise ValueError(f"modes must be 'min' or 'max', got {bad}")
-    return np.array([1.0 if m == "min" else -1.0 for m in modes])
-
-
 class MultiObjectiveSearcher(Searcher):
     """Shared plumbing: objectives and signs, seeded RNG, full-fidelity filtering, save/restore.
 
@@ -74,7 +63,7 @@ class MultiObjectiveSearcher(Searcher):
         fidelity_attr: str = "fidelity",
         max_fidelity: float | None = None,
     ):
-        self._signs = _signs(objectives, modes)
+        self._signs = pareto.mode_signs(modes, len(objectives))
         modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
         super().__init__(metric=list(objectives), mode=modes)
         self.space = space
@@ -256,7 +245,7 @@ class NSGA2Searcher(OptunaSearch):
     def __init__(self, space: SearchSpace, objectives, modes="min", seed=0,
                  population_size: int = 20, **_):
         modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
-        _signs(objectives, modes)
+        pareto.mode_signs(modes, len(objectives))  # checks them
         sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
         super().__init__(space=self.convert_search_space(space.param_space()),
                          metric=list(objectives), mode=modes, sampler=sampler)

@@ -1,0 +1,409 @@
+"""Refine: a short distillation of a chosen sub-network from the fine-tuned dense teacher.
+
+Structural pruning papers recover accuracy after pruning by distilling the pruned model from
+the dense one (METHODS.md section 4): Minitron (Muralidharan et al. 2024, arXiv 2407.14679;
+Sreenivas et al. 2024) distils with logit KD (forward KL) from the teacher on a tiny fraction of
+the original tokens; TinyBERT (Jiao et al. 2020) also matches hidden states, mapping student
+layers uniformly onto teacher layers. `refine` does this for one sub-network of the supernet:
+
+1. the sub-network of `config` in `space` is physically extracted from the supernet
+   (``extract_sub_network``);
+2. it is trained through the project's one DeepSpeed setup (``nas_prune.engine.make_engine``)
+   for a budget of `RefineOptions.examples` training examples on the task's training split with
+
+       alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
+       + hidden_weight * MSE(student layer j, teacher layer g(j)),
+
+   g(j) = ceil((j + 1) * L_teacher / L_student) - 1 (the last student layer matches the last
+   teacher layer), the MSE over real tokens; for regression MSE to the teacher's output
+   replaces the KL term;
+3. it is scored on the validation split (the split every method chooses on) and saved with
+   ``nas_prune.export.export_sub_network`` (a stock BERT/RoBERTa directory when its shape allows,
+   else our encoder with its remote code), the result row inside its
+   ``nas_prune_subnetwork.json`` under ``"refine"``.
+
+Cost is counted as for every other method (METHODS.md section 6): the student's training
+examples (forward + backward), the teacher's forward-only examples, and the wall time of the
+whole refine (resumed runs add up). An interrupted refine resumes from its last DeepSpeed
+checkpoint (``.<out_dir name>.refine/`` beside `out_dir`, every `checkpoint_every` steps); a
+finished one in `out_dir` is not redone, its row is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from nas_prune import data as data_lib
+from nas_prune.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+METHOD = "nas+refine"
+"""The results method of a refined sub-network."""
+
+COST_KEYS = ("train_examples", "teacher_examples", "train_time_s", "model_dir")
+"""Keys a refine row has beyond nas_prune.baselines.ROW_KEYS: examples the student processed
+forward + backward, examples the teacher processed forward only, the refine's wall time in
+seconds (everything: loading, training, scoring, saving) and the saved model's directory."""
+
+
+@dataclass
+class RefineOptions:
+    """How to refine a chosen sub-network by distillation from the teacher."""
+
+    examples: int | None = None
+    """Training examples the student processes (forward + backward); None: one pass over the
+    training split, what one layer-dropping baseline model gets by default."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW, linear warm-up then linear decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear learning-rate warm-up."""
+    temperature: float = 2.0
+    """Temperature T of the logit distillation (the KL term is scaled by T^2)."""
+    alpha: float = 0.5
+    """Weight of the logit-distillation term; 1 - alpha weighs the task loss on the labels."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state MSE (student layers mapped uniformly onto teacher layers);
+    0 turns it off."""
+    max_length: int = 128
+    """Tokens per example after truncation (the caller tokenises with it)."""
+    seed: int = 0
+    """Seed of data order and dropout."""
+    log_every: int = 10
+    """Log progress every this many steps."""
+    checkpoint_every: int | None = None
+    """Save a resumable DeepSpeed checkpoint every this many steps (None: never; an
+    interrupted refine then starts over)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    flops_seq_len: int = 128
+    """Sequence length at which the row's FLOPs are counted (the search's default)."""
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every"})
+    """Options that may change when an interrupted or finished refine is picked up again."""
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "batch_size", "log_every", "checkpoint_every",
+                     "flops_seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainingError(f"refine: {name} must be >= 1, got {value}")
+        if self.lr <= 0:
+            raise TrainingError(f"refine: lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TrainingError(f"refine: weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError(f"refine: warmup_ratio must be in [0, 1), got "
+                                f"{self.warmup_ratio}")
+        if self.temperature <= 0:
+            raise TrainingError(f"refine: temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise TrainingError(f"refine: alpha must be in [0, 1] (1: distillation only, 0: "
+                                f"labels only), got {self.alpha}")
+        if self.hidden_weight < 0:
+            raise TrainingError(f"refine: hidden_weight must be >= 0 (0 turns the hidden-state "
+                                f"loss off), got {self.hidden_weight}")
+        if self.max_length < 2:
+            raise TrainingError(f"refine: max_length must be >= 2 tokens, got {self.max_length}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise TrainingError(f"refine: zero_stage must be 0, 1, 2 or 3, got "
+                                f"{self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainingError(f"refine: precision must be auto, fp32 or bf16, got "
+                                f"{self.precision!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that decide the refined model (all but RESUME_FREE)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUME_FREE}
+
+
+# ------------------------------------------------------------------------------ losses
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) *
+    CE(student, y); for a regression head (one output) MSE to the teacher and to y."""
+    if student.shape[-1] == 1:
+        soft = F.mse_loss(student, teacher)
+        hard = F.mse_loss(student.squeeze(-1), labels.float())
+    else:
+        t = temperature
+        soft = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                        reduction="batchmean", log_target=True) * t * t
+        hard = F.cross_entropy(student, labels)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher layer each student layer matches: student layer j -> teacher layer
+    ceil((j + 1) * L_teacher / L_student) - 1, so the last matches the last."""
+    return [-(-(j + 1) * teacher_layers // student_layers) - 1 for j in range(student_layers)]
+
+
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor],
+               attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the matched layer pairs of the MSE between hidden states, over real tokens."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        squared = (s.float() - t.float()).pow(2).mean(-1)
+        if attention_mask is None:
+            losses.append(squared.mean())
+        else:
+            mask = attention_mask.float()
+            losses.append((squared * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+@contextlib.contextmanager
+def layer_outputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, each forward pass of our encoder `model` records the residual stream after
+    each layer (the output of its last block) under the layer's index."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.layers):
+        for block in (layer.attention, layer.ffn):  # the FFN runs last and overwrites
+            if block is not None:
+                handles.append(block.register_forward_hook(
+                    lambda _module, _args, out, i=i: outputs.__setitem__(i, out)))
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------ the stage
+def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],
+                 opts: RefineOptions) -> dict[str, Any] | None:
+    """The row of a finished refine of `config` with `opts` in `out_dir`, None when there is
+    none; TrainingError when `out_dir` holds another model or another refine."""
+    from nas_prune.export import SUBNETWORK_FILE
+
+    out = Path(out_dir)
+    if not out.exists():
+        return None
+    info_file = out / SUBNETWORK_FILE
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    done = info.get("refine")
+    if done is None:
+        raise TrainingError(f"{out} exists and holds no refined sub-network; choose another "
+                            "output directory")
+    if done["config"] != dict(config) or done["options"] != opts.fingerprint():
+        raise TrainingError(f"{out} already holds a refine of another config or with other "
+                            "options; choose another output directory")
+    return dict(done["row"])
+
+
+def refine(
+    supernet_dir: str | os.PathLike,
+    teacher_dir: str | os.PathLike,
+    config: Mapping[str, int],
+    space: str | Any,
+    task: data_lib.TaskData,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    opts: RefineOptions | None = None,
+    *,
+    trial_id: str | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Distil sub-network `config` of the supernet from the teacher and save it to `out_dir`.
+
+    Args:
+        supernet_dir: the trained supernet (``nas-prune supernet``).
+        teacher_dir: the fine-tuned dense teacher it was trained from.
+        config: the sub-network config (a search result's ``config``).
+        space: the search space name (nas_prune.registry.SPACES) or a SearchSpace.
+        task: the task, tokenised with `opts.max_length`.
+        tokenizer: saved with the model; pads batches.
+        out_dir: where the refined model is saved (a loadable Hugging Face directory).
+        opts: refine options (default RefineOptions()).
+        trial_id: the row's trial id (default: the name of `out_dir`).
+        stop_after: stop (with a checkpoint) after this step, as if interrupted; None runs
+            to the end.
+
+    Returns:
+        The results row: the keys of nas_prune.baselines.ROW_KEYS (method ``nas+refine``,
+        validation metrics, params / params_ratio / flops of the sub-network, wall_time_s the
+        refine's wall time) plus :data:`COST_KEYS`. Without `stop_after` reached early, the
+        row of the saved model; after an early stop, the partial row has status ``rung``.
+    """
+    from nas_prune.checkpoint import check_supernet, check_teacher, load_checkpoint
+    from nas_prune.engine import init_distributed, make_engine
+    from nas_prune.evaluate import evaluate
+    from nas_prune.export import export_sub_network
+    from nas_prune.options import TrainOptions
+    from nas_prune.space import make_space
+    from nas_prune.train import batches
+
+    started = time.perf_counter()
+    opts = opts or RefineOptions()
+    out = Path(out_dir)
+    config = {str(k): int(v) for k, v in config.items()}
+    trial_id = trial_id or out.name
+    if (row := finished_row(out, config, opts)) is not None:
+        log.info("refine of %s already finished in %s", trial_id, out)
+        return row
+
+    meta = check_supernet(supernet_dir)
+    supernet, _ = load_checkpoint(supernet_dir)
+    check_teacher(meta, supernet.config.num_labels, task, supernet_dir)
+    teacher, teacher_meta = load_checkpoint(teacher_dir)
+    check_teacher(teacher_meta, teacher.config.num_labels, task, teacher_dir)
+    if teacher.config.hidden_size != supernet.config.hidden_size:
+        raise TrainingError(f"teacher {teacher_dir} has hidden size {teacher.config.hidden_size}"
+                            f" but the supernet {supernet.config.hidden_size}; give the teacher "
+                            "the supernet was trained from")
+    space = make_space(space, supernet.config) if isinstance(space, str) else space
+    sub = space.to_sub_network(config)
+    student = supernet.extract_sub_network(sub)
+    params, dense_params = supernet.num_params(sub), supernet.num_params()
+    flops = supernet.flops(sub, opts.flops_seq_len)
+    del supernet
+
+    init_distributed()
+    if torch.distributed.get_world_size() != 1:
+        raise TrainingError("refine runs on one worker; launch it without a multi-worker group")
+    examples_budget = opts.examples or len(task.train)
+    total = max(1, math.ceil(examples_budget / opts.batch_size))
+    work = out.parent / f".{out.name}.refine"
+    state = {"config": config, "options": opts.fingerprint(), "total_steps": total,
+             "supernet": str(supernet_dir), "teacher": str(teacher_dir)}
+    resume = _resumable(work, state)
+    valid_loader = data_lib.make_loader(task.valid, tokenizer, 64)
+    before = evaluate(student, valid_loader, task.spec) if resume is None else resume["before"]
+
+    train_opts = TrainOptions(
+        max_steps=total, batch_size=opts.batch_size, lr=opts.lr,
+        weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
+        max_length=opts.max_length, seed=opts.seed, log_every=opts.log_every,
+        zero_stage=opts.zero_stage, precision=opts.precision,
+    )
+    torch.manual_seed(opts.seed)
+    engine, _ = make_engine(student.train(), train_opts, total)
+    step, done_examples, spent = 0, 0, 0.0
+    if resume is not None:
+        _, client = engine.load_checkpoint(str(work / "deepspeed"), load_module_strict=True)
+        step, done_examples, spent = client["step"], client["examples"], client["seconds"]
+        torch.set_rng_state(client["torch_rng"])
+        log.info("refine of %s resumed at step %d / %d", trial_id, step, total)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / "refine.json").write_text(json.dumps({**state, "before": before}))
+    module = engine.module
+    teacher = teacher.to(engine.device, next(module.parameters()).dtype).eval()
+    mapping = layer_map(len(module.layers), len(teacher.layers)) if module.layers else []
+    hidden = opts.hidden_weight > 0 and bool(mapping)
+
+    def epoch_loader(epoch: int):
+        return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
+                                    seed=opts.seed * 100_003 + epoch)
+
+    def checkpoint() -> None:
+        seconds = spent + time.perf_counter() - started
+        engine.save_checkpoint(str(work / "deepspeed"), tag=f"step{step}", client_state={
+            "step": step, "examples": done_examples, "seconds": seconds,
+            "torch_rng": torch.get_rng_state()})
+        for tag in (work / "deepspeed").glob("step*"):
+            if tag.name != f"step{step}":
+                shutil.rmtree(tag, ignore_errors=True)
+
+    stream = batches(epoch_loader, step, 0, 1)
+    t0, first = time.perf_counter(), step
+    while step < total:
+        _, batch = next(stream)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad(), layer_outputs(teacher) as teacher_states:
+            teacher_logits = teacher(**inputs).logits.float()
+        with layer_outputs(module) as student_states:
+            logits = engine(**inputs).logits.float()
+        loss = distillation_loss(logits, teacher_logits, batch["labels"], opts.temperature,
+                                 opts.alpha)
+        if hidden:
+            student_list = [student_states[j] for j in range(len(mapping))]
+            teacher_list = [teacher_states[i] for i in mapping]
+            loss = loss + opts.hidden_weight * hidden_mse(student_list, teacher_list,
+                                                          batch.get("attention_mask"))
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        done_examples += len(batch["labels"])
+        if step % opts.log_every == 0 or step == total:
+            rate = (step - first) / max(1e-9, time.perf_counter() - t0)
+            log.info("refine %s step %d/%d  loss %.4f  %.1f steps/s", trial_id, step, total,
+                     loss.item(), rate)
+        if stop_after is not None and step >= stop_after and step < total:
+            checkpoint()
+            break
+        if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total:
+            checkpoint()
+
+    t_eval = time.perf_counter()
+    after = evaluate(module, valid_loader, task.spec)
+    eval_time = time.perf_counter() - t_eval
+    finished = step >= total
+    seconds = spent + time.perf_counter() - started
+    row = {
+        "method": METHOD, "task": task.spec.name, "model": str(meta.get("base_model") or ""),
+        "seed": opts.seed, "trial_id": trial_id, "config": config,
+        "fidelity": float(done_examples), "fidelity_unit": "train_examples",
+        "error": after["error"], "metric_name": task.spec.metric,
+        "metric_value": after["metric"], "params": params,
+        "params_ratio": params / dense_params, "flops": flops, "wall_time_s": seconds,
+        "eval_time_s": eval_time, "status": "ok" if finished else "rung",
+        "message": (f"refined {step} steps on {done_examples} training examples (forward + "
+                    f"backward; the teacher {done_examples} forward) in {seconds:.1f} s; "
+                    f"validation {task.spec.metric} {before['metric']:.4f} -> "
+                    f"{after['metric']:.4f}"),
+        "train_examples": done_examples, "teacher_examples": done_examples,
+        "train_time_s": seconds, "model_dir": str(out),
+    }
+    if not finished:
+        return row
+    export_sub_network(
+        module.eval(), module.full_sub_network, out, tokenizer, seq_len=opts.flops_seq_len,
+        metadata={"method": METHOD, "config": config, "space": space.name,
+                  "params_ratio": params / dense_params, "flops": flops,
+                  "task": task.spec.name, "supernet": str(supernet_dir),
+                  "teacher": str(teacher_dir),
+                  "refine": {"config": config, "options": opts.fingerprint(), "row": row,
+                             "valid_before": before, "valid": after}})
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("refined %s: validation %s %.4f -> %.4f, %d examples, %.1f s", trial_id,
+             task.spec.metric, before["metric"], after["metric"], done_examples, seconds)
+    return row
+
+
+def _resumable(work: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state of an interrupted refine in `work` to resume, None to start afresh;
+    TrainingError when it was run with another config or other options."""
+    saved_file = work / "refine.json"
+    if not saved_file.exists() or not (work / "deepspeed" / "latest").exists():
+        return None
+    saved = json.loads(saved_file.read_text())
+    changed = sorted(k for k, v in state.items() if saved.get(k) != v)
+    if changed:
+        raise TrainingError(f"{work} holds an interrupted refine with other "
+                            f"{', '.join(changed)}; resume with the same ones or delete it")
+    return saved
