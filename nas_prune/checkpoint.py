@@ -119,3 +119,47 @@ def check_supernet(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} holds an unfinished supernet run; re-run "
                               "`nas-prune supernet` with the same options to finish it")
     return meta
+
+
+def check_model_files(name_or_path: str | os.PathLike) -> None:
+    """Raise CheckpointError if a local model directory's safetensors files are damaged (a
+    truncated download or copy): each file's header must be readable and its tensors must end
+    where the file ends. Hub names are left to the loader."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= size - 8:
+                    raise ValueError("header length beyond the end of the file")
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{file} is damaged ({e}); download or copy the model "
+                                  "again") from None
+        if 8 + length + end != size:
+            raise CheckpointError(
+                f"{file} is truncated or damaged: its header describes {8 + length + end:,} "
+                f"bytes but the file has {size:,}; download or copy the model again"
+            )
+
+
+def position_limit(name_or_path: str | os.PathLike) -> int | None:
+    """The longest input (tokens) the model's position embeddings allow, or None if its config
+    cannot be read here (e.g. a hub name offline; the loader will say why)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(name_or_path))
+    except Exception:  # noqa: BLE001 - any failure here is reported by the loader later
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if getattr(config, "model_type", "") == "roberta":  # positions start after padding_idx
+        limit -= (config.pad_token_id or 0) + 1
+    return int(limit)

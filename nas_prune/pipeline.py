@@ -25,7 +25,13 @@ import pandas as pd
 
 from nas_prune import data as data_lib
 from nas_prune import results as results_lib
-from nas_prune.checkpoint import check_supernet, is_finished, read_meta
+from nas_prune.checkpoint import (
+    check_model_files,
+    check_supernet,
+    is_finished,
+    position_limit,
+    read_meta,
+)
 from nas_prune.errors import CheckpointError, OptionsError
 from nas_prune.options import PipelineOptions, TrainOptions
 from nas_prune.rundir import RunDir
@@ -39,8 +45,10 @@ def finetune(run: RunDir, opts: PipelineOptions) -> Path:
     if _finished(run.teacher, "teacher", opts):
         log.info("teacher already fine-tuned in %s", run.teacher)
         return run.teacher
-    _train("finetune", opts.model or data_lib.default_model_path(), run.teacher, opts,
-           opts.finetune)
+    model = opts.model or data_lib.default_model_path()
+    check_model_files(model)
+    _check_length(model, opts.finetune.max_length, "finetune")
+    _train("finetune", model, run.teacher, opts, opts.finetune)
     return run.teacher
 
 
@@ -54,8 +62,16 @@ def supernet(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = No
     if not is_finished(teacher):
         raise CheckpointError(f"{teacher} holds no finished fine-tuned teacher; run "
                               "`nas-prune finetune` first (or give --teacher)")
+    _check_length(teacher, opts.supernet.max_length, "supernet")
     _train("supernet", teacher, run.supernet, opts, opts.supernet)
     return run.supernet
+
+
+def _check_length(model: str | Path, max_length: int, section: str) -> None:
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise OptionsError(f"--{section}.max_length {max_length} exceeds the {limit} positions "
+                           f"of {model}; choose at most {limit}")
 
 
 def _finished(path: Path, kind: str, opts: PipelineOptions) -> bool:

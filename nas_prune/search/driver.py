@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -199,6 +200,10 @@ def run_search(
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # save the experiment state often enough that a killed search loses little
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Ctrl-C raises KeyboardInterrupt here (the CLI then says to re-run the same command, which
+    # resumes) instead of Tune's handler, which ends the loop quietly and prints its own
+    # `Tuner.restore` hint while the pipeline would go on with a partial search
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Tune's result grid looks for the per-trial JSON/CSV logs we switched off; our results
     # are in the Parquet store, so its "failed to fetch metrics" warnings are noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -220,6 +225,12 @@ def run_search(
             "lower num_workers or add nodes"
         )
     max_fidelity = _max_fidelity(opts, task_data)
+    if opts.mode == "weight_sharing" and math.ceil(max_fidelity / opts.batch_size) < opts.max_t:
+        raise SearchError(
+            f"{int(max_fidelity)} validation examples in batches of {opts.batch_size} make "
+            f"{math.ceil(max_fidelity / opts.batch_size)} batches, too few for max_t="
+            f"{opts.max_t} fidelity steps; lower max_t or batch_size"
+        )
     checkpoint = str(Path(checkpoint).resolve())
     tables, actors, cpu_actors = _latency_objectives(opts, profile, checkpoint, space_name,
                                                      experiment)
