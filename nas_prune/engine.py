@@ -10,6 +10,7 @@ checked for contradictions) and returns the engine.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -32,24 +33,28 @@ def _free_port() -> int:
 
 def init_distributed() -> None:
     """Initialise torch.distributed for DeepSpeed once per process: in-process world size 1
-    (gloo on CPU) unless a launcher or Ray Train already set up a process group."""
+    (gloo on CPU) unless a launcher or Ray Train already set up a process group. DeepSpeed's
+    own prints (an op "built successfully") go to the debug log, not to stdout."""
     import deepspeed
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-        return
-    os.environ.setdefault("LOCAL_RANK", "0")
-    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-        deepspeed.init_distributed(auto_mpi_discovery=False)
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        rank=0,
-        world_size=1,
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        elif "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            os.environ.setdefault("LOCAL_RANK", "0")
+            deepspeed.init_distributed(auto_mpi_discovery=False)
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")
+            deepspeed.init_distributed(
+                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                auto_mpi_discovery=False,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
+    if printed.getvalue().strip():
+        log.debug("DeepSpeed: %s", printed.getvalue().strip())
 
 
 def _merge(base: dict, override: Mapping) -> dict:
@@ -139,6 +144,17 @@ def _register_sliced_parameters(model: torch.nn.Module) -> None:
                         deepspeed.zero.register_external_parameter(block, p)
 
 
+class _NotStartedWarning(logging.Filter):
+    """Drops DeepSpeed's "learning rate from scheduler before it has started" warning, which
+    its engine itself triggers on every run (its scheduler is stepped after the first update)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
+_DEEPSPEED_FILTER = _NotStartedWarning()
+
+
 @contextlib.contextmanager
 def quiet_deepspeed() -> Iterator[None]:
     """DeepSpeed's INFO logs (config dumps, op builds) off for the duration."""
@@ -159,6 +175,7 @@ def make_engine(model: torch.nn.Module, opts: TrainOptions, total_steps: int,
     import deepspeed
 
     init_distributed()
+    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_FILTER)  # a set: added once
     world = torch.distributed.get_world_size()
     config = deepspeed_config(opts, passes_per_step, total_steps, world,
                               torch.cuda.is_available())

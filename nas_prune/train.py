@@ -231,8 +231,9 @@ def train(
         if step % opts.log_every == 0 or step == total:
             elapsed = time.perf_counter() - t0
             eta = elapsed / max(1, step - first_step) * (total - step)
+            lr = engine.optimizer.param_groups[0]["lr"]
             log.info("step %d/%d  loss %.4f  lr %.2e  %.1f examples/s  ETA %s", step, total,
-                     losses[-1], engine.get_lr()[0], examples / max(1e-9, elapsed),
+                     losses[-1], lr, examples / max(1e-9, elapsed),
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
         if step == total or (stop_after is not None and step >= stop_after):
             break
@@ -302,6 +303,9 @@ def finetune(
     else:
         model = load_pretrained(model_name_or_path, num_labels=task.spec.num_labels,
                                 pooling=opts.pooling)
+    if task.spec.label_names is not None:  # exported models answer with the data's words
+        model.config.id2label = dict(enumerate(task.spec.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(task.spec.label_names)}
     meta = {"kind": "teacher", "task": task.spec.name, "base_model": str(model_name_or_path),
             "family": model.config.family}
     return train(model, task, tokenizer, out_dir, opts, meta=meta, **kwargs)
