@@ -151,15 +151,19 @@ def check_model_files(name_or_path: str | os.PathLike) -> None:
 def position_limit(name_or_path: str | os.PathLike) -> int | None:
     """The longest input (tokens) the model's position embeddings allow, or None if its config
     cannot be read here (e.g. a hub name offline; the loader will say why)."""
+    local = Path(name_or_path) / "config.json"
     try:
-        from transformers import AutoConfig
+        if local.is_file():  # ours or a stock one: read as is (no remote-code prompt)
+            config = json.loads(local.read_text())
+        else:
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(name_or_path))
+            config = AutoConfig.from_pretrained(str(name_or_path)).to_dict()
     except Exception:  # noqa: BLE001 - any failure here is reported by the loader later
         return None
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = config.get("max_position_embeddings")
     if limit is None:
         return None
-    if getattr(config, "model_type", "") == "roberta":  # positions start after padding_idx
-        limit -= (config.pad_token_id or 0) + 1
+    if config.get("model_type") == "roberta" or config.get("family") == "roberta":
+        limit -= (config.get("pad_token_id") or 0) + 1  # positions start after padding_idx
     return int(limit)

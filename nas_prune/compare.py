@@ -282,6 +282,12 @@ def _cost(row: Mapping[str, Any], own: str, shared: str) -> float:
     return float(own_value) + float(shared_value)
 
 
+def _check_saved(model_dir: str) -> None:
+    if not (Path(model_dir) / "config.json").exists():
+        raise CompareError(f"{model_dir} holds no saved model (no config.json); export or "
+                           "re-create the candidate's model first")
+
+
 def compare(
     candidates: pd.DataFrame,
     dense_dir: str | os.PathLike,
@@ -342,11 +348,15 @@ def compare(
         if column not in frame:
             frame[column] = None
     frame["model_dir"] = [str(p) for p in frame["model_dir"]]
+    frame["trial_id"] = [Path(d).name if t is None or pd.isna(t) else t
+                         for t, d in zip(frame["trial_id"], frame["model_dir"], strict=True)]
     lat_cache: dict[str, dict[str, Any]] = {}
 
     def timed(model_dir: str) -> dict[str, Any]:
         if model_dir not in lat_cache:
             from nas_prune.baselines import measure_latency as measure
+
+            _check_saved(model_dir)
 
             lat_cache[model_dir] = measure(model_dir, latency)
         return lat_cache[model_dir]
@@ -370,6 +380,7 @@ def compare(
 
     def correct(model_dir: str) -> np.ndarray:
         if model_dir not in scored:
+            _check_saved(model_dir)
             logits, labels = test_predictions(model_dir, task, tokenizer, batch_size)
             scored[model_dir] = correct_predictions(logits, labels)
         return scored[model_dir]
@@ -426,7 +437,8 @@ def total_costs(frame: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
     picked = frame[frame["method"] != "dense"]
     cand = candidates.assign(model_dir=[str(p) for p in candidates["model_dir"]])
     for method, group in picked.groupby("method", sort=True):
-        mine = cand[cand["model_dir"].isin(set(group["model_dir"]))].drop_duplicates("model_dir")
+        mine = cand[(cand["method"] == method) & cand["model_dir"].isin(set(group["model_dir"]))]
+        mine = mine.drop_duplicates("model_dir")
         total = {"method": method, "models": len(mine)}
         for own, shared, key in (("train_examples", "shared_train_examples", "examples"),
                                  ("train_time_s", "shared_train_time_s", "time_s")):

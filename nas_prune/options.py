@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from nas_prune import registry
@@ -59,6 +60,18 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, ("max_examples",), OptionsError)
+
+    def resolved(self) -> TaskOptions:
+        """These options with local data files as absolute paths, so that processes with
+        another working directory (Ray Tune trials, Ray Train workers) read the same files."""
+
+        def absolute(path: str) -> str:
+            return str(Path(path).resolve()) if Path(path).exists() else path
+
+        files = self.data_files
+        if isinstance(files, dict):
+            files = {split: absolute(path) for split, path in files.items()}
+        return dataclasses.replace(self, task=absolute(self.task), data_files=files)
 
 
 # --------------------------------------------------------------------------------- training

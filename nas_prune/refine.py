@@ -66,8 +66,9 @@ class RefineOptions:
     """How to refine a chosen sub-network by distillation from the teacher."""
 
     examples: int | None = None
-    """Training examples the student processes (forward + backward); None: one pass over the
-    training split, what one layer-dropping baseline model gets by default."""
+    """Training examples the student processes (forward + backward), rounded up to whole
+    batches; None: one pass over the training split, what one layer-dropping baseline model
+    gets by default."""
     batch_size: int = 32
     """Examples per optimizer step."""
     lr: float = 5e-5
@@ -199,7 +200,7 @@ def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],
     from nas_prune.export import SUBNETWORK_FILE
 
     out = Path(out_dir)
-    if not out.exists():
+    if not out.exists() or not any(out.iterdir()):
         return None
     info_file = out / SUBNETWORK_FILE
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
@@ -283,8 +284,10 @@ def refine(
     init_distributed()
     if torch.distributed.get_world_size() != 1:
         raise TrainingError("refine runs on one worker; launch it without a multi-worker group")
-    examples_budget = opts.examples or len(task.train)
-    total = max(1, math.ceil(examples_budget / opts.batch_size))
+    if len(task.train) < opts.batch_size:
+        raise TrainingError(f"refine: {len(task.train)} training examples are fewer than one "
+                            f"batch of {opts.batch_size}; lower batch_size")
+    total = math.ceil((opts.examples or len(task.train)) / opts.batch_size)
     work = out.parent / f".{out.name}.refine"
     state = {"config": config, "options": opts.fingerprint(), "total_steps": total,
              "supernet": str(supernet_dir), "teacher": str(teacher_dir)}
@@ -317,7 +320,7 @@ def refine(
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
-                                    seed=opts.seed * 100_003 + epoch)
+                                    seed=opts.seed * 100_003 + epoch, drop_last=True)
 
     def checkpoint() -> None:
         seconds = spent + time.perf_counter() - started

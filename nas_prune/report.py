@@ -134,14 +134,28 @@ def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series |
 
 def write_report(df: pd.DataFrame, out_dir: str | os.PathLike,
                  objectives: Sequence[str] = ("error", "params_ratio"),
-                 latency: pd.DataFrame | None = None, dense: pd.Series | None = None) -> Path:
-    """Write `pareto.png` and `summary.md` (Pareto set table, hypervolume) to `out_dir`."""
+                 latency: pd.DataFrame | None = None, dense: pd.Series | None = None,
+                 skipped_files: Sequence[str] | None = None) -> Path:
+    """Write `pareto.png` and `summary.md` (Pareto set table, hypervolume) to `out_dir`.
+
+    `skipped_files` are damaged results files `results.load` left out (default: those it
+    recorded in `df.attrs["skipped_files"]`); the summary lists them, so a report never looks
+    complete when rows are missing."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if skipped_files is None:
+        skipped_files = df.attrs.get("skipped_files", [])
     rows = final_rows(df)
     plot_pareto(rows, out / "pareto.png", dense=dense, latency=latency)
     hv, hv_meta = hypervolume_table(rows[rows["method"] == "nas"], objectives)
     lines = ["# nas_prune report", ""]
+    if skipped_files:
+        log.warning("the report leaves out the rows of %d damaged results file(s): %s",
+                    len(skipped_files), ", ".join(map(str, skipped_files)))
+        lines += [f"**Incomplete:** {len(skipped_files)} damaged results file(s) could not be "
+                  "read and their rows are left out. Move each to a name starting with `_` "
+                  "(readers ignore such names), repair or re-run what wrote it, and report "
+                  "again:", "", *(f"- `{file}`" for file in skipped_files), ""]
     if dense is not None:
         lines += [f"Dense model: error {dense['error']:.4f}, {int(dense['params']):,} parameters.",
                   ""]

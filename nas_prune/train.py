@@ -388,7 +388,7 @@ def train_distributed(
     config = {
         "stage": stage,
         "source": str(source),
-        "task": task_options,
+        "task": task_options.resolved(),
         "tokenizer": str(tokenizer or source),
         "out_dir": str(Path(out_dir).resolve()),
         "opts": opts,

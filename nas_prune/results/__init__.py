@@ -31,19 +31,30 @@ can share an experiment; a row without a given ``cfg_`` column reads as NaN ther
 more than :data:`MAX_FLATTEN_KEYS` keys (the ``large`` space has one bit per head and neuron:
 thousands of keys) is **not** flattened; only its JSON is stored.
 
-Reading is robust to damaged files: a corrupt or truncated Parquet file (a crashed copy, a disk
-error) is skipped with a logged warning naming it, and the rest of the dataset is returned.
+Every written file is read back (schema and row count) before it is renamed into place, so the
+store never holds a file that ``pandas.read_parquet(<root>/evaluations)`` cannot read. Reading is
+robust to files damaged afterwards: a corrupt or truncated Parquet file (a crashed copy, a disk
+error) or one whose column types no longer fit (a user rewrote ``error`` as strings) is skipped
+with one logged warning naming it and saying how to quarantine it (rename it to start with
+``_``), and the rest of the dataset is returned.
+
+One search at a time per experiment: :meth:`ResultStore.lock` holds an experiment exclusively
+(``fcntl.flock`` on ``<root>/.locks/<experiment>.lock``, released by the kernel when its holder
+dies), so a second search on the same experiment refuses instead of repeating trials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import shlex
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +85,7 @@ __all__ = [
     "EVALUATION_SCHEMA",
     "LATENCY_SCHEMA",
     "MAX_FLATTEN_KEYS",
+    "QUARANTINE_HINT",
     "STATUSES",
     "TABLES",
     "ResultStore",
@@ -86,6 +98,13 @@ __all__ = [
 
 _PARTITION_SCHEMA = pa.schema([pa.field(PARTITION, pa.string())])
 _HIDDEN_PREFIXES = (".", "_")
+
+QUARANTINE_HINT = (
+    "To keep every reader (pandas and pyarrow too) off it, move it to a name starting with "
+    "'_' (readers ignore such names): mv {file} {quarantined}; repair or delete it later"
+)
+"""How to quarantine a damaged results file (``{file}``: its path, ``{quarantined}``: the
+suggested new path); part of the warning :func:`load` logs when it skips one."""
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -120,8 +139,38 @@ def _partition_dir(table_dir: Path, experiment: str) -> Path:
     return table_dir / f"{PARTITION}={urllib.parse.quote(experiment, safe='')}"
 
 
+def _check_written(temp: Path, table: pa.Table) -> None:
+    """Raise ResultsError unless ``temp`` reads back as ``table``'s schema and row count."""
+    try:
+        written = pq.read_table(temp)
+    except (OSError, pa.ArrowException) as exc:
+        problem = f"it does not read back ({_one_line(exc)})"
+    else:
+        if not written.schema.equals(table.schema):
+            problem = f"its schema differs from the rows' ({_schema_diff(table.schema, written)})"
+        elif written.num_rows != table.num_rows:
+            problem = f"it holds {written.num_rows} rows, not {table.num_rows}"
+        else:
+            return
+    raise ResultsError(
+        f"writing {table.num_rows} row(s) to {temp.parent} failed: {problem}; nothing was "
+        "stored. Check the disk (free space, I/O errors) and run again"
+    )
+
+
+def _schema_diff(expected: pa.Schema, table: pa.Table) -> str:
+    for field in expected:
+        if field.name not in table.column_names:
+            return f"column {field.name!r} is missing"
+        got = table.schema.field(field.name)
+        if not got.equals(field):
+            return f"column {field.name!r} is {got.type}, not {field.type}"
+    return f"columns {table.column_names}, expected {expected.names}"
+
+
 def _write_atomic(table: pa.Table, directory: Path) -> Path:
-    """Write ``table`` to a new ``part-<uuid>.parquet`` in ``directory`` via a hidden temp file."""
+    """Write ``table`` to a new ``part-<uuid>.parquet`` in ``directory`` via a hidden temp file,
+    renamed into place only once it reads back with the right schema and row count."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{_uuid7()}.parquet"
     final = directory / name
@@ -131,6 +180,7 @@ def _write_atomic(table: pa.Table, directory: Path) -> Path:
             pq.write_table(table, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        _check_written(temp, table)
         os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -149,6 +199,23 @@ def _write_atomic(table: pa.Table, directory: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- reading
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _skip(file: Path, problem: str, skipped: list[str] | None) -> None:
+    """Warn, in one line, that ``file`` is left out and how to quarantine it."""
+    if skipped is not None:
+        skipped.append(str(file))
+    logger.warning(
+        "skipping results file %s (%s); its rows are left out, all others are read. %s",
+        file, problem, QUARANTINE_HINT.format(
+            file=shlex.quote(str(file)),
+            quarantined=shlex.quote(str(file.with_name(f"_damaged-{file.name}"))),
+        ),
+    )
 
 
 def _visible(name: str) -> bool:
@@ -197,23 +264,39 @@ def _resolve(path: str | os.PathLike, table: str | None) -> tuple[Path, str, str
     return path / table, table, None
 
 
-def _read_schema(file: Path) -> pa.Schema | None:
+def _read_schema(file: Path, skipped: list[str]) -> pa.Schema | None:
     try:
-        return pq.read_schema(file)
+        return pq.read_schema(file).remove_metadata()
     except (OSError, pa.ArrowException) as exc:
-        logger.warning("skipping unreadable results file %s: %s", file, exc)
+        _skip(file, f"unreadable: {_one_line(exc)}", skipped)
         return None
 
 
-def _read_file(file: Path, columns: list[str] | None) -> pa.Table | None:
+def _read_file(file: Path, columns: list[str] | None,
+               skipped: list[str] | None = None) -> pa.Table | None:
     try:
         table = pq.read_table(file)
     except (OSError, pa.ArrowException) as exc:
-        logger.warning("skipping unreadable results file %s: %s", file, exc)
+        _skip(file, f"unreadable: {_one_line(exc)}", skipped)
         return None
     if columns is not None:
         table = table.select([c for c in columns if c in table.column_names])
     return table
+
+
+def _conflict(unified: pa.Schema, schema: pa.Schema) -> str:
+    """What in ``schema`` (one file's) cannot be read as ``unified`` (the table's so far)."""
+    for field in schema:
+        index = unified.get_field_index(field.name)
+        if index < 0:
+            continue
+        expected = unified.field(index).type
+        try:
+            pa.unify_schemas([pa.schema([unified.field(index)]), pa.schema([field])],
+                             promote_options="permissive")
+        except (pa.ArrowException, TypeError):
+            return f"column {field.name!r} is {field.type}, but {expected} in the table"
+    return "its columns do not fit the table's"  # pragma: no cover - found above
 
 
 def _read_table(
@@ -221,24 +304,27 @@ def _read_table(
     base: pa.Schema,
     table_dir: Path,
     columns: list[str] | None,
+    skipped: list[str],
 ) -> pa.Table:
-    """All rows of the given partitions, the partition column included, schemas unified."""
+    """All rows of the given partitions, the partition column included, schemas unified.
+
+    A file that cannot be read, or whose column types conflict with the schema (or with the
+    files before it), is skipped with one warning and listed in ``skipped``."""
+    base_fields = pa.schema([f for f in base if f.name != PARTITION])
+    unified = base_fields
     files: list[tuple[str, Path, pa.Schema]] = []
     for experiment, directory in parts:
         for file in _data_files(directory):
-            schema = _read_schema(file)
-            if schema is not None:
-                files.append((experiment, file, schema))
-    base_fields = pa.schema([f for f in base if f.name != PARTITION])
-    try:
-        unified = pa.unify_schemas(
-            [base_fields, *(s.remove_metadata() for _, _, s in files)],
-            promote_options="permissive",
-        )
-    except (pa.ArrowException, TypeError) as exc:
-        logger.warning("results files in %s have conflicting schemas (%s)", table_dir, exc)
-        unified = None
-    if unified is not None and files:
+            schema = _read_schema(file, skipped)
+            if schema is None:
+                continue
+            try:
+                unified = pa.unify_schemas([unified, schema], promote_options="permissive")
+            except (pa.ArrowException, TypeError):
+                _skip(file, _conflict(unified, schema), skipped)
+                continue
+            files.append((experiment, file, schema))
+    if files:
         unified = unified.insert(0, base.field(PARTITION))
         try:
             dataset = ds.dataset(
@@ -255,7 +341,7 @@ def _read_table(
 
     tables = []
     for experiment, file, _ in files:
-        arrow = _read_file(file, columns)
+        arrow = _read_file(file, columns, skipped)
         if arrow is None:
             continue
         if columns is None or PARTITION in columns:
@@ -280,8 +366,11 @@ def load(
 ) -> pd.DataFrame:
     """Read a results table (all experiments, or one) into a DataFrame.
 
-    Unreadable (corrupt, truncated) files are skipped with a logged warning naming the file.
-    Rows come in file-name order, which is about the order of writing.
+    A damaged file (corrupt, truncated, or a column of another type than the schema's, e.g.
+    ``error`` rewritten as strings) is skipped with one logged warning naming it and saying how
+    to quarantine it (:data:`QUARANTINE_HINT`); every other row is returned, and the skipped
+    files are listed in ``frame.attrs["skipped_files"]``. Rows come in file-name order, which
+    is about the order of writing.
 
     Args:
         path: The store root, a table directory (``<root>/evaluations``) or one experiment's
@@ -295,7 +384,8 @@ def load(
     Returns:
         One row per stored row, with ``experiment`` as a plain string column, UTC timestamps and
         the union of the ``cfg_`` columns (NaN where a row has none). With nothing stored, an
-        empty DataFrame with the schema's columns.
+        empty DataFrame with the schema's columns. ``attrs["skipped_files"]``: the paths of
+        the damaged files left out (empty if none).
 
     Raises:
         ResultsError: Unknown table name, or a table directory that contradicts ``table``.
@@ -306,10 +396,13 @@ def load(
     elif implied is not None and implied != experiment:
         raise ResultsError(f"{path} holds experiment {implied!r}, not {experiment!r}")
     columns = list(columns) if columns is not None else None
-    arrow = _read_table(_partitions(table_dir, experiment), TABLES[name], table_dir, columns)
+    skipped: list[str] = []
+    arrow = _read_table(_partitions(table_dir, experiment), TABLES[name], table_dir, columns,
+                        skipped)
     frame = arrow.to_pandas()
     if PARTITION in frame.columns and isinstance(frame[PARTITION].dtype, pd.CategoricalDtype):
         frame[PARTITION] = frame[PARTITION].astype(str)  # pragma: no cover - defensive
+    frame.attrs["skipped_files"] = skipped
     return frame
 
 
@@ -319,7 +412,8 @@ def load(
 class ResultStore:
     """Appends rows of one experiment to the results dataset under ``root`` and reads them back.
 
-    Safe to use from several processes at once (each write is its own uniquely named file).
+    Safe to use from several processes at once (each write is its own uniquely named file);
+    :meth:`lock` keeps a second search off an experiment that a search is writing.
 
     Args:
         root: The store root; ``<root>/evaluations`` and ``<root>/latency`` are created on the
@@ -336,6 +430,39 @@ class ResultStore:
 
     def __repr__(self) -> str:
         return f"ResultStore(root={str(self.root)!r}, experiment={self.experiment!r})"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this experiment exclusively, e.g. for the whole of a search, so that a second
+        search writing the same experiment refuses at once instead of evaluating configs twice
+        and writing trial ids twice.
+
+        The lock is ``fcntl.flock`` on ``<root>/.locks/<experiment>.lock`` (readers ignore the
+        hidden directory); it does not wait. The kernel releases it when its holder exits, so a
+        crashed or killed search never leaves the experiment locked. Appending rows does not
+        take the lock: other processes of the same search (Ray workers, profilers) still write.
+
+        Raises:
+            ResultsError: Another process holds the experiment; the message names its pid.
+        """
+        directory = self.root / ".locks"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{urllib.parse.quote(self.experiment, safe='')}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise ResultsError(
+                    f"experiment {self.experiment!r} in {self.root} is being written by another "
+                    f"process (pid {holder}); wait for it or choose another experiment"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _dir(self, table: str) -> Path:
         return _partition_dir(self.root / table, self.experiment)

@@ -45,6 +45,7 @@ from nas_prune.search.worker import (
     weight_sharing_trial,
 )
 from nas_prune.space import make_space
+from nas_prune.supernet import EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +210,19 @@ def run_search(
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     profile = profile or ProfileOptions()
+    task = task.resolved()  # trials run in their own working directories
     check_checkpoint(checkpoint, opts)  # before loading any data
+    with results_lib.ResultStore(results_dir, experiment).lock():  # one search per experiment
+        return _search(checkpoint, task, results_dir, experiment, opts, profile, storage_path,
+                       space_bounds)
+
+
+def _search(checkpoint, task: TaskOptions, results_dir, experiment: str, opts: SearchOptions,
+            profile: ProfileOptions, storage_path, space_bounds):
+    """run_search's work, under the experiment's lock."""
     task_data = data_lib.load_task(task)
     meta, space_name, max_length = check_checkpoint(checkpoint, opts, task_data)
-    from transformers import AutoConfig
-
-    space = make_space(space_name, AutoConfig.from_pretrained(str(checkpoint)), space_bounds)
+    space = make_space(space_name, EncoderConfig.from_pretrained(str(checkpoint)), space_bounds)
     if not ray.is_initialized():
         ray.init()
     cpus = ray.cluster_resources().get("CPU", 0)

@@ -1,0 +1,228 @@
+"""The comparison protocol: bootstrap intervals and paired tests against hand-made correctness
+vectors, budget matching by validation only, and a whole comparison of tiny saved models on
+the test split of a synthetic task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from nas_prune import compare, data
+from nas_prune.options import ProfileOptions
+from tests.conftest import randomise_
+from tests.test_train import _synthetic_csv
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_bootstrap_interval_contains_the_mean_narrows_and_is_seeded():
+    rng = np.random.default_rng(1)
+    few, many = rng.random(100) < 0.7, rng.random(10_000) < 0.7
+    mean, low, high = compare.bootstrap_interval(few)
+    assert mean == pytest.approx(few.mean()) and low < mean < high
+    assert 0.05 < high - low < 0.3  # about 2 * 1.96 * sqrt(0.21 / 100) = 0.18
+    big_mean, big_low, big_high = compare.bootstrap_interval(many)
+    assert big_low < big_mean < big_high and big_low < 0.7 < big_high
+    assert (big_high - big_low) < (high - low) / 5  # sqrt(100) times narrower, about
+    assert compare.bootstrap_interval(few, seed=3) == compare.bootstrap_interval(few, seed=3)
+    assert compare.bootstrap_interval(many, seed=3) != compare.bootstrap_interval(many, seed=4)
+    wide = compare.bootstrap_interval(few, level=0.99)
+    assert wide[1] <= low and wide[2] >= high
+    with pytest.raises(ValueError, match="level must lie strictly between 0 and 1"):
+        compare.bootstrap_interval(few, level=95)
+
+
+def test_exact_mcnemar_matches_the_binomial_by_hand():
+    # 8 discordant pairs for a, 1 for b: 2 * (C(9,0) + C(9,1)) / 2^9
+    assert compare.mcnemar_exact(8, 1) == pytest.approx(2 * 10 / 512)
+    assert compare.mcnemar_exact(1, 8) == pytest.approx(2 * 10 / 512)
+    assert compare.mcnemar_exact(5, 5) == 1.0
+    assert compare.mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_test_detects_a_real_difference_and_not_a_zero_one():
+    rng = np.random.default_rng(0)
+    b = rng.random(500) < 0.6
+    a = b.copy()
+    a[np.flatnonzero(~b)[:60]] = True  # a is right on 60 more examples, wrong on none more
+    better = compare.paired_test(a, b)
+    assert better["diff"] == pytest.approx(60 / 500)
+    assert better["only_a"] == 60 and better["only_b"] == 0
+    assert better["p_value"] < 1e-10 and 0 < better["low"] < better["diff"] < better["high"]
+    assert compare.paired_test(b, a)["diff"] == pytest.approx(-60 / 500)
+
+    same = compare.paired_test(b, b)
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+    swapped = b.copy()  # as many examples flipped each way: accuracy equal, models differ
+    right, wrong = np.flatnonzero(b)[:30], np.flatnonzero(~b)[:30]
+    swapped[right], swapped[wrong] = False, True
+    even = compare.paired_test(swapped, b)
+    assert even["diff"] == 0 and even["p_value"] > 0.5 and even["low"] < 0 < even["high"]
+    with pytest.raises(ValueError, match="same, non-empty set of examples"):
+        compare.paired_test(a, b[:-1])
+
+
+# ------------------------------------------------------------------------------ the choice
+def test_budget_matching_chooses_by_validation_within_the_budget():
+    rows = pd.DataFrame([
+        # method, model_dir, params_ratio, validation error, a test accuracy to ignore
+        ("nas", "n1", 0.30, 0.20, 0.95),
+        ("nas", "n2", 0.45, 0.10, 0.70),
+        ("nas", "n3", 0.60, 0.05, 0.60),
+        ("nas", "n4", 0.20, float("nan"), 0.99),  # never scored on validation: never chosen
+        ("pins", "p1", 0.50, 0.15, 0.99),
+        ("pins", "p2", 0.40, 0.15, 0.50),  # ties p1 on validation and is smaller
+        ("layer_drop", "l1", 0.70, 0.01, 0.99),
+    ], columns=["method", "model_dir", "params_ratio", "error", "test_accuracy"])
+    chosen = compare.match_budgets(rows, [0.5, 0.35, 1.0])
+    picked = {(r.budget, r.method): r.model_dir for r in chosen.itertuples()}
+    assert picked == {
+        (0.35, "nas"): "n1",  # the only scored one within 0.35, however good n4 tests
+        (0.5, "nas"): "n2", (0.5, "pins"): "p2",
+        (1.0, "layer_drop"): "l1", (1.0, "nas"): "n3", (1.0, "pins"): "p2",
+    }
+    assert (chosen["params_ratio"] <= chosen["budget"]).all()
+    assert chosen["budget"].is_monotonic_increasing
+    # the test column plays no part: scrambling it changes nothing
+    scrambled = rows.assign(test_accuracy=rows["test_accuracy"].to_numpy()[::-1])
+    again = compare.match_budgets(scrambled, [0.5, 0.35, 1.0])
+    assert list(again["model_dir"]) == list(chosen["model_dir"])
+    with pytest.raises(ValueError, match="axis must be one of params_ratio, latency_ms"):
+        compare.match_budgets(rows, [0.5], axis="flops")
+    with pytest.raises(ValueError, match="lack column.s. latency_ms"):
+        compare.match_budgets(rows, [0.5], axis="latency_ms")
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.load_tokenizer(data.default_model_path())
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tokenizer):
+    csv = _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
+    return data.tokenize(data.load_task(csv, seed=0), tokenizer, max_length=32)
+
+
+def _stock_bert(path, tokenizer, seed: int) -> str:
+    """A tiny stock BERT classifier with random O(0.1..1) weights (so its predictions vary
+    from example to example), saved with the tokenizer."""
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, num_labels=2)
+    randomise_(BertForSequenceClassification(config), seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    # seed 0 predicts both classes, seeds 1 and 3 one class each: a and b disagree
+    return {name: _stock_bert(root / name, tokenizer, seed)
+            for name, seed in (("dense", 3), ("a", 0), ("b", 1))}
+
+
+def _accuracy_by_hand(model_dir, task, tokenizer) -> float:
+    model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    right = 0
+    with torch.no_grad():
+        for ex in task.test:
+            ids = torch.tensor([ex["input_ids"]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            right += int(logits.argmax(-1).item() == ex["labels"])
+    return right / len(task.test)
+
+
+FAST_LATENCY = ProfileOptions(repeats=1, warmup=0, seq_len=8)
+
+
+def test_comparison_of_saved_models_on_the_same_test_examples(model_dirs, task, tokenizer,
+                                                              tmp_path):
+    a, b = model_dirs["a"], model_dirs["b"]
+    candidates = pd.DataFrame([
+        # method, trial, model_dir, params_ratio, validation error, own cost, shared cost
+        ("nas", "t1", a, 0.40, 0.30, 0, 0.0, 5000, 50.0),
+        ("nas", "t2", b, 0.80, 0.20, 0, 0.0, 5000, 50.0),
+        ("pins", "p-0.5", b, 0.45, 0.35, 700, 7.0, None, None),
+        ("layer_drop", "layers-1", a, 0.70, 0.25, 300, 3.0, None, None),
+    ], columns=["method", "trial_id", "model_dir", "params_ratio", "error", "train_examples",
+                "train_time_s", "shared_train_examples", "shared_train_time_s"])
+    frame = compare.compare(candidates, model_dirs["dense"], task, tokenizer, [0.5, 1.0],
+                            latency=FAST_LATENCY, n_bootstrap=200, n_paired=500)
+    got = [(r.budget if r.method != "dense" else None, r.method, r.trial_id)
+           for r in frame.itertuples()]
+    assert got == [(None, "dense", "dense"), (0.5, "nas", "t1"), (0.5, "pins", "p-0.5"),
+                   (1.0, "layer_drop", "layers-1"), (1.0, "nas", "t2"), (1.0, "pins", "p-0.5")]
+    # the same test examples for every model, and the accuracy is theirs
+    n = len(task.test)
+    assert (frame["test_examples"] == n).all()
+    assert frame["test_digest"].nunique() == 1
+    assert frame["test_digest"].iloc[0] == compare.test_digest(task)
+    by_dir = {d: _accuracy_by_hand(d, task, tokenizer) for d in model_dirs.values()}
+    for r in frame.itertuples():
+        assert r.test_accuracy == pytest.approx(by_dir[r.model_dir])
+        assert r.test_low <= r.test_accuracy <= r.test_high
+        assert r.latency_ms > 0 and r.hardware
+    # paired against NAS at the same budget; NAS itself and the dense model are not tested
+    nas = frame[frame["method"] == "nas"].set_index("budget")
+    for r in frame[~frame["method"].isin(["nas", "dense"])].itertuples():
+        assert r.diff_vs_reference == pytest.approx(r.test_accuracy
+                                                    - nas.loc[r.budget, "test_accuracy"])
+        assert 0 <= r.p_value <= 1 and isinstance(r.significant, bool)
+    assert frame.loc[frame["method"].isin(["nas", "dense"]), "p_value"].isna().all()
+    differ = frame[(frame["budget"] == 0.5) & (frame["method"] == "pins")].iloc[0]
+    assert differ["diff_vs_reference"] != 0 and differ["p_value"] < 1  # b against a
+    same_model = frame[(frame["budget"] == 1.0) & (frame["method"] == "pins")].iloc[0]
+    assert same_model["diff_vs_reference"] == 0 and same_model["p_value"] == 1.0  # both b
+    # cost: NAS's shared cost at every budget, a one-budget method its own run per budget
+    cost = {(r.budget, r.method): r.cost_examples for r in frame.itertuples()
+            if r.method != "dense"}
+    assert cost == {(0.5, "nas"): 5000, (0.5, "pins"): 700, (1.0, "layer_drop"): 300,
+                    (1.0, "nas"): 5000, (1.0, "pins"): 700}
+    totals = compare.total_costs(frame, candidates).set_index("method")
+    assert totals.loc["nas", "examples"] == 5000 and totals.loc["nas", "models"] == 2
+    assert totals.loc["pins", "examples"] == 700  # one model serves both budgets
+
+    markdown = compare.write_comparison(frame, tmp_path / "cmp", candidates)
+    text = markdown.read_text()
+    assert f"same {n} test examples" in text and text.count("\n| ") >= 7
+    assert "| 0.5 | pins | p-0.5 |" in text
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == len(frame)
+
+
+def test_latency_budgets_are_measured_here_for_every_candidate(model_dirs, task, tokenizer):
+    candidates = pd.DataFrame({
+        "method": ["nas", "pins"], "model_dir": [model_dirs["a"], model_dirs["b"]],
+        "params_ratio": [0.5, 0.5], "error": [0.2, 0.3],
+        "latency_ms": [1e9, 1e9],  # stale numbers from elsewhere are replaced
+    })
+    frame = compare.compare(candidates, model_dirs["dense"], task, tokenizer, [1e6],
+                            axis="latency_ms", latency=FAST_LATENCY, n_bootstrap=50,
+                            n_paired=50)
+    assert list(frame["method"]) == ["dense", "nas", "pins"]
+    assert (frame["latency_ms"] < 1e6).all()
+    assert list(frame["trial_id"]) == ["dense", "a", "b"]  # named after their directories
+    with pytest.raises(ValueError, match="no candidate fits"):
+        compare.compare(candidates, model_dirs["dense"], task, tokenizer, [0.0],
+                        axis="latency_ms", latency=FAST_LATENCY)
+    gone = candidates.assign(model_dir=[model_dirs["a"], str(Path(model_dirs["b"]) / "gone")])
+    with pytest.raises(ValueError, match="gone holds no saved model"):
+        compare.compare(gone, model_dirs["dense"], task, tokenizer, [1.0],
+                        measure_latency=False)
+
+
+def test_test_predictions_score_the_test_split_in_order(model_dirs, task, tokenizer):
+    logits, labels = compare.test_predictions(model_dirs["a"], task, tokenizer, batch_size=7)
+    assert logits.shape == (len(task.test), 2)
+    assert list(labels) == list(task.test["labels"])
+    model = BertForSequenceClassification.from_pretrained(model_dirs["a"])
+    again, _ = compare.test_predictions(model, task, tokenizer)
+    np.testing.assert_allclose(again, logits, atol=1e-5)

@@ -1,0 +1,223 @@
+"""Refine: distilling a damaged sub-network of a tiny supernet from its teacher through the real
+DeepSpeed engine (CPU), skipping a finished refine, resuming an interrupted one, and reloading
+the saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nas_prune import baselines, data, train
+from nas_prune.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from nas_prune.errors import TrainingError
+from nas_prune.evaluate import evaluate
+from nas_prune.export import SUBNETWORK_FILE
+from nas_prune.options import FinetuneOptions, SupernetOptions
+from nas_prune.refine import (
+    COST_KEYS,
+    RefineOptions,
+    distillation_loss,
+    layer_map,
+    layer_outputs,
+    refine,
+)
+from nas_prune.space import make_space
+from nas_prune.supernet import load_pretrained
+from tests.test_train import _synthetic_csv, save_tiny_bert
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CONFIG = {"num_layers": 1, "num_heads": 2, "num_units": 24}
+"""Half the heads and neurons of the first of two layers: not a stock BERT shape."""
+
+
+# ------------------------------------------------------------------------------ units
+def test_options_say_what_to_change():
+    with pytest.raises(TrainingError, match=r"alpha must be in \[0, 1\]"):
+        RefineOptions(alpha=1.5)
+    with pytest.raises(TrainingError, match="examples must be >= 1"):
+        RefineOptions(examples=0)
+    with pytest.raises(TrainingError, match="hidden_weight must be >= 0"):
+        RefineOptions(hidden_weight=-1)
+    with pytest.raises(TrainingError, match="temperature must be > 0"):
+        RefineOptions(temperature=0)
+
+
+def test_layers_map_uniformly_and_the_last_matches_the_last():
+    assert layer_map(3, 3) == [0, 1, 2]
+    assert layer_map(2, 6) == [2, 5]
+    assert layer_map(1, 4) == [3]
+    assert layer_map(4, 2) == [0, 0, 1, 1]
+
+
+def test_distillation_loss_terms():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 3), torch.randn(5, 3)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    same = distillation_loss(teacher, teacher, labels, 2.0, 1.0)
+    assert same.item() == pytest.approx(0, abs=1e-6)
+    assert distillation_loss(student, teacher, labels, 2.0, 0.0).item() == pytest.approx(
+        F.cross_entropy(student, labels).item())
+    t = 3.0
+    p = F.softmax(teacher / t, -1)
+    kl = (p * (p.log() - F.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    assert distillation_loss(student, teacher, labels, t, 1.0).item() == pytest.approx(kl.item(),
+                                                                                      rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.load_tokenizer(data.default_model_path())
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tokenizer):
+    csv = _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
+    return data.tokenize(data.load_task(csv, seed=0), tokenizer, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer, task):
+    tiny = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer)
+    out = tmp_path_factory.mktemp("teacher")
+    train.finetune(tiny, task, out, FinetuneOptions(epochs=4, batch_size=16, lr=3e-3,
+                                                    log_every=100))
+    return out
+
+
+@pytest.fixture(scope="module")
+def supernet_dir(tmp_path_factory, teacher_dir, task, tokenizer):
+    """A briefly trained supernet whose classification head is then deliberately damaged
+    (random weights), so every sub-network starts far below the teacher."""
+    out = tmp_path_factory.mktemp("supernet")
+    train.train_supernet(teacher_dir, task, out, SupernetOptions(max_steps=2, batch_size=16,
+                                                                 log_every=100))
+    model, meta = load_checkpoint(out)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    save_checkpoint(out, model, tokenizer, meta)
+    return out
+
+
+def _sub_network_scores(supernet_dir, task, tokenizer) -> dict:
+    supernet, _ = load_checkpoint(supernet_dir)
+    sub = make_space("small", supernet.config).to_sub_network(CONFIG)
+    small = supernet.extract_sub_network(sub)
+    return evaluate(small, data.make_loader(task.valid, tokenizer, 64), task.spec)
+
+
+FAST = {"examples": 16 * 40 - 5, "batch_size": 16, "lr": 3e-3, "log_every": 100}
+
+
+# ------------------------------------------------------------------------------ refine
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory, supernet_dir, teacher_dir, task, tokenizer):
+    out = tmp_path_factory.mktemp("refined") / "t1"
+    row = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, out,
+                 RefineOptions(**FAST))
+    return out, row
+
+
+def test_refine_recovers_a_damaged_sub_network(refined, supernet_dir, teacher_dir, task,
+                                               tokenizer):
+    out, row = refined
+    before = _sub_network_scores(supernet_dir, task, tokenizer)
+    teacher, _ = load_checkpoint(teacher_dir)
+    dense = evaluate(teacher, data.make_loader(task.valid, tokenizer, 64), task.spec)
+    assert dense["metric"] > 0.9 and before["metric"] < 0.7
+    assert row["metric_value"] > max(0.85, before["metric"] + 0.2)
+    assert row["error"] == pytest.approx(1 - row["metric_value"])
+    # the results row: the baselines' contract plus the counted cost
+    assert set(baselines.ROW_KEYS) | set(COST_KEYS) <= set(row)
+    assert row["method"] == "nas+refine" and row["status"] == "ok" and row["trial_id"] == "t1"
+    assert row["config"] == CONFIG and row["model_dir"] == str(out)
+    assert row["train_examples"] == 16 * 40 == row["fidelity"]  # whole batches
+    assert row["teacher_examples"] == row["train_examples"]
+    assert row["train_time_s"] > 0 and row["wall_time_s"] == row["train_time_s"]
+    assert "640 training examples" in row["message"]
+    supernet, _ = load_checkpoint(supernet_dir)
+    sub = make_space("small", supernet.config).to_sub_network(CONFIG)
+    assert row["params"] == supernet.num_params(sub)
+    assert row["params_ratio"] == pytest.approx(row["params"] / supernet.num_params())
+    assert row["flops"] == supernet.flops(sub, 128)
+    info = json.loads((out / SUBNETWORK_FILE).read_text())
+    assert info["params_ratio"] == pytest.approx(row["params_ratio"])
+    assert not (out.parent / ".t1.refine").exists()  # the resumable state is gone
+
+
+def test_refined_model_reloads_with_the_same_logits(refined, task, tokenizer,
+                                                    load_in_fresh_process):
+    out, row = refined
+    info = json.loads((out / SUBNETWORK_FILE).read_text())
+    assert info["stock"] is False  # half the heads: our encoder, with its remote code
+    model = load_pretrained(str(out)).eval()
+    assert model.num_params() == row["params"]
+    again = evaluate(model, data.make_loader(task.valid, tokenizer, 64), task.spec)
+    # the loss is the mean over the validation split of the refined model's logits
+    assert again["metric"] == row["metric_value"]
+    assert again["loss"] == pytest.approx(info["refine"]["valid"]["loss"], abs=1e-6)
+    batch = next(iter(data.make_loader(task.valid, tokenizer, 8)))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours = model(**batch).logits
+    fresh = load_in_fresh_process(out, batch)
+    assert not fresh["nas_prune_loaded"]
+    torch.testing.assert_close(fresh["logits"], ours, atol=1e-5, rtol=1e-5)
+
+
+def test_a_finished_refine_is_skipped(refined, supernet_dir, teacher_dir, task, tokenizer):
+    out, row = refined
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, out,
+                   RefineOptions(**{**FAST, "log_every": 5}))  # logging is free to change
+    assert again == row
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(TrainingError, match="another config or with other options"):
+        refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, out,
+               RefineOptions(**{**FAST, "lr": 1e-3}))
+    with pytest.raises(TrainingError, match="holds no refined sub-network"):
+        refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, teacher_dir,
+               RefineOptions(**FAST))
+
+
+def test_an_interrupted_refine_resumes_where_it_stopped(supernet_dir, teacher_dir, task,
+                                                        tokenizer, tmp_path):
+    opts = RefineOptions(examples=16 * 6, batch_size=16, lr=3e-3, checkpoint_every=2,
+                         log_every=100)
+    straight = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer,
+                      tmp_path / "straight", opts)
+    partial = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer,
+                     tmp_path / "resumed", opts, stop_after=3)
+    assert partial["status"] == "rung" and partial["train_examples"] == 48
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.refine").exists()
+    with pytest.raises(TrainingError, match="interrupted refine with other options"):
+        refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer,
+               tmp_path / "resumed", RefineOptions(**{**opts.__dict__, "alpha": 0.9}))
+    resumed = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer,
+                     tmp_path / "resumed", opts)
+    assert resumed["train_examples"] == straight["train_examples"] == 96
+    assert resumed["metric_value"] == straight["metric_value"]
+    assert resumed["train_time_s"] > partial["train_time_s"]  # the interrupted part counts
+    a = load_pretrained(str(tmp_path / "straight")).state_dict()
+    b = load_pretrained(str(tmp_path / "resumed")).state_dict()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_hidden_states_are_the_layer_outputs(teacher_dir, task, tokenizer):
+    model, _ = load_checkpoint(teacher_dir)
+    batch = next(iter(data.make_loader(task.valid, tokenizer, 4)))
+    with torch.no_grad(), layer_outputs(model) as states:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert sorted(states) == [0, 1]
+    # the head reads the last layer's output (first token): recompute the logits from it
+    with torch.no_grad():
+        logits = model.head(states[1], batch["attention_mask"])
+        torch.testing.assert_close(logits, model(**batch).logits)
+    assert read_meta(teacher_dir)["kind"] == "teacher"
