@@ -11,8 +11,9 @@ the weight tensors, so a smaller sub-network computes less.
 Grouped-query attention (Ainslie et al. 2023): query heads come in groups that share one
 key/value head. A layer keeps its first `kv_heads` groups and the first `queries_per_kv` query
 heads of *each* kept group, the same count in every group, so the sliced layer is again a valid
-GQA shape (kv_heads * queries_per_kv query heads, kv_heads key/value heads) and a uniform
-sub-network is a stock `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+GQA shape (kv_heads * queries_per_kv query heads, kv_heads key/value heads). An extracted
+uniform sub-network's tensors load as they are into a stock `LlamaForCausalLM` /
+`Qwen2ForCausalLM` (whose config also wants the hidden size a multiple of the query heads).
 
 The hidden dimension (Minitron, Muralidharan et al. 2024; SliceGPT, Ashkboos et al. 2024 deletes
 channels after a rotation instead) keeps the first `hidden` channels of the residual stream: of
@@ -44,11 +45,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -387,7 +385,6 @@ class DecoderForCausalLM(PreTrainedModel):
 
     config_class = DecoderConfig
     base_model_prefix = "model"
-    _supports_sdpa = True
 
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
@@ -461,16 +458,16 @@ class DecoderForCausalLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: DecoderCache | None = None,
+        cache: DecoderCache | None = None,
         use_cache: bool = False,
         **_: object,
     ) -> CausalLMOutputWithPast:
         """Next-token logits (batch, tokens, vocab); with `labels`, the mean cross-entropy of
         predicting token t+1 from tokens <= t (labels -100 are ignored). `attention_mask`
-        covers the cached and the new tokens. With `use_cache` or a `past_key_values` cache,
-        the cache is extended in place and returned."""
-        cache = past_key_values if past_key_values is not None else (
-            DecoderCache() if use_cache else None)
+        covers the cached and the new tokens. With `use_cache` or a `cache`, the cache is
+        extended in place and returned."""
+        if cache is None and use_cache:
+            cache = DecoderCache()
         past = cache.length if cache is not None else 0
         batch, length = input_ids.shape
         device, hidden = input_ids.device, self._hidden
@@ -497,7 +494,7 @@ class DecoderForCausalLM(PreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten().to(device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
@@ -516,17 +513,18 @@ class DecoderForCausalLM(PreTrainedModel):
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache, tokens = DecoderCache(), input_ids
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        out = self(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
-        for _ in range(max_new_tokens):
+        out = self(input_ids, attention_mask=mask, position_ids=positions, cache=cache)
+        for step in range(max_new_tokens):
+            if step:  # feed the last token
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+                positions = positions[:, -1:] + 1
+                out = self(tokens[:, -1:], attention_mask=mask, position_ids=positions,
+                           cache=cache)
             new = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
             done = done | torch.isin(new, eos)
             tokens = torch.cat((tokens, new[:, None]), dim=1)
             if bool(done.all()):
                 break
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-            positions = positions[:, -1:] + 1
-            out = self(new[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache)
         return tokens
 
     # ------------------------------------------------------------------------------ costs
@@ -575,14 +573,15 @@ class DecoderForCausalLM(PreTrainedModel):
             "layer_queries_per_kv": [sub.queries_per_kv[i] for i in kept],
             "layer_units": [sub.units[i] for i in kept],
         })
-        state = self.state_dict()
+        state, device = self.state_dict(), self.model.embed_tokens.weight.device
         new = {"model.embed_tokens.weight": state["model.embed_tokens.weight"][:, :h],
                "model.norm.weight": state["model.norm.weight"][:h]}
         if self.lm_head is not None:
             new["lm_head.weight"] = state["lm_head.weight"][:, :h]
         for j, i in enumerate(kept):
             k, g, n = sub.kv_heads[i], sub.queries_per_kv[i], sub.units[i]
-            rows, kv = query_rows(k, g, full.queries_per_kv[i], c.head_dim), k * c.head_dim
+            rows = query_rows(k, g, full.queries_per_kv[i], c.head_dim, device)
+            kv = k * c.head_dim
             # (tensor, kept output rows, kept input columns or None for a vector)
             plan = [("self_attn.q_proj", rows, h), ("self_attn.k_proj", kv, h),
                     ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, rows),
@@ -603,48 +602,71 @@ class DecoderForCausalLM(PreTrainedModel):
                               assign=True)
         return small.train(self.training)
 
-    # ------------------------------------------------------------------------------ rewiring
-    @torch.no_grad()
-    def reorder(self, kv_order, query_order, unit_order, hidden_order: torch.Tensor) -> None:
-        """Permute units (new unit j = old unit order[j]); the full network computes the same
-        function afterwards. Per layer: `kv_order` (KV groups, each moving with its query
-        heads), `query_order` (groups x queries: the order inside each old group) and
-        `unit_order` (MLP neurons); `hidden_order` permutes the residual-stream channels of
-        every tensor that reads or writes the stream."""
-        if any(x is not None for x in (self.config.layer_kv_heads,
-                                      self.config.layer_queries_per_kv, self.config.layer_units)):
-            raise ValueError("reorder applies to a full supernet, not an exported sub-network")
-        c, d = self.config, self.config.head_dim
-        device = self.model.embed_tokens.weight.device
-        ho = hidden_order.long().to(device)
 
-        def permute(param: torch.Tensor | None, dim: int, order: torch.Tensor) -> None:
-            if param is not None:
-                param.copy_(param.index_select(dim, order.to(device)))
+# ---------------------------------------------------------------------------------- loading
+def config_from_hf(hf_config: PretrainedConfig) -> DecoderConfig:
+    """Our DecoderConfig for a Hugging Face Llama / Qwen2 config; a ValueError that says what
+    to use instead for any other architecture."""
+    family = getattr(hf_config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(
+            f"model_type {family!r} is not a supported decoder; nas_prune's decoder loads "
+            f"Llama-family causal LMs ({', '.join(FAMILIES)}: e.g. Llama, SmolLM2, Qwen2). "
+            "Choose such a checkpoint (BERT/RoBERTa encoders load with "
+            "nas_prune.supernet.load_pretrained)."
+        )
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError("sliding-window attention is not supported; set use_sliding_window "
+                         "to false in the config or choose another checkpoint")
+    heads = hf_config.num_attention_heads
+    bias = bool(getattr(hf_config, "attention_bias", False))
+    return DecoderConfig(
+        family=family, vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=heads,
+        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        intermediate_size=hf_config.intermediate_size, hidden_act=hf_config.hidden_act,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        rope_parameters=dict(getattr(hf_config, "rope_parameters", None) or {}),
+        attention_bias=family == "qwen2" or bias, o_proj_bias=family == "llama" and bias,
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        initializer_range=hf_config.initializer_range, pad_token_id=hf_config.pad_token_id,
+        bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
+    )
 
-        permute(self.model.embed_tokens.weight, 1, ho)
-        permute(self.model.norm.weight, 0, ho)
-        if self.lm_head is not None:
-            permute(self.lm_head.weight, 1, ho)
-        for layer, kv_o, q_o, u_o in zip(self.model.layers, kv_order, query_order, unit_order,
-                                         strict=True):
-            kv_o, q_o = kv_o.long(), q_o.long()
-            heads = (kv_o[:, None] * c.queries_per_group + q_o[kv_o]).flatten()
-            rows = (heads[:, None] * d + torch.arange(d)).flatten()
-            kv_rows = (kv_o[:, None] * d + torch.arange(d)).flatten()
-            att, mlp = layer.self_attn, layer.mlp
-            for linear, r in ((att.q_proj, rows), (att.k_proj, kv_rows), (att.v_proj, kv_rows)):
-                permute(linear.weight, 0, r)
-                permute(linear.bias, 0, r)
-                permute(linear.weight, 1, ho)
-            permute(att.o_proj.weight, 1, rows)
-            for linear in (mlp.gate_proj, mlp.up_proj):
-                permute(linear.weight, 0, u_o.long())
-                permute(linear.bias, 0, u_o.long())
-                permute(linear.weight, 1, ho)
-            permute(mlp.down_proj.weight, 1, u_o.long())
-            for param in (att.o_proj.weight, att.o_proj.bias, mlp.down_proj.weight,
-                          mlp.down_proj.bias, layer.input_layernorm.weight,
-                          layer.post_attention_layernorm.weight):
-                permute(param, 0, ho)
-        self.reset_super_network()
+
+def from_hf(hf_model: PreTrainedModel, share: bool = False) -> DecoderForCausalLM:
+    """Our decoder with the weights of a transformers Llama/Qwen2 `...ForCausalLM`. With
+    `share`, it takes over `hf_model`'s tensors instead of copying them."""
+    config = config_from_hf(hf_model.config)
+    with torch.device("meta") if share else nullcontext():
+        model = DecoderForCausalLM(config)
+    state = hf_model.state_dict()
+    missing = [k for k in model.state_dict() if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} expected tensors, e.g. {missing[:3]}")
+    model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True, assign=share)
+    return model.to(hf_model.dtype).train(hf_model.training)
+
+
+def load_pretrained_decoder(name_or_path: str, **hf_kwargs) -> DecoderForCausalLM:
+    """Load a Hugging Face Llama/Qwen2 causal LM (hub name or local directory) or a nas_prune
+    decoder checkpoint into our decoder, sharing the loaded tensors (no second copy).
+    `hf_kwargs` go to `from_pretrained` (e.g. `dtype`, `revision`, `cache_dir`)."""
+    config = AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
+    if isinstance(config, DecoderConfig):
+        return DecoderForCausalLM.from_pretrained(name_or_path, config=config, **hf_kwargs)
+    config_from_hf(config)  # fail early, before loading weights, for other architectures
+    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **hf_kwargs)
+    model = from_hf(hf_model, share=True)
+    del hf_model
+    return model.eval()
+
+
+AutoConfig.register(DecoderConfig.model_type, DecoderConfig, exist_ok=True)
+AutoModelForCausalLM.register(DecoderConfig, DecoderForCausalLM, exist_ok=True)
+DecoderConfig.register_for_auto_class()
+DecoderForCausalLM.register_for_auto_class("AutoModelForCausalLM")

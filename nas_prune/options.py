@@ -318,6 +318,129 @@ class SearchOptions:
             raise SearchError(f"reduction_factor must be > 1, got {self.reduction_factor}")
 
 
+@dataclass
+class RefineOptions:
+    """How to refine each Pareto-optimal sub-network by distillation from the teacher (logits
+    and hidden states), after the search (nas_prune.refine)."""
+
+    enabled: bool = True
+    """Pipeline: refine the Pareto set (false skips the stage; exports are then unrefined)."""
+
+    examples: int | None = None
+    """Training examples the student processes (forward + backward), rounded up to whole
+    batches; None: one pass over the training split, what one layer-dropping baseline model
+    gets by default."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW, linear warm-up then linear decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear learning-rate warm-up."""
+    temperature: float = 2.0
+    """Temperature T of the logit distillation (the KL term is scaled by T^2)."""
+    alpha: float = 0.5
+    """Weight of the logit-distillation term; 1 - alpha weighs the task loss on the labels."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state MSE (student layers mapped uniformly onto teacher layers);
+    0 turns it off."""
+    max_length: int = 128
+    """Tokens per example after truncation (the caller tokenises with it)."""
+    seed: int = 0
+    """Seed of data order and dropout."""
+    log_every: int = 10
+    """Log progress every this many steps."""
+    checkpoint_every: int | None = None
+    """Save a resumable DeepSpeed checkpoint every this many steps (None: never; an
+    interrupted refine then starts over)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    flops_seq_len: int = 128
+    """Sequence length at which the row's FLOPs are counted (the search's default)."""
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every"})
+    """Options that may change when an interrupted or finished refine is picked up again."""
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "batch_size", "log_every", "checkpoint_every",
+                     "flops_seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainingError(f"refine: {name} must be >= 1, got {value}")
+        if self.lr <= 0:
+            raise TrainingError(f"refine: lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TrainingError(f"refine: weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError(f"refine: warmup_ratio must be in [0, 1), got "
+                                f"{self.warmup_ratio}")
+        if self.temperature <= 0:
+            raise TrainingError(f"refine: temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise TrainingError(f"refine: alpha must be in [0, 1] (1: distillation only, 0: "
+                                f"labels only), got {self.alpha}")
+        if self.hidden_weight < 0:
+            raise TrainingError(f"refine: hidden_weight must be >= 0 (0 turns the hidden-state "
+                                f"loss off), got {self.hidden_weight}")
+        if self.max_length < 2:
+            raise TrainingError(f"refine: max_length must be >= 2 tokens, got {self.max_length}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise TrainingError(f"refine: zero_stage must be 0, 1, 2 or 3, got "
+                                f"{self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainingError(f"refine: precision must be auto, fp32 or bf16, got "
+                                f"{self.precision!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that decide the refined model (all but RESUME_FREE)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.RESUME_FREE and k != "enabled"}
+
+
+# ------------------------------------------------------------------------------ losses
+
+@dataclass
+class CompareOptions:
+    """How methods are compared (nas_prune.compare): budgets matched on validation, every
+    figure on the test split with bootstrap intervals and paired tests, cost counted."""
+
+    enabled: bool = True
+    """Pipeline: write the comparison after the search, refine and baselines."""
+    budgets: list[float] = field(default_factory=lambda: [0.58, 0.63, 0.77])
+    """Budgets on `axis` (params_ratio: fraction of the dense model's parameters; latency_ms:
+    milliseconds)."""
+    axis: str = "params_ratio"
+    """params_ratio or latency_ms (measured here for every candidate with the profile options)."""
+    reference: str | None = None
+    """The method every other one is tested against (default: nas+refine, else nas)."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of each interval."""
+    n_paired: int = 10000
+    """Bootstrap resamples of each paired difference."""
+    level: float = 0.95
+    """Confidence level of the intervals."""
+    alpha: float = 0.05
+    """Significance level of the paired tests."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    batch_size: int = 64
+    """Test batch size."""
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(b <= 0 for b in self.budgets):
+            raise OptionsError(f"compare: budgets must be positive numbers, got {self.budgets}")
+        if self.axis not in ("params_ratio", "latency_ms"):
+            raise OptionsError(f"compare: axis must be params_ratio or latency_ms, got "
+                               f"{self.axis!r}")
+        if not 0 < self.level < 1 or not 0 < self.alpha < 1:
+            raise OptionsError(f"compare: level and alpha must lie in (0, 1), got "
+                               f"{self.level}, {self.alpha}")
+        _at_least(self, 1, ("n_bootstrap", "n_paired", "batch_size"), OptionsError)
+
+
 # --------------------------------------------------------------------------------- pipeline
 @dataclass
 class PipelineOptions:
@@ -335,6 +458,10 @@ class PipelineOptions:
     """The multi-objective search."""
     profile: ProfileOptions = field(default_factory=ProfileOptions)
     """Latency measurement (Pareto set, latency objectives, baselines)."""
+    refine: RefineOptions = field(default_factory=RefineOptions)
+    """Distillation of each Pareto-optimal sub-network from the teacher."""
+    compare: CompareOptions = field(default_factory=CompareOptions)
+    """The comparison of NAS, NAS + refine, the baselines and the dense model on test data."""
     workers: int = 1
     """Ray Train workers for fine-tuning and supernet training (1: in this process)."""
     experiment: str | None = None

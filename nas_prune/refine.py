@@ -32,7 +32,6 @@ finished one in `out_dir` is not redone, its row is returned.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -40,15 +39,15 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nas_prune import data as data_lib
 from nas_prune.errors import TrainingError
+from nas_prune.options import RefineOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,84 +60,6 @@ forward + backward, examples the teacher processed forward only, the refine's wa
 seconds (everything: loading, training, scoring, saving) and the saved model's directory."""
 
 
-@dataclass
-class RefineOptions:
-    """How to refine a chosen sub-network by distillation from the teacher."""
-
-    examples: int | None = None
-    """Training examples the student processes (forward + backward), rounded up to whole
-    batches; None: one pass over the training split, what one layer-dropping baseline model
-    gets by default."""
-    batch_size: int = 32
-    """Examples per optimizer step."""
-    lr: float = 5e-5
-    """Peak learning rate (AdamW, linear warm-up then linear decay)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.1
-    """Fraction of steps with linear learning-rate warm-up."""
-    temperature: float = 2.0
-    """Temperature T of the logit distillation (the KL term is scaled by T^2)."""
-    alpha: float = 0.5
-    """Weight of the logit-distillation term; 1 - alpha weighs the task loss on the labels."""
-    hidden_weight: float = 1.0
-    """Weight of the hidden-state MSE (student layers mapped uniformly onto teacher layers);
-    0 turns it off."""
-    max_length: int = 128
-    """Tokens per example after truncation (the caller tokenises with it)."""
-    seed: int = 0
-    """Seed of data order and dropout."""
-    log_every: int = 10
-    """Log progress every this many steps."""
-    checkpoint_every: int | None = None
-    """Save a resumable DeepSpeed checkpoint every this many steps (None: never; an
-    interrupted refine then starts over)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0-3)."""
-    precision: str = "auto"
-    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
-    flops_seq_len: int = 128
-    """Sequence length at which the row's FLOPs are counted (the search's default)."""
-
-    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every"})
-    """Options that may change when an interrupted or finished refine is picked up again."""
-
-    def __post_init__(self) -> None:
-        for name in ("examples", "batch_size", "log_every", "checkpoint_every",
-                     "flops_seq_len"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TrainingError(f"refine: {name} must be >= 1, got {value}")
-        if self.lr <= 0:
-            raise TrainingError(f"refine: lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise TrainingError(f"refine: weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainingError(f"refine: warmup_ratio must be in [0, 1), got "
-                                f"{self.warmup_ratio}")
-        if self.temperature <= 0:
-            raise TrainingError(f"refine: temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise TrainingError(f"refine: alpha must be in [0, 1] (1: distillation only, 0: "
-                                f"labels only), got {self.alpha}")
-        if self.hidden_weight < 0:
-            raise TrainingError(f"refine: hidden_weight must be >= 0 (0 turns the hidden-state "
-                                f"loss off), got {self.hidden_weight}")
-        if self.max_length < 2:
-            raise TrainingError(f"refine: max_length must be >= 2 tokens, got {self.max_length}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise TrainingError(f"refine: zero_stage must be 0, 1, 2 or 3, got "
-                                f"{self.zero_stage}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise TrainingError(f"refine: precision must be auto, fp32 or bf16, got "
-                                f"{self.precision!r}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The options that decide the refined model (all but RESUME_FREE)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUME_FREE}
-
-
-# ------------------------------------------------------------------------------ losses
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                       temperature: float, alpha: float) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) *

@@ -8,7 +8,10 @@ OUT/results/            Parquet results: evaluations/ and latency/    pipeline.s
                                                                       baselines
 OUT/baselines/<method>/ one model dir per baseline model              pipeline.baselines
 OUT/report/             pareto.png, summary.md                        pipeline.report
-OUT/export/<name>/      one Hugging Face model dir per sub-network    pipeline.export
+OUT/export/<name>/      one Hugging Face model dir per sub-network    pipeline.refine (refined),
+                        (refined when refine ran)                     pipeline.export
+OUT/compare/            comparison.md/.csv/.png on the test split     pipeline.compare
+OUT/compare/nas/<name>/ the unrefined Pareto models it scores         pipeline.compare
 OUT/summary.json        what `nas-prune run` did, stage by stage      pipeline.run
 ```
 """
@@ -59,6 +62,10 @@ class RunDir:
 
     def export(self, name: str) -> Path:
         return self.root / "export" / name
+
+    @property
+    def compare(self) -> Path:
+        return self.root / "compare"
 
     @property
     def summary(self) -> Path:

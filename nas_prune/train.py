@@ -192,8 +192,19 @@ def train(
             if rank == 0:
                 _prune_old_tags(out / DEEPSPEED_DIR, keep=f"step{step}")
                 save_checkpoint(out, engine.module, tokenizer,
-                                {**base_meta, "steps_done": step, "finished": step >= total})
+                                {**base_meta, **cost(), "steps_done": step,
+                                 "finished": step >= total})
         torch.distributed.barrier()
+
+    done_before = resume or {}
+
+    def cost() -> dict[str, float]:
+        """Training cost so far, resumed parts included: examples processed forward + backward
+        (every pass of every step, all workers) and wall time."""
+        return {"train_examples": int(done_before.get("train_examples", 0)
+                                      + examples * strategy.passes_per_step),
+                "train_seconds": float(done_before.get("train_seconds", 0.0)
+                                       + time.perf_counter() - start_time)}
 
     module = engine.module
     while step < total:
@@ -245,8 +256,8 @@ def train(
     if rank == 0 and step >= total:
         valid_loader = data_lib.make_loader(task.valid, tokenizer, opts.batch_size)
         valid = evaluate(module, valid_loader, task.spec)
-        meta_now = {**base_meta, "steps_done": step, "finished": True, "valid": valid,
-                    "losses": losses}
+        meta_now = {**base_meta, **cost(), "steps_done": step, "finished": True,
+                    "valid": valid, "losses": losses}
         write_meta(out, meta_now)
         log.info("validation %s %.4f after %d steps", task.spec.metric, valid["metric"], step)
     return TrainResult(

@@ -15,10 +15,9 @@ from nas_prune.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from nas_prune.errors import TrainingError
 from nas_prune.evaluate import evaluate
 from nas_prune.export import SUBNETWORK_FILE
-from nas_prune.options import FinetuneOptions, SupernetOptions
+from nas_prune.options import FinetuneOptions, RefineOptions, SupernetOptions
 from nas_prune.refine import (
     COST_KEYS,
-    RefineOptions,
     distillation_loss,
     layer_map,
     layer_outputs,

@@ -535,6 +535,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
             "metric_value": valid["metric"], "params": params,
             "params_ratio": params / dense_params, "flops": small.flops(128),
             "wall_time_s": time.perf_counter() - start, "eval_time_s": eval_time,
+            "train_examples": steps * opts.batch_size, "train_time_s": t_eval - start,
             "status": "ok", "message": message,
         })
         log.info("grain %s: %s %.4f, %s, %d params (%.3f of dense)", name, task.spec.metric,

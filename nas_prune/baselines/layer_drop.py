@@ -126,6 +126,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
             "fidelity_unit": "steps", "error": scores["error"], "metric_name": task.spec.metric,
             "metric_value": scores["metric"], "params": params, "params_ratio": params / dense,
             "flops": teacher.flops(sub, 128), "wall_time_s": time.perf_counter() - started,
+            "train_examples": result.steps * opts.batch_size, "train_time_s": result.seconds,
             "eval_time_s": eval_time, "status": "ok",
             "message": f"first {k} of {c.num_hidden_layers} layers, fine-tuned "
                        f"{result.steps} steps",

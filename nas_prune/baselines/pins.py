@@ -420,6 +420,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     method = "pins" if opts.importance == "pins" else "magnitude"
     rows = []
     for sparsity in opts.sparsities:
+        run_started = time.perf_counter()
         model, meta = load_checkpoint(teacher_dir)
         check_teacher(meta, model.config.num_labels, task, teacher_dir)
         dense_params = model.num_params()
@@ -445,6 +446,8 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
             "metric_value": scores["metric"], "params": params,
             "params_ratio": params / dense_params, "flops": flops,
             "wall_time_s": time.perf_counter() - started, "eval_time_s": eval_time,
+            "train_examples": facts["steps"] * opts.batch_size,
+            "train_time_s": t_eval - run_started,
             "status": "ok",
             "message": (f"{opts.importance} importance, sparsity {facts['sparsity']:.4f} of "
                         f"{facts['prunable']:,} encoder weights"

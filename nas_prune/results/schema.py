@@ -66,6 +66,9 @@ EVALUATION_SCHEMA: pa.Schema = pa.schema(
         _field("timestamp", _TIMESTAMP),
         _field("status", pa.string()),  # one of STATUSES
         _field("message", pa.string(), nullable=True),
+        # training cost of this row's model alone (forward + backward examples, seconds)
+        _field("train_examples", pa.int64(), nullable=True),
+        _field("train_time_s", pa.float64(), nullable=True),
     ]
 )
 """Fixed columns of the evaluations table; ``cfg_<key>`` int64 columns are added per write."""
