@@ -135,6 +135,19 @@ def cmd_export(args, opts) -> Any:
     return [str(p) for p in paths]
 
 
+def cmd_refine(args, opts) -> Any:
+    from nas_prune import pipeline
+
+    rows = pipeline.refine(_rundir(args), opts, args.supernet, args.teacher)
+    return rows[["trial_id", "metric_value", "params_ratio", "train_examples"]].to_dict("records")
+
+
+def cmd_compare(args, opts) -> Any:
+    from nas_prune import pipeline
+
+    return str(pipeline.compare(_rundir(args), opts))
+
+
 def cmd_report(args, opts) -> Any:
     from nas_prune import pipeline
 
@@ -167,6 +180,11 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                 ("profile", "experiment"), cmd_profile),
     "export": ("export the Pareto set (or --sub_network) as Hugging Face model directories",
                ("experiment",), cmd_export),
+    "refine": ("distil each Pareto-optimal sub-network from the teacher into OUT/export",
+               ("data", "search", "refine", "experiment"), cmd_refine),
+    "compare": ("compare NAS, NAS + refine, the baselines and the dense model on the test "
+                "split into OUT/compare", ("data", "search", "compare", "profile", "baselines",
+                                            "experiment"), cmd_compare),
     "report": ("Pareto plot and Markdown summary of OUT/results into OUT/report",
                (), cmd_report),
     "baseline": ("run a published pruning method (pins, grain, layer_drop) on the teacher",
@@ -196,12 +214,16 @@ def _stage_parser(name: str, fields: dict[str, Any]):
         if section in sections_:
             p.add_class_arguments(sections_[section], section)
         else:
-            p.add_argument(f"--{section}", type=_FIELDS[section][0],
-                           default=fields[section].default, help=_FIELDS[section][1])
+            f = fields[section]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            p.add_argument(f"--{section}", type=_FIELDS[section][0], default=default,
+                           help=_FIELDS[section][1])
     if name == "supernet":
         p.add_argument("--teacher", help="fine-tuned teacher (default: OUT/teacher)")
-    if name in ("search", "profile", "export"):
+    if name in ("search", "profile", "export", "refine"):
         p.add_argument("--supernet", help="trained supernet (default: OUT/supernet)")
+    if name == "refine":
+        p.add_argument("--teacher", help="fine-tuned teacher (default: the supernet's)")
     if name in ("profile", "export"):
         p.add_argument("--space", help="search space of the configs (default: the supernet's)")
     if name in ("profile", "export", "report"):
@@ -234,6 +256,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "workers": (int, "Ray Train workers for training (1: in this process)"),
     "experiment": (str | None, "results experiment of the search (default: "
                    "nas-<searcher>-<scheduler>-seed<seed>, or the only one in OUT/results)"),
+    "baselines": (list[str], "the baselines whose models the comparison includes (pins, grain, "
+                  "layer_drop)"),
 }
 """The plain (non-section) fields of PipelineOptions a stage takes, with their CLI help."""
 

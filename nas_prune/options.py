@@ -493,6 +493,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "search": {"searcher": "local", "num_samples": 60, "valid_examples": 500,
                    "batch_size": 100},
         "profile": {"repeats": 5, "seq_len": 64},
+        "refine": {"examples": 640, "max_length": 64},
     },
     "default": {
         "finetune": {"epochs": 3, "batch_size": 32, "lr": 5e-5},

@@ -1,5 +1,5 @@
 """The stages of a run, one function each: finetune, supernet, search, profile, baselines,
-report, export; `run` chains them.
+refine, export, compare, report; `run` chains them.
 
 Every stage takes the run's output directory (a `RunDir`) and the `PipelineOptions`, reads what
 earlier stages wrote there (or an explicit input path), and is skipped or resumed when its
@@ -231,6 +231,82 @@ def baselines(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = N
     return experiments
 
 
+def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None = None,
+           teacher: str | Path | None = None) -> pd.DataFrame:
+    """Distil each Pareto-optimal sub-network from the teacher (default: the one the supernet
+    was trained from) into ``run.export(trial_id)``, the model users deploy; rows (method
+    ``nas+refine``, with their cost) go to the experiment ``refine-<search experiment>``.
+    Finished refines are not redone. Returns the refine rows."""
+    from nas_prune import refine as refine_lib
+
+    supernet_dir = Path(supernet_dir or run.supernet)
+    meta = check_supernet(supernet_dir)
+    teacher = Path(teacher or meta.get("teacher") or run.teacher)
+    front = pareto_set(run, opts)
+    store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
+    stored = store.evaluations()
+    done = set(stored["trial_id"]) if not stored.empty else set()
+    todo = front[~front["trial_id"].isin(done)]
+    if not todo.empty:
+        tokenizer = data_lib.load_tokenizer(str(supernet_dir))
+        task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer,
+                                 opts.refine.max_length)
+        space = opts.search.space or meta.get("space") or "small"
+        for i, row in enumerate(todo.itertuples(), 1):
+            log.info("refine %d/%d: %s (params ratio %.3f)", i, len(todo), row.trial_id,
+                     row.params_ratio)
+            result = refine_lib.refine(supernet_dir, teacher, json.loads(row.config), space,
+                                       task, tokenizer, run.export(row.trial_id),
+                                       opts.refine, trial_id=row.trial_id)
+            store.append_evaluations([{k: v for k, v in result.items()
+                                       if k not in ("teacher_examples", "model_dir")}])
+    return store.evaluations()
+
+
+def compare(run: RunDir, opts: PipelineOptions) -> Path:
+    """The comparison on the test split (nas_prune.compare): the Pareto set unrefined and
+    refined, every baseline model and the dense teacher, budgets matched on validation,
+    bootstrap intervals, paired tests and counted cost; written to ``run.compare``."""
+    from nas_prune import compare as compare_lib
+
+    supernet_dir = run.supernet
+    meta = check_supernet(supernet_dir)
+    teacher = Path(meta.get("teacher") or run.teacher)
+    experiment = _search_experiment(run, opts)
+    everything = results_lib.load(run.results)
+    front = pareto_set(run, opts)
+    # what every NAS model shares: the supernet's training and the search
+    search_rows = everything[everything["experiment"] == experiment]
+    shared = {"shared_train_examples": read_meta(supernet_dir).get("train_examples"),
+              "shared_train_time_s": (read_meta(supernet_dir).get("train_seconds") or 0.0)
+              + float(search_rows["eval_time_s"].sum())}
+    unrefined = export(run, opts, supernet_dir, {row.trial_id: json.loads(row.config)
+                                                 for row in front.itertuples()},
+                       into=run.compare / "nas")
+    candidates = [front.assign(model_dir=[str(p) for p in unrefined], train_examples=0,
+                               train_time_s=0.0, **shared)]
+    refined = everything[everything["experiment"] == f"refine-{experiment}"]
+    if not refined.empty:
+        candidates.append(refined.assign(
+            model_dir=[str(run.export(t)) for t in refined["trial_id"]], **shared))
+    for name in opts.baselines:
+        rows = everything[everything["experiment"].str.startswith(f"baseline-{name}-")
+                          & (everything["method"] != "dense")]
+        candidates.append(rows.assign(
+            model_dir=[str(run.baseline(name) / t) for t in rows["trial_id"]]))
+    table = pd.concat(candidates, ignore_index=True)
+    tokenizer = data_lib.load_tokenizer(str(teacher))
+    max_length = read_meta(supernet_dir).get("options", {}).get("max_length", 128)
+    task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer, max_length)
+    c = opts.compare
+    frame = compare_lib.compare(
+        table, teacher, task, tokenizer, c.budgets, c.axis, reference=c.reference,
+        latency=opts.profile, measure_latency=c.axis == "latency_ms",
+        n_bootstrap=c.n_bootstrap, n_paired=c.n_paired, seed=c.seed, level=c.level,
+        alpha=c.alpha, batch_size=c.batch_size)
+    return compare_lib.write_comparison(frame, run.compare, table)
+
+
 def report(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | None = None
            ) -> Path:
     """Pareto plot and Markdown summary of every experiment in ``run.results``, with the
@@ -252,9 +328,11 @@ def report(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | None 
 
 def export(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None = None,
            configs: dict[str, dict[str, int]] | None = None,
-           objectives: Sequence[str] | None = None, onnx: bool = False) -> list[Path]:
+           objectives: Sequence[str] | None = None, onnx: bool = False,
+           into: Path | None = None) -> list[Path]:
     """Export `configs` (name -> config; default: the Pareto set by trial id) of the supernet
-    (default ``run.supernet``) to ``run.export(name)``; existing exports are kept. With
+    (default ``run.supernet``) to ``run.export(name)`` (or ``into / name``); existing exports
+    (refined ones included) are kept. With
     `onnx`, each also gets a ``model.onnx`` (dynamic batch and sequence axes) checked against
     PyTorch with onnxruntime (nas_prune.onnx_export)."""
     from nas_prune import export as export_lib
@@ -273,7 +351,7 @@ def export(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
     model, space, tokenizer = None, None, None
     exported = []
     for name, config in configs.items():
-        target = run.export(name)
+        target = into / name if into is not None else run.export(name)
         if not (target / "config.json").exists():
             if model is None:
                 model, _ = load_checkpoint(supernet_dir)
@@ -340,15 +418,27 @@ def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     experiments = [opts.search_experiment]
     if opts.baselines:
         experiments += stage("baselines", baselines)
-    stage("report", report)
+    if opts.refine.enabled:
+        stage("refine", refine)
     exported = stage("export", export)
+    comparison = None
+    if opts.compare.enabled:
+        from nas_prune.compare import CompareError
+
+        try:
+            comparison = stage("compare", compare)
+        except CompareError as e:  # e.g. no model fits a budget: the rest of the run stands
+            log.warning("no comparison: %s; set compare.budgets (`nas-prune compare`)", e)
+    stage("report", report)
     dense = results_lib.load(rundir.results).query("method == 'dense'")
     summary = {
         "out": str(rundir.root), "experiment": opts.search_experiment,
         "evaluated": int(evaluated.loc[evaluated["status"] == "ok", "trial_id"].nunique()),
         "pareto": int(len(front)), "exported": [str(p) for p in exported],
         "dense_error": float(dense["error"].iloc[-1]) if not dense.empty else None,
-        "baselines": experiments[1:], "seconds": round(time.perf_counter() - started, 1),
+        "baselines": experiments[1:],
+        "comparison": str(comparison) if comparison else None,
+        "seconds": round(time.perf_counter() - started, 1),
         "stage_seconds": timings,
     }
     rundir.summary.write_text(json.dumps(summary, indent=2))

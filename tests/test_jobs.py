@@ -58,6 +58,7 @@ def _env(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------ entry points
 def test_every_stage_has_a_job():
     assert set(STAGES) == {"run", "finetune", "supernet", "search", "profile", "report",
+                           "refine", "compare",
                            "export", "baseline"}
 
 
