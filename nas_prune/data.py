@@ -164,13 +164,13 @@ class TaskData:
     test: datasets.Dataset
 
 
-_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
-    ".csv": pd.read_csv,
-    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-    ".json": lambda p: _read_json(p),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".parquet": pd.read_parquet,
-    ".pq": pd.read_parquet,
+_READERS: dict[str, Callable[[Path, str], pd.DataFrame]] = {
+    ".csv": lambda p, enc: pd.read_csv(p, encoding=enc),
+    ".tsv": lambda p, enc: pd.read_csv(p, sep="\t", encoding=enc),
+    ".json": lambda p, enc: _read_json(p, enc),
+    ".jsonl": lambda p, enc: pd.read_json(p, lines=True, encoding=enc),
+    ".parquet": lambda p, enc: pd.read_parquet(p),
+    ".pq": lambda p, enc: pd.read_parquet(p),
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
 
@@ -187,6 +187,7 @@ def load_task(
     valid_fraction: float = 0.3,
     test_fraction: float = 0.2,
     max_examples: int | None = None,
+    encoding: str = "utf-8",
 ) -> TaskData:
     """Load a task and split it into train/valid/test.
 
@@ -207,6 +208,7 @@ def load_task(
         valid_fraction: Fraction of the training data held out as valid split.
         test_fraction: Fraction held out as test split when the data has no test set.
         max_examples: If set, each split is capped to this many examples (seeded subset).
+        encoding: Text encoding of local CSV/TSV/JSON files (e.g. ``latin-1``).
 
     Returns:
         The spec and the three splits.
@@ -224,7 +226,7 @@ def load_task(
         raise DataError(f"max_examples must be >= 1 or None, got {max_examples}")
 
     spec, frames = _load_frames(task, data_files, (text_column, text_pair_column, label_column),
-                                metric)
+                                metric, encoding)
     prepared = {split: _prepare(frame, spec, split) for split, frame in frames.items()}
     rng = np.random.default_rng(seed)
     train = prepared["train"]
@@ -255,7 +257,7 @@ def task_name(options: TaskOptions) -> str:
 
 
 def _load_frames(task: str, data_files: str | dict[str, str] | None,
-                 columns: tuple[str | None, ...], metric: str | None,
+                 columns: tuple[str | None, ...], metric: str | None, encoding: str = "utf-8",
                  ) -> tuple[TaskSpec, dict[str, pd.DataFrame]]:
     """Find the task's spec and raw frames, keyed "train" and optionally "validation"/"test"."""
     if data_files is None and task in TASKS:
@@ -276,7 +278,7 @@ def _load_frames(task: str, data_files: str | dict[str, str] | None,
         if set(files) - {"train", "validation", "test"} or "train" not in files:
             raise DataError(f"data_files keys must be 'train' (required), 'validation' and "
                             f"'test'; got {sorted(files)}")
-        frames = {split: _read_file(path) for split, path in files.items()}
+        frames = {split: _read_file(path, encoding) for split, path in files.items()}
     else:
         source, name = "hub", task
         hub = _load_hub(task, None)
@@ -304,7 +306,7 @@ def _looks_like_file(task: str) -> bool:
     return any(name.endswith(ext + comp) for ext in suffixes for comp in ("", *_COMPRESSIONS))
 
 
-def _read_file(path: str | os.PathLike) -> pd.DataFrame:
+def _read_file(path: str | os.PathLike, encoding: str = "utf-8") -> pd.DataFrame:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data file not found: {str(path)!r}; check the path")
@@ -317,7 +319,13 @@ def _read_file(path: str | os.PathLike) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataError(f"data file {str(path)!r} is empty; it needs a header and rows")
     try:
-        frame = _READERS[extension](path)
+        frame = _READERS[extension](path, encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{str(path)!r} is not {encoding} text ({err.reason} at byte "
+                        f"{err.start}); give its encoding, e.g. --data.encoding latin-1"
+                        ) from None
+    except LookupError as err:
+        raise DataError(f"unknown encoding {encoding!r}: {err}") from None
     except (ValueError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
         raise DataError(f"could not read {str(path)!r} as {extension[1:]}: {err}") from err
     if len(frame) == 0:
@@ -325,11 +333,11 @@ def _read_file(path: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
-def _read_json(path: Path) -> pd.DataFrame:
+def _read_json(path: Path, encoding: str) -> pd.DataFrame:
     try:
-        return pd.read_json(path)
+        return pd.read_json(path, encoding=encoding)
     except ValueError:
-        return pd.read_json(path, lines=True)
+        return pd.read_json(path, lines=True, encoding=encoding)
 
 
 def _read_rotten_tomatoes() -> pd.DataFrame:

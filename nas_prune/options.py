@@ -57,6 +57,8 @@ class TaskOptions:
     """Cap on each split's size (quick runs)."""
     seed: int = 0
     """Seed of the train/valid/test split and of the max_examples subsets."""
+    encoding: str = "utf-8"
+    """Text encoding of local CSV/TSV/JSON files (e.g. latin-1)."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, ("max_examples",), OptionsError)

@@ -442,3 +442,15 @@ def test_compute_metric_and_error():
     assert data.error_from_metric(-0.5) == 1.5
     with pytest.raises(ValueError, match="equally long"):
         metrics.accuracy(np.array([0, 1]), np.array([0]))
+
+
+def test_file_encoding_is_an_option_and_a_wrong_one_is_named(tmp_path):
+    path = tmp_path / "tweets.csv"
+    rows = "".join(f"caf\u00e9 {'bon' if i % 2 else 'mauvais'} {i},{'pos' if i % 2 else 'neg'}\n"
+                   for i in range(40))
+    path.write_bytes(("text,label\n" + rows).encode("latin-1"))
+    with pytest.raises(DataError, match="not utf-8 text.*--data.encoding latin-1"):
+        load_task(str(path))
+    task = load_task(str(path), encoding="latin-1")
+    assert task.spec.label_names == ("neg", "pos")
+    assert any("caf\u00e9" in text for text in task.train["text"])
