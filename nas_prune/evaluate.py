@@ -27,6 +27,17 @@ def validation_subset(split: Any, seed: int, examples: int | None = None) -> Any
     return split
 
 
+def selection_subset(split: Any, seed: int, examples: int | None = None) -> Any:
+    """The LAST `examples` (all if None) of `split` after the same seeded shuffle as
+    `validation_subset`: what a method that picks checkpoints during training (PINS) selects
+    on, so that it never chooses on the examples a search with the same seed scores its
+    sub-networks on (disjoint while both subsets together fit in the split)."""
+    split = split.shuffle(seed=seed)
+    if examples is not None:
+        split = split.select(range(max(0, len(split) - examples), len(split)))
+    return split
+
+
 @torch.no_grad()
 def evaluate(model: Any, loader: Any, spec: data_lib.TaskSpec, sub: Any = None,
              max_batches: int | None = None) -> dict[str, float]:

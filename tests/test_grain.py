@@ -149,7 +149,7 @@ def test_importance_is_taylor_score_of_each_units_weights(make_hf_bert, make_bat
     masks = model.full_masks()
     masks.ffn[0][:10] = False  # masked units score exactly 0
     model.set_masks(masks)
-    pruner = Pruner(model.config)
+    pruner = Pruner(model.config, variant="nas_prune")
     batch = make_batch()
     labels = torch.tensor([0, 1, 1])
     with pruner.capture(model) as acts:
@@ -181,7 +181,7 @@ def test_importance_is_taylor_score_of_each_units_weights(make_hf_bert, make_bat
 
 def test_ema_update_hand_computed():
     model_config = _dense_config()
-    pruner = Pruner(model_config, ema_beta=0.9, alpha=0.5)
+    pruner = Pruner(model_config, ema_beta=0.9, alpha=0.5, variant="nas_prune")
     raw = {k: torch.zeros(s) for k, s in pruner.shape.items()}
     raw["ffn"][0, 3], raw["qk"][1, 2, 0], raw["vo"][2, 3, 7] = 2.0, 4.0, 1.0
     pruner.update(raw)
@@ -204,7 +204,8 @@ def _dense_config():
 
 def test_structure_regularization_prefers_removing_sparse_heads():
     alpha = 0.3
-    pruner = Pruner(_dense_config(), ema_beta=0.0, alpha=alpha)  # beta 0: score = this update
+    pruner = Pruner(_dense_config(), ema_beta=0.0, alpha=alpha,  # beta 0: score = this update
+                    variant="nas_prune")
     pruner.keep["vo"][0, 0, 1:] = False  # head (0, 0) keeps 1 of 8 V/O and 1 of 8 Q/K dims
     pruner.keep["qk"][0, 0, 1:] = False
     raw = {k: torch.ones(s) for k, s in pruner.shape.items()}
@@ -230,6 +231,45 @@ def test_structure_regularization_prefers_removing_sparse_heads():
     pruner.prune(budget)
     assert not pruner.keep["qk"][0, 0, 0] and pruner.keep["qk"][0, 1, 0]
     assert int((~pruner.keep["qk"]).sum()) == D - 1 + 1
+
+
+def test_reference_importance_reads_one_side_of_each_unit(make_hf_bert, make_batch):
+    """The authors' code scores Q/K dims by the query rows, V/O dims by the output-projection
+    columns and FFN neurons by the output (down) columns."""
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = _dense(make_hf_bert(num_labels=2, **no_dropout)).train()
+    pruner = Pruner(model.config)  # the reference variant is the default
+    with pruner.capture(model) as acts:
+        loss = F.cross_entropy(model(**make_batch()).logits, torch.tensor([0, 1, 1]))
+    scores = pruner.importance(loss, acts)
+    loss.backward()
+    for i, layer in enumerate(model.layers):
+        att, ffn = layer.attention, layer.ffn
+        for r in (0, 5, 13, 31):
+            h, d = divmod(r, D)
+            expected_qk = (att.query.weight.grad[r] * att.query.weight[r]).sum() \
+                + att.query.bias.grad[r] * att.query.bias[r]
+            expected_vo = (att.out.weight.grad[:, r] * att.out.weight[:, r]).sum()
+            torch.testing.assert_close(scores["qk"][i, h, d], expected_qk.abs().detach(),
+                                       atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(scores["vo"][i, h, d], expected_vo.abs().detach(),
+                                       atol=1e-6, rtol=1e-4)
+        expected_ffn = (ffn.down.weight.grad * ffn.down.weight).sum(0)
+        torch.testing.assert_close(scores["ffn"][i], expected_ffn.abs().detach(), atol=1e-6,
+                                   rtol=1e-4)
+
+
+def test_reference_regularization_scales_value_output_units_only():
+    alpha = 0.3
+    pruner = Pruner(_dense_config(), ema_beta=0.0, alpha=alpha)
+    pruner.keep["vo"][0, 0, 2:] = False  # head (0, 0) keeps 2 of 8 V/O dims
+    pruner.keep["qk"][0, 0, 1:] = False  # (Q/K density plays no part)
+    raw = {k: torch.ones(s) for k, s in pruner.shape.items()}
+    pruner.update(raw)
+    assert pruner.score["vo"][0, 0, 0].item() == pytest.approx(math.tanh(2 / D / alpha))
+    assert pruner.score["vo"][0, 1, 0].item() == pytest.approx(math.tanh(1 / alpha))
+    assert pruner.score["qk"][0, 0, 0].item() == pytest.approx(1.0)
+    assert pruner.score["ffn"][0, 0].item() == pytest.approx(1.0)
 
 
 def test_schedule_values():
@@ -272,11 +312,13 @@ def test_masks_only_shrink_and_meet_the_budget():
 
 
 # ------------------------------------------------------------------------ gradient separation
-def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
+@pytest.mark.parametrize("variant", ["reference", "nas_prune"])
+def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch, variant):
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     student = _dense(make_hf_bert(num_labels=2, seed=0, **no_dropout)).train()
     teacher = _dense(make_hf_bert(num_labels=2, seed=1, **no_dropout))
-    opts = Options(hidden_loss_weight=5.0, ema_beta=0.5, lr=1e-3)
+    opts = Options(hidden_loss_weight=5.0, ema_beta=0.5, lr=1e-3, variant=variant)
+    reference = variant == "reference"
     batch = {**make_batch(), "labels": torch.tensor([0, 1, 1])}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -287,10 +329,16 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
             target = teacher(**inputs, output_hidden_states=True)
         loss_of(logits, hidden, target).backward()
         ffn = distiller.student.layers[0].ffn
+        down = (ffn.down.weight.grad * ffn.down.weight).sum(0)
+        if reference:  # one side: the output columns
+            return down.abs().detach()
         return ((ffn.up.weight.grad * ffn.up.weight).sum(1) + ffn.up.bias.grad * ffn.up.bias
-                + (ffn.down.weight.grad * ffn.down.weight).sum(0)).abs().detach()
+                + down).abs().detach()
 
     def logit_loss(logits, hidden, target):
+        if reference:  # soft cross-entropy at T, no T^2 factor, no hard-label term
+            t = opts.temperature
+            return F.cross_entropy(logits / t, F.softmax(target.logits / t, dim=-1))
         return train.kd_loss(logits, target.logits, batch["labels"], opts.temperature)
 
     def total_loss(logits, hidden, target):
@@ -305,10 +353,10 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch):
     train_opts = TrainOptions(batch_size=3, lr=opts.lr, max_steps=10)
     distiller = Distiller(copy.deepcopy(student))
     engine, _ = make_engine(distiller, train_opts, 10)  # as grain.prune_to builds it
-    pruner = Pruner(student.config, opts.ema_beta, opts.alpha)
+    pruner = Pruner(student.config, opts.ema_beta, opts.alpha, variant)
     before = engine.module.student.layers[0].ffn.up.weight.detach().clone()
     losses = distillation_step(engine, teacher, batch, opts, pruner)
-    scale = (1 - opts.ema_beta) * math.tanh(1 / opts.alpha)
+    scale = (1 - opts.ema_beta) * (1.0 if reference else math.tanh(1 / opts.alpha))
     torch.testing.assert_close(pruner.score["ffn"][0], scale * from_logits, atol=1e-6,
                                rtol=1e-4)
     assert losses["hidden_loss"] > 0 and losses["logit_loss"] > 0

@@ -189,3 +189,15 @@ def test_pruned_weights_stay_zero_through_deepspeed_steps(tiny_dir, task, tokeni
     bests = [b for *_, b in seen if b is not None]
     assert seen[5][3] is None and bests and bests == sorted(bests)
     assert facts["teacher_replacements"] >= 1
+
+
+def test_pins_selects_on_examples_a_search_does_not_score():
+    import datasets
+
+    from nas_prune.evaluate import selection_subset, validation_subset
+
+    valid = datasets.Dataset.from_dict({"i": list(range(3000))})
+    searched = set(validation_subset(valid, 0, 500)["i"])
+    selected = set(selection_subset(valid, 0, 1000)["i"])
+    assert len(searched) == 500 and len(selected) == 1000
+    assert not searched & selected

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nas_prune import data as data_lib
@@ -121,8 +122,18 @@ class Options:
     """DeepSpeed ZeRO stage (0-2; ZeRO-3 is not supported)."""
     precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    variant: str = "reference"
+    """"reference": as the authors' GLUE scripts run it (logit distillation as soft
+    cross-entropy at T without the T^2 factor and without hard-label CE; importance read on one
+    side of each unit -- query rows, output-projection columns, FFN output columns; structure
+    regularization on value/output units only, by tanh(head V/O density / alpha)); "nas_prune":
+    the variant this project used before (T^2-scaled KD + hard-label CE, both sides of each
+    unit, head x attention-block and FFN regularization)."""
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise GrainError(f"variant must be one of {', '.join(VARIANTS)}, got "
+                             f"{self.variant!r}")
         if isinstance(self.target_ratios, int | float):
             self.target_ratios = [self.target_ratios]
         self.target_ratios = [float(r) for r in self.target_ratios]
@@ -187,6 +198,10 @@ def schedule(step: int, total: int, target: float, start: float = 0.2, end: floa
 
 
 # ----------------------------------------------------------------------------- importance
+VARIANTS = ("reference", "nas_prune")
+"""GRAIN variants (Options.variant)."""
+
+
 class Pruner:
     """Importance EMA, structure regularization and masks of a dense model's units.
 
@@ -194,13 +209,14 @@ class Pruner:
     and "vo" and (layers, FFN width) for "ffn".
     """
 
-    def __init__(self, config: GrainConfig, ema_beta: float = 0.998, alpha: float = 0.3):
+    def __init__(self, config: GrainConfig, ema_beta: float = 0.998, alpha: float = 0.3,
+                 variant: str = "reference"):
         if config.qk_dims is not None or config.vo_dims is not None or config.ffn_units is not None:
             raise GrainError("GRAIN prunes a dense model; start from the fine-tuned teacher, not "
                              "an already pruned model")
         layers, heads, dim = config.num_hidden_layers, config.num_attention_heads, config.head_dim
         hidden = config.hidden_size
-        self.beta, self.alpha = ema_beta, alpha
+        self.beta, self.alpha, self.variant = ema_beta, alpha, variant
         self.shape = {"qk": (layers, heads, dim), "vo": (layers, heads, dim),
                       "ffn": (layers, config.intermediate_size)}
         self.size = {"qk": 2 * (hidden + 1), "vo": 2 * hidden + 1, "ffn": 2 * hidden + 1}
@@ -230,6 +246,10 @@ class Pruner:
     def regularizer(self) -> dict[str, torch.Tensor]:
         """Per kind, the factor tanh(density / alpha) that scales importance updates,
         broadcastable to the kind's shape."""
+        if self.variant == "reference":  # V/O units only, by their head's V/O density
+            vo_density = self.keep["vo"].float().mean(-1)
+            return {"qk": torch.ones(1), "vo": torch.tanh(vo_density / self.alpha)[..., None],
+                    "ffn": torch.ones(1)}
         d = self.densities()
         attention = torch.tanh(d["head"] / self.alpha) * torch.tanh(d["attention"] / self.alpha
                                                                    )[:, None]
@@ -274,9 +294,11 @@ class Pruner:
             if grad is not None:
                 terms[key] = (grad.float() * acts[key].detach().float()).sum(dim=(0, 1)).cpu()
         out = {k: torch.zeros(s) for k, s in self.shape.items()}
+        sides = ((("qk", ("q",)), ("vo", ("c",)), ("ffn", ("h",))) if self.variant == "reference"
+                 else (("qk", ("q", "k")), ("vo", ("v", "c")), ("ffn", ("u", "h"))))
         for i in range(self.shape["ffn"][0]):
-            for kind, (a, b) in (("qk", ("q", "k")), ("vo", ("v", "c")), ("ffn", ("u", "h"))):
-                parts = [terms[(i, n)] for n in (a, b) if (i, n) in terms]
+            for kind, names in sides:
+                parts = [terms[(i, n)] for n in names if (i, n) in terms]
                 if parts:
                     out[kind][i] = sum(parts).abs().view(self.shape[kind][1:])
         return out
@@ -383,8 +405,14 @@ def distillation_step(engine: Any, teacher: GrainForSequenceClassification,
         logits, hidden = engine(**inputs)
 
     def logit_loss(student_logits: torch.Tensor) -> torch.Tensor:
-        return kd_loss(student_logits.float(), target.logits.float(), batch["labels"],
-                       opts.temperature)
+        if opts.variant == "nas_prune":
+            return kd_loss(student_logits.float(), target.logits.float(), batch["labels"],
+                           opts.temperature)
+        if student_logits.shape[-1] == 1:  # regression: match the teacher's prediction
+            return F.mse_loss(student_logits.float(), target.logits.float())
+        t = opts.temperature  # the reference: soft cross-entropy at T, no T^2, no hard labels
+        return F.cross_entropy(student_logits.float() / t,
+                               F.softmax(target.logits.float() / t, dim=-1))
 
     if pruner is not None:  # from the logits outside the engine's hooks, see Distiller
         pruner.update(pruner.importance(logit_loss(engine.module.logits), acts))
@@ -424,7 +452,7 @@ def prune_to(teacher: GrainForSequenceClassification, task: data_lib.TaskData, t
     )
     torch.manual_seed(opts.seed)
     distiller = Distiller(copy.deepcopy(teacher).requires_grad_(True)).train()
-    pruner = Pruner(teacher.config, opts.ema_beta, opts.alpha)
+    pruner = Pruner(teacher.config, opts.ema_beta, opts.alpha, opts.variant)
     engine, _ = make_engine(distiller, train_opts, total)
     student = engine.module.student
     dtype = next(student.parameters()).dtype

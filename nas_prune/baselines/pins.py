@@ -56,7 +56,7 @@ from nas_prune import data as data_lib
 from nas_prune.checkpoint import check_teacher, load_checkpoint
 from nas_prune.engine import make_engine
 from nas_prune.errors import BaselineError
-from nas_prune.evaluate import evaluate
+from nas_prune.evaluate import evaluate, selection_subset
 from nas_prune.options import TrainOptions
 from nas_prune.train import batches, task_loss
 
@@ -361,9 +361,9 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
     pruner = Pruner(prunable_weights(module), opts.importance, opts.window,
                     opts.beta_importance, opts.beta_uncertainty)
     teacher = TeacherSnapshot(module) if opts.self_distillation else None
-    dev = task.valid.shuffle(seed=opts.seed)
-    if opts.eval_examples is not None:
-        dev = dev.select(range(min(opts.eval_examples, len(dev))))
+    # checkpoints are chosen on the end of the shuffled validation split, not on the
+    # examples a NAS search with the same seed scores its sub-networks on (its start)
+    dev = selection_subset(task.valid, opts.seed, opts.eval_examples)
     dev_loader = data_lib.make_loader(dev, tokenizer, 64)
     stream = batches(epoch_loader, 0, 0, 1)
     masked_at: tuple[float, int] | None = None  # (ratio, score updates) of the current masks
