@@ -98,6 +98,22 @@ def check_teacher(meta: dict[str, Any], num_labels: int, task: Any,
             f"{path} predicts {num_labels} labels but task {task.spec.name!r} has "
             f"{task.spec.num_labels}"
         )
+    names = _label_names(path)
+    wanted = tuple(getattr(task.spec, "label_names", None) or ())
+    if names and wanted and names != wanted:
+        raise CheckpointError(f"{path} predicts the labels {list(names)} but task "
+                              f"{task.spec.name!r} has {list(wanted)}")
+
+
+def _label_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """The class names in a checkpoint's config.json, () when absent or transformers'
+    placeholders (LABEL_0, ...)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return ()
+    id2label = json.loads(config.read_text()).get("id2label") or {}
+    names = tuple(id2label[k] for k in sorted(id2label, key=int))
+    return () if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
 
 
 def check_supernet(path: str | os.PathLike) -> dict[str, Any]:

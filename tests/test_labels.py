@@ -95,3 +95,22 @@ def test_label_names_flow_from_data_to_every_export(task, base_dir, tokenizer, t
 def test_task_without_names_keeps_the_checkpoint_labels(base_dir):
     model = load_pretrained(base_dir, num_labels=2)
     assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+
+
+def test_a_teacher_of_other_label_names_is_refused(tmp_path):
+    import dataclasses
+
+    from nas_prune.checkpoint import check_teacher
+    from nas_prune.data import TaskData, TaskSpec
+    from nas_prune.errors import CheckpointError
+
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "neg", "1": "pos"}}))
+    spec = TaskSpec(name="toy", text_column="text", text_pair_column=None, label_column="label",
+                    num_labels=2, metric="accuracy",
+                    label_names=("fresh", "rotten"))
+    task = TaskData(spec, None, None, None)
+    meta = {"kind": "teacher", "task": "toy"}
+    with pytest.raises(CheckpointError, match=r"predicts the labels \['neg', 'pos'\]"):
+        check_teacher(meta, 2, task, tmp_path)
+    check_teacher(meta, 2, dataclasses.replace(
+        task, spec=dataclasses.replace(spec, label_names=("neg", "pos"))), tmp_path)
