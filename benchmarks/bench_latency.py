@@ -12,17 +12,21 @@ Two measurements, both through nas_prune.profile's own code (what `nas-prune pro
    shuffled order (load from other processes spreads over all of them); the table gives the
    median over rounds of the per-round medians. The speedup over the full model is compared
    with its limit, 1 / FLOPs ratio (`model.flops(sub, seq_len)`).
-2. Predictor error. For each shape asked for, `measure_tables` builds the lookup table (Kwon et
-   al.: the fixed part, one attention block per head count, one FFN block per neuron count) in
-   a Ray profiler actor on the `cpu` hardware type, `profile_configs` measures N random SMALL
-   configs (seeded) in another one, and `relative_errors` compares `LatencyTable.predict` with
-   the measurements (median and max relative error), as a search with `latency="predicted"`
-   would see them.
+2. Predictor error. For each shape and clock asked for, `measure_tables` builds the lookup
+   table (Kwon et al.: the fixed part, one attention block per head count, one FFN block per
+   neuron count, each timed on extracted models run whole) in a Ray profiler actor on the
+   `cpu` hardware type, `profile_configs` measures N random SMALL configs (seeded) in another
+   one, and `relative_errors` compares `LatencyTable.predict` with the measurements (median
+   and max relative error, median ratio, Spearman), as a search with `latency="predicted"`
+   would see them. The "wall" clock is latency as a user sees it, and on a machine shared with
+   other processes also their load; the "thread" clock (CPU time of the timing thread, one
+   torch thread) leaves that load out (`nas_prune.profile.CLOCKS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -38,6 +42,7 @@ from nas_prune import data, metrics
 from nas_prune.checkpoint import load_checkpoint
 from nas_prune.options import ProfileOptions
 from nas_prune.profile import (
+    CLOCKS,
     Profiler,
     measure_tables,
     profile_configs,
@@ -137,15 +142,16 @@ def predictor_error(args, space) -> tuple[list[list[str]], list[dict]]:
                  log_to_driver=False)
     rows, raw = [], []
     try:
-        for batch, length in args.predictor_shapes:
+        for (batch, length), clock in itertools.product(args.predictor_shapes, args.clocks):
             settings = ProfileOptions(hardware=["cpu"], batch_size=batch, seq_len=length,
                                       dtype="fp32", warmup=args.warmup, repeats=args.repeats,
                                       threads=args.threads)
+            load = os.getloadavg()[0]
             started = time.perf_counter()
-            table = measure_tables(args.model, "small", ["cpu"], settings)["cpu"]
+            table = measure_tables(args.model, "small", ["cpu"], settings, clock)["cpu"]
             table_s = time.perf_counter() - started
             started = time.perf_counter()
-            measured = profile_configs(args.model, "small", configs, settings)
+            measured = profile_configs(args.model, "small", configs, settings, clock=clock)
             measure_s = time.perf_counter() - started
             measured_ms = [r["median_ms"] for r in measured]
             predicted_ms = [table.predict(space.to_sub_network(c)) for c in configs]
@@ -154,16 +160,18 @@ def predictor_error(args, space) -> tuple[list[list[str]], list[dict]]:
             worst = int(np.argmax(rel))
             bias = float(np.median(np.asarray(predicted_ms) / measured_ms))
             rho = metrics.spearman(np.asarray(predicted_ms), np.asarray(measured_ms))
-            rows.append([f"{batch} x {length}", str(errors["n"]), f"{errors['median']:.1%}",
+            rows.append([f"{batch} x {length}", clock, str(errors["n"]), f"{errors['median']:.1%}",
                          f"{errors['max']:.1%}", f"{np.percentile(rel, 90):.1%}",
                          f"{bias:.3f}", f"{rho:.3f}",
                          f"{shape_of(configs[worst])}: {predicted_ms[worst]:.2f} vs "
-                         f"{measured_ms[worst]:.2f} ms", f"{table_s:.0f} / {measure_s:.0f}"])
-            raw.append({"batch_size": batch, "seq_len": length, "table": table.to_dict(),
+                         f"{measured_ms[worst]:.2f} ms", f"{table_s:.0f} / {measure_s:.0f}",
+                         f"{load:.1f} / {os.getloadavg()[0]:.1f}"])
+            raw.append({"batch_size": batch, "seq_len": length, "clock": clock,
+                        "table": table.to_dict(),
                         "configs": configs, "predicted_ms": predicted_ms,
                         "measured_ms": measured_ms, "errors": errors})
-            log.info("predictor at %dx%d: median error %.1f%%, max %.1f%%", batch, length,
-                     100 * errors["median"], 100 * errors["max"])
+            log.info("predictor at %dx%d, %s clock: median error %.1f%%, max %.1f%%", batch,
+                     length, clock, 100 * errors["median"], 100 * errors["max"])
     finally:
         ray.shutdown()
     return rows, raw
@@ -173,9 +181,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
                         help="model or supernet checkpoint dir (default: the offline MiniLM)")
-    parser.add_argument("--shapes", type=shape_arg, nargs="+",
+    parser.add_argument("--shapes", type=shape_arg, nargs="*",
                         default=[(1, 32), (1, 128), (32, 32), (32, 128)],
-                        help="BATCHxLENGTH shapes of the speed table")
+                        help="BATCHxLENGTH shapes of the speed table (none: skip it)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.25],
                         help="fractions of heads and FFN neurons of the all-layers sub-networks")
     parser.add_argument("--layer-drop", type=float, default=0.5,
@@ -190,12 +198,16 @@ def main() -> None:
     parser.add_argument("--predictor-shapes", type=shape_arg, nargs="+",
                         default=[(1, 128), (32, 32)],
                         help="BATCHxLENGTH shapes of the predictor check")
+    parser.add_argument("--clocks", choices=sorted(CLOCKS), nargs="+", default=["wall", "thread"],
+                        help="CPU timers of the predictor check (thread: needs --threads 1)")
     parser.add_argument("--seed", type=int, default=0, help="config sample and timing order")
     parser.add_argument("--json", type=Path, default=None, help="also write raw timings here")
     args = parser.parse_args()
     for name in ("rounds", "repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if "thread" in args.clocks and args.threads != 1:
+        parser.error("the thread clock times one thread: use --threads 1 or --clocks wall")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_transformers()
@@ -206,7 +218,8 @@ def main() -> None:
     space = SmallSpace.for_model(model.config)
     subs = candidates(space, args.targets, args.layer_drop)
 
-    speed_rows, speed_raw = speed_vs_flops(args, model, space, subs)
+    speed_rows, speed_raw = (speed_vs_flops(args, model, space, subs) if args.shapes
+                             else ([], []))
     predictor_rows, predictor_raw = (predictor_error(args, space) if args.configs
                                      else ([], []))
     elapsed = time.perf_counter() - started
@@ -222,23 +235,25 @@ def main() -> None:
     if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1):
         print("WARNING: other processes were using the CPU during this run; timings may be "
               "inflated and noisy. Re-run on a quiet machine to confirm.\n")
-    print(f"**Speed vs FLOPs** (`Profiler.measure`, extracted sub-networks; median over "
-          f"{args.rounds} interleaved rounds of each measurement's median; speedup = full "
-          "time / time, its FLOPs limit = 1 / FLOPs ratio; spread = (max - min) / median over "
-          "the rounds)\n")
-    print(markdown_table(
-        ["batch x length", "sub-network", "layers / heads / FFN", "FLOPs ratio", "median ms",
-         "time ratio", "speedup", "FLOPs limit", "speedup / limit", "spread"],
-        speed_rows) + "\n")
+    if speed_rows:
+        print(f"**Speed vs FLOPs** (`Profiler.measure`, extracted sub-networks; median over "
+              f"{args.rounds} interleaved rounds of each measurement's median; speedup = full "
+              "time / time, its FLOPs limit = 1 / FLOPs ratio; spread = (max - min) / median "
+              "over the rounds)\n")
+        print(markdown_table(
+            ["batch x length", "sub-network", "layers / heads / FFN", "FLOPs ratio",
+             "median ms", "time ratio", "speedup", "FLOPs limit", "speedup / limit", "spread"],
+            speed_rows) + "\n")
     if predictor_rows:
         print(f"**Lookup-table predictor vs measurement** ({args.configs} distinct random SMALL "
               f"configs, seed {args.seed}; table by `measure_tables`, measurements by "
-              "`profile_configs`, each in a Ray profiler actor on the `cpu` type; bias = "
-              "median predicted / measured; Spearman = rank correlation)\n")
+              "`profile_configs`, each in a Ray profiler actor on the `cpu` type; ratio = "
+              "median predicted / measured; Spearman = rank correlation; load = load average "
+              "before the table / after the measurements)\n")
         print(markdown_table(
-            ["batch x length", "configs", "median rel. error", "max rel. error",
-             "p90 rel. error", "bias", "Spearman", "worst: predicted vs measured",
-             "table s / measure s"],
+            ["batch x length", "clock", "configs", "median rel. error", "max rel. error",
+             "p90 rel. error", "ratio", "Spearman", "worst: predicted vs measured",
+             "table s / measure s", "load"],
             predictor_rows) + "\n")
     print(f"Script run time: {elapsed:.0f} s.")
     if args.json:

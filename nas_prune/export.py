@@ -1,10 +1,11 @@
 """Export a sub-network as a physically smaller Hugging Face model directory.
 
 When the sub-network has a shape a stock `BertConfig` / `RobertaConfig` can describe (every
-kept layer keeps all heads and the same number of FFN neurons; dropped layers are dropped whole)
+kept layer keeps all heads and the same number of FFN neurons; dropped layers are dropped whole;
+all hidden channels are kept, since a stock config ties the head size to hidden_size / heads)
 and its head reads the first token (stock heads cannot mean-pool), the directory is a stock
-checkpoint. Otherwise it holds our `EncoderConfig` with per-layer head and neuron counts and
-the head's pooling, and the model file itself (``supernet.py``, referenced by ``auto_map``), so
+checkpoint. Otherwise it holds our `EncoderConfig` with per-layer head and neuron counts, the
+hidden and pooler widths and the head's pooling, and the model file itself (``supernet.py``, referenced by ``auto_map``), so
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` loads it
 anywhere transformers is installed.
 """
@@ -46,7 +47,7 @@ _STOCK = {"bert": (BertConfig, BertForSequenceClassification),
 
 def stock_shape(config: EncoderConfig, sub: SubNetwork) -> tuple[int, int] | None:
     """(layers, FFN width) when `sub` fits a stock BERT/RoBERTa config, else None."""
-    if config.pooling != "cls":
+    if config.pooling != "cls" or sub.hidden not in (None, config.hidden_size):
         return None
     kept = [(h, n) for h, n in zip(sub.num_heads, sub.num_units, strict=True) if h or n]
     widths = {n for _, n in kept}
@@ -62,6 +63,12 @@ def to_stock(model: EncoderForSequenceClassification) -> PreTrainedModel:
     widths = set(c.units_per_layer)
     if set(c.heads_per_layer) - {c.num_attention_heads} or len(widths) > 1:
         raise ValueError("this model's shape does not fit a stock BERT/RoBERTa config")
+    if not c.hidden_size == c.pooler_width == c.num_attention_heads * c.head_dim:
+        raise ValueError(
+            f"hidden size {c.hidden_size} (pooler {c.pooler_width}) differs from heads x "
+            f"head_dim = {c.num_attention_heads * c.head_dim}, which a stock BERT/RoBERTa "
+            "config requires; export it with our EncoderConfig (export_sub_network does)"
+        )
     if c.pooling != "cls":
         raise ValueError(f"stock BERT/RoBERTa heads read the first token, this model uses "
                          f"{c.pooling!r} pooling")
@@ -112,6 +119,7 @@ def export_sub_network(
     info = {
         "heads": [list(h) if isinstance(h, tuple) else h for h in sub.heads],
         "units": [list(u) if isinstance(u, tuple) else u for u in sub.units],
+        "hidden": sub.hidden or model.config.hidden_size,
         "stock": stock,
         "params": model.num_params(sub),
         "params_ratio": model.num_params(sub) / model.num_params(),

@@ -1,6 +1,7 @@
-"""Importance of attention heads and FFN neurons, and DynaBERT's network rewiring: sorting them
-so that the prefixes a search space keeps are the most important units (Hou et al. 2020,
-"DynaBERT"; Michel et al. 2019 for head importance)."""
+"""Importance of attention heads, FFN neurons and hidden channels, and DynaBERT's network
+rewiring: sorting them so that the prefixes a search space keeps are the most important units
+(Hou et al. 2020, "DynaBERT"; Michel et al. 2019 for head importance; Muralidharan et al. 2024,
+"Minitron", for the activation-based importance of hidden channels)."""
 
 from __future__ import annotations
 
@@ -38,15 +39,55 @@ def importance(model: EncoderForSequenceClassification, batches) -> tuple[list, 
     return heads, units
 
 
-def rewire(model: EncoderForSequenceClassification, batches) -> tuple[list, list]:
-    """Sort every layer's heads and neurons by decreasing importance (DynaBERT rewiring), so
-    that prefix sub-networks keep the most important units. Returns the importances in the
-    new order."""
+@torch.no_grad()
+def hidden_importance(model: EncoderForSequenceClassification, batches) -> torch.Tensor:
+    """Importance of each hidden channel of the full network (Minitron): the mean over the real
+    tokens of `batches` (dicts of tensors, as for `importance`) and over every point of the
+    residual stream (the embeddings' output and each attention and FFN block's output, all
+    after their LayerNorm) of the channel's |activation|."""
+    model.reset_super_network()
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    weights: list[torch.Tensor] = []  # the current batch's (batch, tokens, 1) token mask
+
+    def on_stream(_module, _inputs, out: torch.Tensor) -> None:
+        total.add_((out.abs().double() * weights[0]).sum((0, 1)).cpu())
+
+    blocks = [model.embeddings]
+    blocks += [b for layer in model.layers for b in (layer.attention, layer.ffn) if b is not None]
+    handles = [block.register_forward_hook(on_stream) for block in blocks]
+    tokens = 0.0
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+            weights[:] = [mask[..., None].double()]
+            tokens += float(mask.sum())
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no calibration tokens: give at least one batch with real tokens")
+    return (total / (tokens * len(blocks))).float()
+
+
+def rewire(model: EncoderForSequenceClassification, batches) -> tuple[list, list, torch.Tensor]:
+    """Sort every layer's heads and neurons, and the hidden channels, by decreasing importance
+    (DynaBERT rewiring; `importance` and `hidden_importance` over `batches`), so that prefix
+    sub-networks keep the most important units. Returns the importances (heads, neurons,
+    hidden channels) in the new order."""
+    batches = list(batches)
     heads, units = importance(model, batches)
+    hidden = hidden_importance(model, batches)
     head_order = [torch.argsort(h, descending=True, stable=True) for h in heads]
     unit_order = [torch.argsort(u, descending=True, stable=True) for u in units]
-    model.reorder(head_order, unit_order)
+    hidden_order = torch.argsort(hidden, descending=True, stable=True)
+    model.reorder(head_order, unit_order, hidden_order)
     return (
         [h[o] for h, o in zip(heads, head_order, strict=True)],
         [u[o] for u, o in zip(units, unit_order, strict=True)],
+        hidden[hidden_order],
     )

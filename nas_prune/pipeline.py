@@ -162,12 +162,12 @@ def _search_experiment(run: RunDir, opts: PipelineOptions) -> str:
     found = results_lib.load(run.results)
     names = sorted(set(found.loc[found["method"] == "nas", "experiment"])) if not found.empty \
         else []
-    if opts.search_experiment in names or len(names) != 1:
-        if len(names) > 1 and opts.search_experiment not in names:
-            raise OptionsError(f"{run.results} holds several searches ({', '.join(names)}); "
-                               "choose one with --experiment")
+    if opts.search_experiment in names or not names:
         return opts.search_experiment
-    return names[0]
+    if len(names) == 1:
+        return names[0]
+    raise OptionsError(f"{run.results} holds several searches ({', '.join(names)}); choose "
+                       "one with --experiment")
 
 
 # --------------------------------------------------------------------------- after the search

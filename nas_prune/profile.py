@@ -4,15 +4,18 @@ Parameter count is a poor proxy for latency on a given GPU or CPU, so nas_prune 
 
 * `discover_hardware` finds the hardware types of the cluster from its resources: one per GPU
   `accelerator_type:<name>` (e.g. A10G, L4, A100), one per custom `hardware:<name>` label (how
-  a cluster marks CPU node types, and how tests stand in for GPU types), and `cpu`.
-* `LatencyProfiler` is a Ray actor pinned to one hardware type (``accelerator_type=`` for GPUs,
-  the custom resource otherwise). It loads the supernet once, cuts each sub-network out as a
+  a cluster marks CPU node types, and how tests stand in for GPU types), `cpu`, and
+  `cpu-onnxruntime` (the same CPUs running the sub-network exported to ONNX, with onnxruntime;
+  measured only when named).
+* `Profiler`, run as a Ray actor pinned to one hardware type (``accelerator_type=`` for GPUs,
+  the custom resource otherwise), loads the supernet once, cuts each sub-network out as a
   physically smaller model, and times its forward pass: warm-up runs, device synchronisation
   (CUDA events on GPU), repeated timing, median / p90 / spread; bf16 on GPU if asked, fp32 on
-  CPU with a pinned thread count.
-* `LatencyTable` (Kwon et al. 2022) times one attention block with h heads and one FFN block
-  with n neurons, plus the fixed part (embeddings, head), and predicts any config's latency as
-  the fixed part plus the sum over kept layers.
+  CPU with a pinned thread count (PyTorch, or onnxruntime via `nas_prune.onnx_export`).
+* `LatencyTable` (Kwon et al. 2022) holds the fixed part (embeddings, head) and the cost of one
+  attention block per head count and one FFN block per neuron count, each timed on extracted
+  models run whole, and predicts any config's latency as the fixed part plus the sum over kept
+  layers.
 * `profile_configs` runs a pool per hardware type, caches measurements in the results store
   (the same config on the same hardware is measured once per experiment) and returns rows.
 """
@@ -36,6 +39,11 @@ from nas_prune.options import ProfileOptions
 log = logging.getLogger(__name__)
 
 CPU = "cpu"
+ONNX_CPU = "cpu-onnxruntime"
+"""The cluster's CPUs, running sub-networks exported to ONNX with onnxruntime
+(`nas_prune.onnx_export`); present when onnxruntime is installed, measured only when named."""
+OPT_IN = (ONNX_CPU,)
+"""Hardware types measured only when asked for by name (not by the default "every type")."""
 CUSTOM_PREFIX = "hardware:"
 ACCELERATOR_PREFIX = "accelerator_type:"
 
@@ -53,7 +61,7 @@ class Hardware:
     def actor_options(self) -> dict[str, Any]:
         if self.gpu:
             return {"num_gpus": 1, "accelerator_type": self.name}
-        if self.name == CPU:
+        if self.name in (CPU, ONNX_CPU):
             return {"num_cpus": 1}
         return {"num_cpus": 1, "resources": {CUSTOM_PREFIX + self.name: 1}}
 
@@ -75,14 +83,24 @@ def discover_hardware(resources: Mapping[str, float] | None = None) -> dict[str,
             found[name] = Hardware(name, gpu=False, count=value)
     if resources.get("CPU", 0) >= 1:
         found.setdefault(CPU, Hardware(CPU, gpu=False, count=resources["CPU"]))
+        if onnxruntime_available():
+            found.setdefault(ONNX_CPU, Hardware(ONNX_CPU, gpu=False, count=resources["CPU"]))
     return found
 
 
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime is installed (looked up without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def resolve_hardware(names: Sequence[str] | None, present: Mapping[str, Hardware]):
-    """The requested hardware types (default: all present), or a clear error for a type the
-    cluster does not have: Ray would otherwise wait forever on the infeasible request."""
+    """The requested hardware types (default: all present but the opt-in `OPT_IN` runtimes),
+    or a clear error for a type the cluster does not have: Ray would otherwise wait forever on
+    the infeasible request."""
     if not names:
-        return list(present.values())
+        return [hw for name, hw in present.items() if name not in OPT_IN]
     missing = [n for n in names if n not in present]
     if missing:
         raise ProfileError(
@@ -108,8 +126,16 @@ def _summarise(samples_ms: list[float]) -> Timing:
                   float(arr.std()), len(arr))
 
 
-def time_callable(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> Timing:
-    """Time `fn()` with warm-up and device synchronisation; CUDA events on GPU."""
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+"""CPU timers by name. "wall" is latency as a user sees it; "thread" is the CPU time of the
+timing thread, which leaves out the time other processes hold the core (a loaded, shared
+machine), and equals wall time for single-threaded work on a quiet one. GPUs use CUDA events."""
+
+
+def time_callable(fn, device: torch.device, warmup: int = 3, repeats: int = 10,
+                  clock: str = "wall") -> Timing:
+    """Time `fn()` with warm-up and device synchronisation; CUDA events on GPU, the `CLOCKS`
+    timer `clock` on CPU."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -122,10 +148,11 @@ def time_callable(fn, device: torch.device, warmup: int = 3, repeats: int = 10) 
             torch.cuda.synchronize(device)
             samples.append(start.elapsed_time(end))
     else:
+        now = CLOCKS[clock]
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append((now() - t0) * 1e3)
     return _summarise(samples)
 
 
@@ -133,20 +160,30 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Profiler:
-    """Times sub-networks of one supernet on this process's device (the body of the actor)."""
+    """Times sub-networks of one supernet on this process's device (the body of the actor).
 
-    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions):
+    `clock` names the CPU timer (`CLOCKS`); "thread" needs a CPU type and one thread."""
+
+    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions,
+                 clock: str = "wall"):
         from nas_prune.checkpoint import load_checkpoint
         from nas_prune.space import make_space
 
         self.settings = settings
         self.hardware = hardware
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.clock = clock
+        gpu = torch.cuda.is_available() and hardware != ONNX_CPU
+        self.device = torch.device("cuda" if gpu else "cpu")
         dtype = settings.dtype
         if dtype == "auto":
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         if self.device.type == "cpu" and dtype != "fp32":
             raise ProfileError(f"dtype {dtype} is for GPUs; profile CPUs in fp32")
+        if clock not in CLOCKS:
+            raise ProfileError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+        if clock == "thread" and (self.device.type != "cpu" or settings.threads != 1):
+            raise ProfileError("the thread clock times one CPU thread: use it with threads=1 "
+                               "on a CPU type, or the wall clock")
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
         torch.set_num_threads(settings.threads)
         model, _ = load_checkpoint(checkpoint)
@@ -174,9 +211,27 @@ class Profiler:
         """Latency of `config`'s sub-network, exported as a physically smaller model."""
         sub = self.space.to_sub_network(config)
         small = self.model.extract_sub_network(sub).eval()
-        timing = time_callable(lambda: small(**self.inputs), self.device,
-                               self.settings.warmup, self.settings.repeats)
+        timing = self._timing(small)
         return {**asdict(timing), **self._context(), "params": self.model.num_params(sub)}
+
+    def _timing(self, small) -> Timing:
+        """Time one extracted model's forward pass with this profiler's runtime."""
+        s = self.settings
+        if self.hardware != ONNX_CPU:
+            return time_callable(lambda: small(**self.inputs), self.device, s.warmup, s.repeats,
+                                 self.clock)
+        import tempfile
+
+        from nas_prune.onnx_export import export_onnx, time_onnx
+
+        with tempfile.TemporaryDirectory(prefix="nas_prune_onnx_") as tmp:
+            small.save_pretrained(tmp)  # with supernet.py beside it (registered auto class)
+            path = export_onnx(tmp)  # also checks onnxruntime's logits against PyTorch's
+            return _summarise(time_onnx(path, s.batch_size, s.seq_len, s.threads, s.warmup,
+                                        s.repeats, self.clock))
+
+    def _time(self, small) -> float:
+        return self._timing(small).median_ms
 
     def _context(self) -> dict[str, Any]:
         return {"hardware": self.hardware, "device_name": self.device_name,
@@ -185,23 +240,42 @@ class Profiler:
 
     @torch.no_grad()
     def lookup_table(self, head_counts: Sequence[int], unit_counts: Sequence[int]):
-        """Time the fixed part, one attention block per head count and one FFN block per
-        neuron count (Kwon et al.'s latency lookup table) on this device."""
-        m, s = self.model, self.settings
-        layer = m.layers[0]
-        hidden = torch.randn(s.batch_size, s.seq_len, m.config.hidden_size,
-                             device=self.device, dtype=self.dtype)
-        dim = m.config.head_dim
+        """Kwon et al.'s latency lookup table on this device: the fixed part (embeddings, mask,
+        head), and the cost of one attention block per head count and of one FFN block per
+        neuron count.
 
-        def timed(fn) -> float:
-            return time_callable(fn, self.device, s.warmup, s.repeats).median_ms
+        Every entry is timed as `measure` times a sub-network, on an extracted (contiguous)
+        model run whole: the fixed part is the 0-layer model; the attention cost of h heads is
+        (time of the model whose layers keep h heads and no FFN - the fixed part) / its layers,
+        and likewise for FFN blocks. Timing blocks one by one on the supernet's weight slices
+        instead drifts from the extracted model by up to 2x (see benchmarks/README.md, issue
+        5): the slices are not contiguous, the blocks missed the padding mask and the per-layer
+        overhead of the model's forward, and a block of well under a millisecond is rarely
+        preempted by other processes while a whole model is. The full model is run first
+        (untimed) so that the first entry is not timed on a cold process.
+        """
+        from nas_prune.supernet import SubNetwork
 
-        empty = m.extract_sub_network(_empty(m)).eval()  # embeddings and head only
-        fixed = timed(lambda: empty(**self.inputs))
-        attention = {h: (timed(lambda h=h: layer.attention(hidden, None, h, h * dim))
-                         if h else 0.0) for h in head_counts}
-        ffn = {n: (timed(lambda n=n: layer.ffn(hidden, n)) if n else 0.0) for n in unit_counts}
-        return {"fixed_ms": fixed, "attention_ms": attention, "ffn_ms": ffn, **self._context()}
+        full = self.model.full_sub_network
+        self._time(self.model.extract_sub_network(full).eval())  # warm the process up
+        fixed = self._time(self.model.extract_sub_network(_empty(self.model)).eval())
+
+        def per_layer(limits: Sequence[int], count: int, block: str) -> float | None:
+            keep = tuple(count if count <= limit else 0 for limit in limits)
+            layers = sum(1 for k in keep if k)
+            if not layers:
+                return None  # no layer of this network is that wide
+            zeros = (0,) * len(keep)
+            sub = SubNetwork(keep, zeros) if block == "attention" else SubNetwork(zeros, keep)
+            small = self.model.extract_sub_network(sub).eval()
+            return max(0.0, self._time(small) - fixed) / layers
+
+        attention = {h: per_layer(full.num_heads, h, "attention") if h else 0.0
+                     for h in head_counts}
+        ffn = {n: per_layer(full.num_units, n, "ffn") if n else 0.0 for n in unit_counts}
+        return {"fixed_ms": fixed,
+                "attention_ms": {h: t for h, t in attention.items() if t is not None},
+                "ffn_ms": {n: t for n, t in ffn.items() if t is not None}, **self._context()}
 
 
 def _empty(model):
@@ -278,15 +352,15 @@ def _actor_class():
 
 
 def start_pool(checkpoint: str, space: str, hardware: Hardware, settings: ProfileOptions,
-               size: int = 1, name: str | None = None):
+               size: int = 1, name: str | None = None, clock: str = "wall"):
     """`size` profiler actors pinned to `hardware` (one, named `name`, when a name is given,
-    so that trials can find it with `ray.get_actor`)."""
+    so that trials can find it with `ray.get_actor`), timing with `clock` (`CLOCKS`)."""
     actor = _actor_class()
     size = 1 if name else max(1, min(size, int(hardware.count)))
     options = hardware.actor_options()
     if name:
         options = {**options, "name": name, "get_if_exists": True}
-    return [actor.options(**options).remote(checkpoint, space, hardware.name, settings)
+    return [actor.options(**options).remote(checkpoint, space, hardware.name, settings, clock)
             for _ in range(size)]
 
 
@@ -298,14 +372,19 @@ def profile_configs(
     store=None,
     actors_per_type: int = 1,
     trial_ids: Sequence[str | None] | None = None,
+    clock: str = "wall",
 ) -> list[dict[str, Any]]:
     """Measure every config on every hardware type of `settings.hardware` (default: all in the
-    cluster). Measurements already in `store` (a ResultStore) are reused, new ones appended
-    to it."""
+    cluster but the opt-in runtimes, see `resolve_hardware`) with the `clock` timer
+    (`CLOCKS`). Measurements already in `store` (a ResultStore) are reused, new ones appended
+    to it; the store holds wall-clock latencies only."""
     import ray
 
     from nas_prune.results import config_hash
 
+    if store is not None and clock != "wall":
+        raise ProfileError(f"the results store holds wall-clock latencies; measure with the "
+                           f"{clock} clock without a store")
     settings = settings or ProfileOptions()
     if not ray.is_initialized():
         ray.init()
@@ -326,7 +405,7 @@ def profile_configs(
                 todo.append((config, key, trial_id))
         if not todo:
             continue
-        pool = start_pool(str(checkpoint), space, hw, settings, actors_per_type)
+        pool = start_pool(str(checkpoint), space, hw, settings, actors_per_type, clock=clock)
         for i, (config, _, _) in enumerate(todo):
             futures.append(pool[i % len(pool)].measure.remote(dict(config)))
         measured = []
@@ -345,8 +424,10 @@ def profile_configs(
 
 def measure_tables(checkpoint: str | os.PathLike, space: str,
                    hardware: Sequence[str] | None = None,
-                   settings: ProfileOptions | None = None) -> dict[str, LatencyTable]:
-    """A LatencyTable per hardware type, each measured by an actor on that type."""
+                   settings: ProfileOptions | None = None,
+                   clock: str = "wall") -> dict[str, LatencyTable]:
+    """A LatencyTable per hardware type, each measured by an actor on that type with the
+    `clock` timer (`CLOCKS`)."""
     import ray
 
     from nas_prune.checkpoint import load_checkpoint
@@ -359,7 +440,7 @@ def measure_tables(checkpoint: str | os.PathLike, space: str,
     units = default_grid(config.intermediate_size)
     tables = {}
     for hw in resolve_hardware(hardware, discover_hardware()):
-        (actor,) = start_pool(str(checkpoint), space, hw, settings)
+        (actor,) = start_pool(str(checkpoint), space, hw, settings, clock=clock)
         tables[hw.name] = build_table(ray.get(actor.lookup_table.remote(heads, units)))
         ray.kill(actor)
     return tables

@@ -18,12 +18,18 @@ medium    heads_i in [0, H], units_i in [0, F] per layer; 0 removes       2L
 layer     layer_i in {0, 1}: keep or drop layer i                        L
 large     head_i_j, unit_i_k in {0, 1}: one bit per head and neuron       L(H+F)
 ========  ============================================================  =========
+
+The small and medium spaces can also search the hidden size (``for_model(..., hidden=True)``,
+``make_space(..., hidden=True)``): one more dimension, ``hidden`` in {s, 2s, ..., d} for a
+model with d hidden channels and a step s (HIDDEN_STEP = 8 by default), the number of hidden
+(embedding) channels kept, the first ones after importance sorting. Without the flag the spaces
+are what they were.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,14 +40,21 @@ from nas_prune.supernet import IllegalSubNetworkError, SubNetwork
 
 Config = dict[str, int]
 
+HIDDEN_STEP = 8
+"""Default step of the hidden dimension: multiples of 8 channels keep the matrix shapes aligned
+for vectorised and tensor-core kernels (any head count fits: the head size does not change)."""
+
 
 @dataclass(frozen=True)
 class Dim:
-    """One integer dimension of a search space, both ends included."""
+    """One integer dimension of a search space: low, low + step, ..., high (both included)."""
 
     name: str
     low: int
     high: int
+    step: int = 1
+    """Distance between neighbouring values; with a step above 1 both ends are multiples of it
+    (Ray Tune's ``qrandint`` draws multiples of the step)."""
 
     def __post_init__(self) -> None:
         if self.low > self.high:
@@ -49,6 +62,21 @@ class Dim:
                 f"range of {self.name!r} is empty: low {self.low} > high {self.high}; "
                 "give bounds with low <= high"
             )
+        if self.step < 1 or (self.step > 1 and (self.low % self.step or self.high % self.step)):
+            raise SearchSpaceError(
+                f"range [{self.low}, {self.high}] of {self.name!r} does not fit its step "
+                f"{self.step}; give bounds that are multiples of {self.step}"
+            )
+
+    @property
+    def size(self) -> int:
+        """Number of values."""
+        return (self.high - self.low) // self.step + 1
+
+    @property
+    def values(self) -> range:
+        """Every value, in increasing order."""
+        return range(self.low, self.high + 1, self.step)
 
 
 class SearchSpace:
@@ -59,9 +87,14 @@ class SearchSpace:
         num_heads: attention heads per layer (H).
         num_units: FFN neurons per layer (F).
         bounds: optional narrower ranges, ``{dim name: (low, high)}``, inside the defaults.
+        hidden_size: hidden channels of the model; given, the space also searches ``hidden``,
+            the number of channels kept, in multiples of `hidden_step` (small and medium only).
+        hidden_step: step of the hidden dimension; it must divide `hidden_size`.
     """
 
     name: ClassVar[str]
+    supports_hidden: ClassVar[bool] = False
+    """Whether the space can add the ``hidden`` dimension."""
 
     def __init__(
         self,
@@ -69,6 +102,8 @@ class SearchSpace:
         num_heads: int,
         num_units: int,
         bounds: Mapping[str, tuple[int, int]] | None = None,
+        hidden_size: int | None = None,
+        hidden_step: int = HIDDEN_STEP,
     ):
         if min(num_layers, num_heads, num_units) < 1:
             raise SearchSpaceError(
@@ -76,7 +111,20 @@ class SearchSpace:
                 f"units={num_units}"
             )
         self.num_layers, self.num_heads, self.num_units = num_layers, num_heads, num_units
+        self.hidden_size = hidden_size
         dims = {d.name: d for d in self._default_dims()}
+        if hidden_size is not None:
+            if not self.supports_hidden:
+                raise SearchSpaceError(
+                    f"the {self.name} space has no hidden dimension; use the small or medium "
+                    "space to search the hidden size"
+                )
+            if hidden_step < 1 or hidden_size % hidden_step:
+                raise SearchSpaceError(
+                    f"hidden_step {hidden_step} does not divide the hidden size {hidden_size}; "
+                    "choose a step that does (e.g. 8, or 1 for any width)"
+                )
+            dims["hidden"] = Dim("hidden", hidden_step, hidden_size, hidden_step)
         for key, value in (bounds or {}).items():
             if key not in dims:
                 raise SearchSpaceError(
@@ -94,18 +142,22 @@ class SearchSpace:
                     f"bounds for {key!r} ({low}, {high}) leave the model's range "
                     f"[{full.low}, {full.high}]"
                 )
-            dims[key] = Dim(key, low, high)
+            dims[key] = Dim(key, low, high, full.step)
         self.dims: list[Dim] = list(dims.values())
         self._index = {d.name: d for d in self.dims}
 
     @classmethod
-    def for_model(cls, model_config: Any, bounds=None) -> SearchSpace:
-        """The space for a supernet's `EncoderConfig`."""
+    def for_model(cls, model_config: Any, bounds=None, hidden: bool = False,
+                  hidden_step: int = HIDDEN_STEP) -> SearchSpace:
+        """The space for a supernet's `EncoderConfig`; with `hidden`, it also searches the
+        hidden size in steps of `hidden_step` channels."""
         return cls(
             model_config.num_hidden_layers,
             model_config.num_attention_heads,
             model_config.intermediate_size,
             bounds,
+            hidden_size=model_config.hidden_size if hidden else None,
+            hidden_step=hidden_step,
         )
 
     # -- what each space defines ------------------------------------------------------------
@@ -117,7 +169,7 @@ class SearchSpace:
 
     def middle(self) -> Config:
         """The config halfway between smallest and largest in every dimension."""
-        return {d.name: (d.low + d.high + 1) // 2 for d in self.dims}
+        return {d.name: d.low + d.step * (d.size // 2) for d in self.dims}
 
     # -- shared -----------------------------------------------------------------------------
     def validate(self, config: Mapping[str, int]) -> Config:
@@ -136,18 +188,26 @@ class SearchSpace:
                 raise IllegalSubNetworkError(
                     f"{d.name}={value} is outside [{d.low}, {d.high}] of the {self.name} space"
                 )
+            if (value - d.low) % d.step:
+                raise IllegalSubNetworkError(
+                    f"{d.name}={value} is not one of {d.low}, {d.low + d.step}, ..., {d.high} "
+                    f"(steps of {d.step}) in the {self.name} space"
+                )
             clean[d.name] = value
         return clean
 
     def to_sub_network(self, config: Mapping[str, int]) -> SubNetwork:
         """The supernet selection for `config`."""
-        return self._sub_network(self.validate(config))
+        config = self.validate(config)
+        sub = self._sub_network(config)
+        return replace(sub, hidden=config["hidden"]) if "hidden" in config else sub
 
     def sample(self, rng: np.random.Generator) -> Config:
         """A config drawn uniformly from each dimension."""
         lows = np.array([d.low for d in self.dims])
-        highs = np.array([d.high for d in self.dims])
-        values = rng.integers(lows, highs + 1)
+        steps = np.array([d.step for d in self.dims])
+        sizes = np.array([d.size for d in self.dims])
+        values = lows + steps * rng.integers(0, sizes)
         return {d.name: int(v) for d, v in zip(self.dims, values, strict=True)}
 
     def mutate(self, config: Mapping[str, int], rng: np.random.Generator) -> Config:
@@ -157,8 +217,9 @@ class SearchSpace:
         if not free:
             raise SearchSpaceError(f"every dimension of the {self.name} space is fixed")
         d = free[rng.integers(len(free))]
-        value = int(rng.integers(d.low, d.high))  # one of the other high - low values
-        config[d.name] = value if value < config[d.name] else value + 1
+        other = int(rng.integers(0, d.size - 1))  # the index of one of the other values
+        index = (config[d.name] - d.low) // d.step
+        config[d.name] = d.low + d.step * (other if other < index else other + 1)
         return config
 
     def largest(self) -> Config:
@@ -168,18 +229,21 @@ class SearchSpace:
         return {d.name: d.low for d in self.dims}
 
     def param_space(self) -> dict[str, Any]:
-        """Ray Tune ``param_space``: one ``tune.randint`` per dimension."""
+        """Ray Tune ``param_space``: one ``tune.randint`` per dimension (``tune.qrandint`` for
+        a dimension with a step)."""
         from ray import tune
 
-        return {d.name: tune.randint(d.low, d.high + 1) for d in self.dims}
+        return {d.name: tune.randint(d.low, d.high + 1) if d.step == 1 else
+                tune.qrandint(d.low, d.high, d.step) for d in self.dims}
 
     def __len__(self) -> int:
         return len(self.dims)
 
     def __repr__(self) -> str:
+        hidden = "" if self.hidden_size is None else f", hidden={self.hidden_size}"
         return (
             f"{type(self).__name__}(layers={self.num_layers}, heads={self.num_heads}, "
-            f"units={self.num_units}, dims={len(self.dims)})"
+            f"units={self.num_units}{hidden}, dims={len(self.dims)})"
         )
 
 
@@ -192,6 +256,7 @@ class SmallSpace(SearchSpace):
     """The same number of heads and neurons in each of the first `num_layers` layers."""
 
     name = "small"
+    supports_hidden = True
 
     def _default_dims(self) -> list[Dim]:
         return [
@@ -210,6 +275,7 @@ class MediumSpace(SearchSpace):
     """Heads and neurons chosen per layer; 0 removes the attention or FFN block."""
 
     name = "medium"
+    supports_hidden = True
 
     def _default_dims(self) -> list[Dim]:
         layers = range(self.num_layers)
@@ -279,8 +345,10 @@ class LargeSpace(SearchSpace):
         return config
 
 
-def make_space(name: str, model_config: Any, bounds=None) -> SearchSpace:
+def make_space(name: str, model_config: Any, bounds=None, hidden: bool = False,
+               hidden_step: int = HIDDEN_STEP) -> SearchSpace:
     """The search space `name` (nas_prune.registry.SPACES) for a supernet with config
-    `model_config`."""
+    `model_config`; with `hidden` (small and medium spaces), it also searches the hidden size
+    in steps of `hidden_step` channels."""
     cls = registry.load(registry.SPACES, name, "search space", SearchSpaceError)
-    return cls.for_model(model_config, bounds)
+    return cls.for_model(model_config, bounds, hidden=hidden, hidden_step=hidden_step)

@@ -7,9 +7,16 @@ FFN neurons are kept, and the forward pass runs on *slices* of the weight tensor
 sub-network with 25% of the encoder costs about 25% of the compute (the reference code masks
 instead, which computes the full network whatever the mask).
 
-Heads and neurons can first be sorted by importance (nas_prune.importance: DynaBERT, Hou et al.
-2020, "network rewiring"), so that the prefixes the search spaces select are the most important
-units; the full network's function does not change.
+A sub-network also keeps a prefix of the hidden (embedding) channels (Minitron, Muralidharan et
+al. 2024): of the embedding tables, of every weight that reads the residual stream (Q/K/V, FFN up,
+the head's dense layer: input columns) or writes it (attention output, FFN down: output rows and
+biases) and of every LayerNorm, which then takes mean and variance over the kept channels only
+and applies their weights and biases, as the extracted model (hidden size = kept width) does.
+Q/K/V keep heads x head_dim rows and the head's dense layer its output width at any hidden width.
+
+Heads, neurons and hidden channels can first be sorted by importance (nas_prune.importance:
+DynaBERT, Hou et al. 2020, "network rewiring"), so that the prefixes the search spaces select
+are the most important units; the full network's function does not change.
 
 The same class, built with per-layer sizes (`EncoderConfig.layer_heads` / `layer_units`), is the
 physically smaller *exported* model: `extract_sub_network` copies the kept slices into it.
@@ -68,7 +75,8 @@ def _count(selection: Selection) -> int:
 
 @dataclass(frozen=True)
 class SubNetwork:
-    """Which attention heads and FFN neurons of each layer a sub-network keeps.
+    """Which attention heads and FFN neurons of each layer, and how many hidden channels, a
+    sub-network keeps.
 
     Entry i of `heads` (`units`) describes layer i: an int k keeps the first k heads (neurons), a
     tuple keeps exactly those indices. 0 removes the block: a layer with 0 heads and 0 units is
@@ -79,8 +87,14 @@ class SubNetwork:
     """Per layer: the first k attention heads, or the indices of the kept heads."""
     units: tuple[Selection, ...]
     """Per layer: the first k FFN neurons, or the indices of the kept neurons."""
+    hidden: int | None = None
+    """How many hidden (embedding) channels are kept, the first ones; None keeps them all."""
 
     def __post_init__(self) -> None:
+        if self.hidden is not None:
+            object.__setattr__(self, "hidden", int(self.hidden))
+            if self.hidden < 1:
+                raise IllegalSubNetworkError(f"hidden={self.hidden}: keep at least 1 channel")
         object.__setattr__(self, "heads", tuple(_normalise(h) for h in self.heads))
         object.__setattr__(self, "units", tuple(_normalise(u) for u in self.units))
         if len(self.heads) != len(self.units):
@@ -95,13 +109,15 @@ class SubNetwork:
                 raise IllegalSubNetworkError(f"negative unit index in {selection}")
 
     @classmethod
-    def uniform(cls, total_layers: int, num_layers: int, num_heads: int, num_units: int):
+    def uniform(cls, total_layers: int, num_layers: int, num_heads: int, num_units: int,
+                hidden: int | None = None) -> SubNetwork:
         """The first `num_layers` layers keep their first `num_heads` heads and `num_units`
-        neurons; the other layers are dropped."""
+        neurons; the other layers are dropped; the first `hidden` channels are kept."""
         layers = range(total_layers)
         return cls(
             heads=tuple(num_heads if i < num_layers else 0 for i in layers),
             units=tuple(num_units if i < num_layers else 0 for i in layers),
+            hidden=hidden,
         )
 
     @property
@@ -129,6 +145,7 @@ class EncoderConfig(PretrainedConfig):
     """Which Hugging Face family the weights come from: "bert" or "roberta"."""
     vocab_size: int = 30522
     hidden_size: int = 768
+    """Residual-stream width: the kept hidden channels of an exported sub-network."""
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     """Heads per layer of the full (super)network."""
@@ -150,6 +167,13 @@ class EncoderConfig(PretrainedConfig):
     pad_token_id: int | None = 0
     pooling: str = "cls"
     """Input of the classification head, one of POOLINGS."""
+    pooler_size: int | None = None
+    """Output width of the head's dense (pooler) layer; None means hidden_size. An exported
+    sub-network with fewer hidden channels keeps the supernet's pooler width."""
+
+    @property
+    def pooler_width(self) -> int:
+        return self.pooler_size or self.hidden_size
 
     @property
     def heads_per_layer(self) -> list[int]:
@@ -173,6 +197,18 @@ def _take(weight: torch.Tensor, dim: int, selection: int | torch.Tensor | None) 
     return weight.index_select(dim, selection)
 
 
+def _norm(norm: nn.LayerNorm, x: torch.Tensor, hidden: int | None) -> torch.Tensor:
+    """LayerNorm over x's (kept) channels: their mean and variance, their weights and biases."""
+    weight, bias = _take(norm.weight, 0, hidden), _take(norm.bias, 0, hidden)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, norm.eps)
+
+
+def _linear(x, linear: nn.Linear, rows=None, cols=None) -> torch.Tensor:
+    """`linear` restricted to output rows `rows` and input columns `cols` (see _take)."""
+    weight = _take(_take(linear.weight, 0, rows), 1, cols)
+    return F.linear(x, weight, _take(linear.bias, 0, rows))
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -184,7 +220,8 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                hidden: int | None = None) -> torch.Tensor:
         if self.family == "roberta":
             # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id.
             not_pad = input_ids.ne(self.pad_token_id).int()
@@ -193,8 +230,11 @@ class Embeddings(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
-        return self.dropout(self.norm(x))
+        word, position, token_type = (_take(table.weight, 1, hidden) for table in
+                                      (self.word, self.position, self.token_type))
+        x = (F.embedding(input_ids, word) + F.embedding(positions, position)
+             + F.embedding(token_type_ids, token_type))
+        return self.dropout(_norm(self.norm, x, hidden))
 
 
 class Attention(nn.Module):
@@ -212,12 +252,14 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attention_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, mask, heads: int, rows: int | torch.Tensor | None) -> torch.Tensor:
-        """`heads` heads are kept; `rows` selects their rows of Q/K/V (None: all)."""
+    def forward(self, x, mask, heads: int, rows: int | torch.Tensor | None,
+                hidden: int | None = None) -> torch.Tensor:
+        """`heads` heads are kept; `rows` selects their rows of Q/K/V (None: all); `hidden`
+        the first channels of the residual stream (None: all)."""
         batch, length, _ = x.shape
 
         def project(linear: nn.Linear) -> torch.Tensor:
-            y = F.linear(x, _take(linear.weight, 0, rows), _take(linear.bias, 0, rows))
+            y = _linear(x, linear, rows, hidden)
             return y.view(batch, length, heads, self.head_dim).transpose(1, 2)
 
         context = F.scaled_dot_product_attention(
@@ -228,8 +270,8 @@ class Attention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
         context = context.transpose(1, 2).reshape(batch, length, heads * self.head_dim)
-        out = F.linear(context, _take(self.out.weight, 1, rows), self.out.bias)
-        return self.norm(x + self.dropout(out))
+        out = _linear(context, self.out, hidden, rows)
+        return _norm(self.norm, x + self.dropout(out), hidden)
 
 
 class FeedForward(nn.Module):
@@ -243,10 +285,11 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, units: int | torch.Tensor | None) -> torch.Tensor:
-        h = self.act(F.linear(x, _take(self.up.weight, 0, units), _take(self.up.bias, 0, units)))
-        out = F.linear(h, _take(self.down.weight, 1, units), self.down.bias)
-        return self.norm(x + self.dropout(out))
+    def forward(self, x: torch.Tensor, units: int | torch.Tensor | None,
+                hidden: int | None = None) -> torch.Tensor:
+        h = self.act(_linear(x, self.up, units, hidden))
+        out = _linear(h, self.down, hidden, units)
+        return _norm(self.norm, x + self.dropout(out), hidden)
 
 
 class Layer(nn.Module):
@@ -288,15 +331,16 @@ class ClassificationHead(nn.Module):
         p = config.classifier_dropout
         p = config.hidden_dropout_prob if p is None else p
         self.family, self.pooling = config.family, config.pooling
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, config.num_labels)
+        self.dense = nn.Linear(config.hidden_size, config.pooler_width)
+        self.out = nn.Linear(config.pooler_width, config.num_labels)
         self.dropout = nn.Dropout(p)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        x = pool(hidden, attention_mask, self.pooling)
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor | None,
+                hidden: int | None = None) -> torch.Tensor:
+        x = pool(states, attention_mask, self.pooling)
         if self.family == "roberta":
             x = self.dropout(x)
-        return self.out(self.dropout(torch.tanh(self.dense(x))))
+        return self.out(self.dropout(torch.tanh(_linear(x, self.dense, None, hidden))))
 
 
 class EncoderForSequenceClassification(PreTrainedModel):
@@ -315,6 +359,7 @@ class EncoderForSequenceClassification(PreTrainedModel):
         self.layers = nn.ModuleList(Layer(config, h, u) for h, u in zip(heads, units, strict=True))
         self.head = ClassificationHead(config)
         self._active: list[tuple[int, int | torch.Tensor | None, int, int | torch.Tensor | None]]
+        self._hidden: int | None = None
         self.sub_network: SubNetwork | None = None
         self.reset_super_network()
         self.post_init()
@@ -331,6 +376,10 @@ class EncoderForSequenceClassification(PreTrainedModel):
         if len(sub.heads) != len(heads):
             raise IllegalSubNetworkError(
                 f"sub-network has {len(sub.heads)} layers, this model has {len(heads)}"
+            )
+        if sub.hidden is not None and sub.hidden > self.config.hidden_size:
+            raise IllegalSubNetworkError(
+                f"hidden={sub.hidden} but the model has {self.config.hidden_size} channels"
             )
         for i, (sh, su, h, u) in enumerate(zip(sub.heads, sub.units, heads, units, strict=True)):
             for what, sel, limit in (("heads", sh, h), ("units", su, u)):
@@ -351,20 +400,21 @@ class EncoderForSequenceClassification(PreTrainedModel):
             if isinstance(h_sel, int):
                 rows = None if h_sel == full_h else h_sel * dim
             else:
-                idx = torch.tensor(h_sel, device=device)
-                rows = (idx[:, None] * dim + torch.arange(dim, device=device)).flatten()
+                rows = _rows(h_sel, dim).to(device)
             if isinstance(u_sel, int):
                 cols = None if u_sel == full_u else u_sel
             else:
                 cols = torch.tensor(u_sel, device=device)
             active.append((_count(h_sel), rows, _count(u_sel), cols))
         self._active = active
+        self._hidden = None if sub.hidden == self.config.hidden_size else sub.hidden
         self.sub_network = sub
 
     def reset_super_network(self) -> None:
         """Select the full network again."""
         heads, units = self.config.heads_per_layer, self.config.units_per_layer
         self._active = [(h, None, u, None) for h, u in zip(heads, units, strict=True)]
+        self._hidden = None
         self.sub_network = None
 
     # ------------------------------------------------------------------------------ forward
@@ -376,14 +426,15 @@ class EncoderForSequenceClassification(PreTrainedModel):
         labels: torch.Tensor | None = None,
         **_: object,
     ) -> SequenceClassifierOutput:
-        x = self.embeddings(input_ids, token_type_ids)
+        hidden = self._hidden
+        x = self.embeddings(input_ids, token_type_ids, hidden)
         mask = None if attention_mask is None else additive_mask(attention_mask, x.dtype)
         for layer, (heads, rows, units, cols) in zip(self.layers, self._active, strict=True):
             if heads:
-                x = layer.attention(x, mask, heads, rows)
+                x = layer.attention(x, mask, heads, rows, hidden)
             if units:
-                x = layer.ffn(x, cols)
-        logits = self.head(x, attention_mask)
+                x = layer.ffn(x, cols, hidden)
+        logits = self.head(x, attention_mask, hidden)
         loss = None
         if labels is not None:
             if self.config.num_labels == 1:
@@ -399,16 +450,17 @@ class EncoderForSequenceClassification(PreTrainedModel):
         `encoder_only` counts the transformer layers alone (no embeddings, no head)."""
         sub = sub or self.full_sub_network
         self.validate(sub)
-        hidden, dim = self.config.hidden_size, self.config.head_dim
+        c = self.config
+        hidden, dim, pooler = sub.hidden or c.hidden_size, c.head_dim, c.pooler_width
         total = 0
         for h, n in zip(sub.num_heads, sub.num_units, strict=True):
             if h:  # Q, K, V (weight + bias), output projection, LayerNorm
                 total += 3 * (hidden * h * dim + h * dim) + h * dim * hidden + hidden + 2 * hidden
             if n:  # up, down, LayerNorm
                 total += hidden * n + n + n * hidden + hidden + 2 * hidden
-        if not encoder_only:
-            total += sum(p.numel() for p in self.embeddings.parameters())
-            total += sum(p.numel() for p in self.head.parameters())
+        if not encoder_only:  # the three embedding tables and their LayerNorm; the head
+            total += (c.vocab_size + c.max_position_embeddings + c.type_vocab_size + 2) * hidden
+            total += hidden * pooler + pooler + pooler * c.num_labels + c.num_labels
         return total
 
     def flops(self, sub: SubNetwork | None = None, seq_len: int = 128) -> int:
@@ -416,82 +468,102 @@ class EncoderForSequenceClassification(PreTrainedModel):
         sequence of `seq_len` tokens with sub-network `sub`. Element-wise work is not counted."""
         sub = sub or self.full_sub_network
         self.validate(sub)
-        hidden, dim, t = self.config.hidden_size, self.config.head_dim, seq_len
+        c, t = self.config, seq_len
+        hidden, dim, pooler = sub.hidden or c.hidden_size, c.head_dim, c.pooler_width
         total = 0
         for h, n in zip(sub.num_heads, sub.num_units, strict=True):
             width = h * dim
             total += 2 * t * hidden * width * 4  # Q, K, V and output projections
             total += 2 * t * t * width * 2  # scores and weighted values
             total += 2 * t * hidden * n * 2  # FFN up and down
-        total += 2 * hidden * hidden + 2 * hidden * self.config.num_labels  # the head
+        total += 2 * hidden * pooler + 2 * pooler * c.num_labels  # the head
         return total
 
     # ------------------------------------------------------------------------------ extract
     def extract_sub_network(self, sub: SubNetwork) -> EncoderForSequenceClassification:
-        """A physically smaller model holding copies of `sub`'s weights. Layers that keep
-        nothing are left out; its outputs equal this model's with `sub` selected."""
+        """A physically smaller model holding copies of `sub`'s weights, whose hidden size is
+        the kept width. Layers that keep nothing are left out; its outputs equal this model's
+        with `sub` selected."""
         self.validate(sub)
-        pairs = enumerate(zip(sub.num_heads, sub.num_units, strict=True))
-        kept = [i for i, (h, n) in pairs if h or n]
-        config = EncoderConfig.from_dict(self.config.to_dict())
+        c = self.config
+        kept = [i for i, (h, n) in enumerate(zip(sub.num_heads, sub.num_units, strict=True))
+                if h or n]
+        hidden = sub.hidden or c.hidden_size
+        config = EncoderConfig.from_dict(c.to_dict())
+        config.hidden_size, config.pooler_size = hidden, c.pooler_width
         config.num_hidden_layers = len(kept)
         config.layer_heads = [sub.num_heads[i] for i in kept]
         config.layer_units = [sub.num_units[i] for i in kept]
         small = type(self)(config).to(self.device, self.dtype)
-        state = self.state_dict()
-        new_state = {k: v for k, v in state.items() if not k.startswith("layers.")}
-        dim = self.config.head_dim
-        for j, i in enumerate(kept):
-            h_sel, u_sel = sub.heads[i], sub.units[i]
-            rows = _rows(h_sel, dim)
-            units = torch.arange(u_sel) if isinstance(u_sel, int) else torch.tensor(u_sel)
-            src, dst = f"layers.{i}.", f"layers.{j}."
-            if sub.num_heads[i]:
-                for name in ("query", "key", "value"):
-                    for p in ("weight", "bias"):
-                        new_state[f"{dst}attention.{name}.{p}"] = state[
-                            f"{src}attention.{name}.{p}"
-                        ][rows]
-                new_state[f"{dst}attention.out.weight"] = state[f"{src}attention.out.weight"][
-                    :, rows
-                ]
-                for p in ("out.bias", "norm.weight", "norm.bias"):
-                    new_state[f"{dst}attention.{p}"] = state[f"{src}attention.{p}"]
-            if sub.num_units[i]:
-                new_state[f"{dst}ffn.up.weight"] = state[f"{src}ffn.up.weight"][units]
-                new_state[f"{dst}ffn.up.bias"] = state[f"{src}ffn.up.bias"][units]
-                new_state[f"{dst}ffn.down.weight"] = state[f"{src}ffn.down.weight"][:, units]
-                for p in ("down.bias", "norm.weight", "norm.bias"):
-                    new_state[f"{dst}ffn.{p}"] = state[f"{src}ffn.{p}"]
-        small.load_state_dict({k: v.clone() for k, v in new_state.items()}, strict=True)
+        chosen = {i: {"attention": _rows(sub.heads[i], c.head_dim), "ffn": _rows(sub.units[i], 1)}
+                  for i in kept}
+        new_state = {}
+        for name, tensor in self.state_dict().items():
+            layer, key = _split(name)
+            block, unit_axis, hidden_axis = _AXES.get(key, (None, None, None))
+            if layer is not None:
+                if layer not in chosen or not len(chosen[layer][block]):
+                    continue  # a dropped layer or block
+                if unit_axis is not None:
+                    tensor = tensor.index_select(unit_axis, chosen[layer][block].to(self.device))
+                name = f"layers.{kept.index(layer)}.{key}"
+            if hidden_axis is not None:
+                tensor = tensor.narrow(hidden_axis, 0, hidden)
+            new_state[name] = tensor.clone()
+        small.load_state_dict(new_state, strict=True)
         return small.train(self.training)
 
     # ------------------------------------------------------------------------------ rewiring
     @torch.no_grad()
-    def reorder(self, head_order: Sequence[torch.Tensor], unit_order: Sequence[torch.Tensor]):
-        """Permute heads and neurons of each layer (new unit j = old unit order[j]). The full
+    def reorder(self, head_order: Sequence[torch.Tensor], unit_order: Sequence[torch.Tensor],
+                hidden_order: torch.Tensor | None = None) -> None:
+        """Permute heads and neurons of each layer (new unit j = old unit order[j]) and, given
+        `hidden_order`, the hidden channels in every tensor that reads or writes the residual
+        stream (a LayerNorm's mean and variance do not depend on the channels' order). The full
         network computes the same function afterwards."""
         if self.config.layer_heads is not None or self.config.layer_units is not None:
             raise ValueError("reorder applies to a full supernet, not an exported sub-network")
-        dim = self.config.head_dim
-        for layer, h_order, u_order in zip(self.layers, head_order, unit_order, strict=True):
-            rows = (h_order.long()[:, None] * dim + torch.arange(dim)).flatten()
-            rows = rows.to(self.device)
-            att, ffn = layer.attention, layer.ffn
-            for linear in (att.query, att.key, att.value):
-                linear.weight.copy_(linear.weight[rows])
-                linear.bias.copy_(linear.bias[rows])
-            att.out.weight.copy_(att.out.weight[:, rows])
-            u_order = u_order.long().to(self.device)
-            ffn.up.weight.copy_(ffn.up.weight[u_order])
-            ffn.up.bias.copy_(ffn.up.bias[u_order])
-            ffn.down.weight.copy_(ffn.down.weight[:, u_order])
+        orders = [{"attention": _rows(h_order.long(), self.config.head_dim),
+                   "ffn": u_order.long()}
+                  for _, h_order, u_order in zip(self.layers, head_order, unit_order, strict=True)]
+        for name, param in self.named_parameters():
+            layer, key = _split(name)
+            block, unit_axis, hidden_axis = _AXES.get(key, (None, None, None))
+            if layer is not None and unit_axis is not None:
+                param.copy_(param.index_select(unit_axis, orders[layer][block].to(param.device)))
+            if hidden_order is not None and hidden_axis is not None:
+                param.copy_(param.index_select(hidden_axis, hidden_order.long().to(param.device)))
         self.reset_super_network()
 
 
-def _rows(selection: Selection, dim: int) -> torch.Tensor:
-    heads = torch.arange(selection) if isinstance(selection, int) else torch.tensor(selection)
-    return (heads[:, None] * dim + torch.arange(dim)).flatten()
+_AXES: dict[str, tuple[str | None, int | None, int | None]] = {
+    **{f"embeddings.{t}.weight": (None, None, 1) for t in ("word", "position", "token_type")},
+    "embeddings.norm.weight": (None, None, 0), "embeddings.norm.bias": (None, None, 0),
+    **{f"attention.{n}.{p}": ("attention", 0, 1 if p == "weight" else None)
+       for n in ("query", "key", "value") for p in ("weight", "bias")},
+    "attention.out.weight": ("attention", 1, 0), "attention.out.bias": ("attention", None, 0),
+    "ffn.up.weight": ("ffn", 0, 1), "ffn.up.bias": ("ffn", 0, None),
+    "ffn.down.weight": ("ffn", 1, 0), "ffn.down.bias": ("ffn", None, 0),
+    **{f"{b}.norm.{p}": (b, None, 0) for b in ("attention", "ffn") for p in ("weight", "bias")},
+    "head.dense.weight": (None, None, 1),
+}
+"""How each parameter is sliced (name inside a layer without "layers.i."): (block, axis over the
+block's heads' rows or FFN neurons, axis over the hidden channels). Others are never sliced."""
+
+
+def _split(name: str) -> tuple[int | None, str]:
+    """"layers.3.ffn.up.weight" -> (3, "ffn.up.weight"); a name outside the layers -> (None, it)."""
+    if not name.startswith("layers."):
+        return None, name
+    _, index, key = name.split(".", 2)
+    return int(index), key
+
+
+def _rows(selection: Selection | torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows of units `selection` (a count, indices or an index tensor) of `dim` rows each."""
+    units = torch.as_tensor(range(selection) if isinstance(selection, int) else selection,
+                            dtype=torch.long)
+    return (units[:, None] * dim + torch.arange(dim)).flatten()
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -112,7 +112,13 @@ def profiled(cluster, checkpoint, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ discovery
-def test_discover_hardware_from_resources():
+@pytest.fixture()
+def no_onnxruntime(monkeypatch):
+    """Discovery as on a cluster without onnxruntime (no `cpu-onnxruntime` type)."""
+    monkeypatch.setattr(prof, "onnxruntime_available", lambda: False)
+
+
+def test_discover_hardware_from_resources(no_onnxruntime):
     found = discover_hardware({"CPU": 8, "GPU": 2, "accelerator_type:A10G": 1, "memory": 1e9,
                                "hardware:c7i": 3, "node:10.0.0.1": 1})
     assert set(found) == {"A10G", "c7i", "cpu"}
@@ -133,7 +139,18 @@ def test_discover_hardware_gpu_count_and_no_cpu():
     assert discover_hardware({}) == {}
 
 
-def test_resolve_hardware_names_present_types_when_missing():
+def test_discover_hardware_lists_onnxruntime_beside_cpus(monkeypatch):
+    monkeypatch.setattr(prof, "onnxruntime_available", lambda: True)
+    found = discover_hardware({"CPU": 4, "hardware:c7i": 1})
+    assert found[prof.ONNX_CPU] == Hardware(prof.ONNX_CPU, gpu=False, count=4)
+    assert found[prof.ONNX_CPU].actor_options() == {"num_cpus": 1}
+    assert prof.ONNX_CPU not in discover_hardware({"CPU": 0, "hardware:c7i": 1})
+    # measured only when named: the default "every type" leaves the opt-in runtime out
+    assert [h.name for h in resolve_hardware(None, found)] == ["c7i", "cpu"]
+    assert [h.name for h in resolve_hardware([prof.ONNX_CPU], found)] == [prof.ONNX_CPU]
+
+
+def test_resolve_hardware_names_present_types_when_missing(no_onnxruntime):
     present = discover_hardware({"CPU": 2, "hardware:typeA": 1, "hardware:typeB": 1})
     assert [h.name for h in resolve_hardware(None, present)] == list(present)
     assert [h.name for h in resolve_hardware(["typeB", "cpu"], present)] == ["typeB", "cpu"]
@@ -260,7 +277,7 @@ def test_latency_falls_with_size(tmp_path):
 # ------------------------------------------------------------------------------ real Ray cluster
 def test_cluster_has_both_hardware_types(cluster):
     found = discover_hardware()
-    assert set(found) == TYPES
+    assert set(found) == TYPES | ({prof.ONNX_CPU} if prof.onnxruntime_available() else set())
     assert found["cpu"].count == 2
 
 
@@ -347,12 +364,30 @@ def test_other_settings_are_measured_again(profiled, checkpoint):
 
 def test_missing_hardware_fails_fast(cluster, checkpoint, tmp_path):
     start = time.monotonic()
-    with pytest.raises(ProfileError, match=r"\['A100'\].*present: \['cpu', 'typeA', 'typeB'\]"):
+    with pytest.raises(ProfileError, match=r"\['A100'\].*present: \['cpu', .*'typeA', 'typeB'\]"):
         profile_configs(checkpoint, "small", CONFIGS,
                         settings=dataclasses.replace(SETTINGS, hardware=["A100"]),
                         store=results.ResultStore(tmp_path, "exp"))
     assert time.monotonic() - start < 5
     assert results.load(tmp_path, table="latency").empty
+
+
+def test_onnxruntime_rows_beside_pytorch_rows(cluster, checkpoint):
+    """`cpu-onnxruntime`: each sub-network exported to ONNX, checked and timed by onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    settings = dataclasses.replace(SETTINGS, hardware=["cpu", prof.ONNX_CPU])
+    rows = profile_configs(checkpoint, "small", CONFIGS, settings=settings)
+    by_type = {}
+    for row in rows:
+        by_type.setdefault(row["hardware"], []).append(row)
+    assert set(by_type) == {"cpu", prof.ONNX_CPU}
+    for hw_rows in by_type.values():
+        assert [r["config"] for r in hw_rows] == CONFIGS
+        for r in hw_rows:
+            assert r["dtype"] == "fp32" and r["median_ms"] > 0 and r["cached"] is False
+            assert r["repeats"] == SETTINGS.repeats
+    assert ([r["params"] for r in by_type["cpu"]]
+            == [r["params"] for r in by_type[prof.ONNX_CPU]])
 
 
 def test_measure_tables_predict_measured_latency(profiled, checkpoint):

@@ -332,3 +332,73 @@ def test_num_params_of_sampled_configs_equals_extracted_model(cls, supernet):
     assert supernet.num_params(space.to_sub_network(space.largest())) == sum(
         p.numel() for p in supernet.parameters()
     )
+
+
+# ------------------------------------------------------------------------ hidden dimension
+
+
+def test_hidden_dimension_is_opt_in_for_small_and_medium(supernet):
+    assert "hidden" not in _ranges(SmallSpace.for_model(supernet.config))
+    small = SmallSpace.for_model(supernet.config, hidden=True)
+    assert small.dims[-1] == Dim("hidden", 8, 32, 8)
+    assert len(small) == 4 and "hidden=32" in repr(small)
+    medium = make_space("medium", supernet.config, hidden=True, hidden_step=4)
+    assert medium.dims[-1] == Dim("hidden", 4, 32, 4) and len(medium) == 2 * L + 1
+    assert small.to_sub_network({"num_layers": 2, "num_heads": 3, "num_units": 10,
+                                 "hidden": 24}) == SubNetwork((3, 3, 0), (10, 10, 0), 24)
+    assert small.to_sub_network(small.largest()) == SubNetwork((4,) * L, (48,) * L, 32)
+    assert small.smallest()["hidden"] == 8
+    assert small.middle()["hidden"] == 24  # 8, 16, 24, 32: the upper middle value
+
+
+def test_hidden_dimension_refusals(supernet):
+    for name in ("layer", "large"):
+        with pytest.raises(SearchSpaceError, match="use the small or medium space"):
+            make_space(name, supernet.config, hidden=True)
+    with pytest.raises(SearchSpaceError, match="hidden_step 5 does not divide"):
+        SmallSpace.for_model(supernet.config, hidden=True, hidden_step=5)
+    space = SmallSpace.for_model(supernet.config, hidden=True)
+    with pytest.raises(IllegalSubNetworkError, match=r"hidden=12 is not one of 8, 16, \.\.\., 32"):
+        space.validate({"num_layers": 1, "num_heads": 1, "num_units": 1, "hidden": 12})
+    with pytest.raises(SearchSpaceError, match="does not fit its step 8"):
+        SmallSpace.for_model(supernet.config, {"hidden": (12, 32)}, hidden=True)
+    narrowed = SmallSpace.for_model(supernet.config, {"hidden": (16, 24)}, hidden=True)
+    assert narrowed.dims[-1] == Dim("hidden", 16, 24, 8)
+
+
+@pytest.mark.parametrize("cls", [SmallSpace, MediumSpace])
+def test_sampled_and_mutated_hidden_widths_stay_on_the_grid(cls, supernet):
+    space = cls.for_model(supernet.config, hidden=True)
+    rng = np.random.default_rng(3)
+    configs = [space.sample(rng) for _ in range(100)]
+    assert {c["hidden"] for c in configs} == {8, 16, 24, 32}
+    config, mutated_hidden = configs[0], set()
+    for _ in range(300):
+        mutated = space.mutate(config, rng)
+        assert sum(mutated[k] != config[k] for k in config) == 1
+        assert space.validate(mutated) == mutated
+        if mutated["hidden"] != config["hidden"]:
+            mutated_hidden.add(mutated["hidden"])
+        config = mutated
+    assert mutated_hidden == {8, 16, 24, 32}
+
+
+def test_hidden_param_space_is_quantised_for_ray_tune_and_optuna(supernet):
+    from ray.tune.search.optuna import OptunaSearch
+
+    params = SmallSpace.for_model(supernet.config, hidden=True).param_space()
+    assert set(params["hidden"].sample(size=200)) == {8, 16, 24, 32}
+    converted = OptunaSearch.convert_search_space({"hidden": params["hidden"]})["hidden"]
+    assert (converted.low, converted.high, converted.step) == (8, 32, 8)
+
+
+@pytest.mark.parametrize("cls", [SmallSpace, MediumSpace])
+def test_num_params_of_sampled_hidden_configs_equals_extracted_model(cls, supernet):
+    space = cls.for_model(supernet.config, hidden=True)
+    rng = np.random.default_rng(5)
+    for config in [space.sample(rng) for _ in range(4)] + [space.smallest(), space.middle()]:
+        sub = space.to_sub_network(config)
+        assert sub.hidden == config["hidden"]
+        small = supernet.extract_sub_network(sub)
+        assert small.config.hidden_size == config["hidden"]
+        assert supernet.num_params(sub) == sum(p.numel() for p in small.parameters())

@@ -613,7 +613,8 @@ def test_rewire_keeps_function_and_sorts_by_importance(make_hf_bert, make_batch)
     model.set_sub_network(by_index)
     selected_before = _logits(model, batch)
 
-    heads_after, units_after = rewire(model, batches)
+    heads_after, units_after, hidden_after = rewire(model, batches)
+    assert torch.all(hidden_after[:-1] >= hidden_after[1:])  # hidden channels sorted too
     assert model.sub_network is None
     torch.testing.assert_close(_logits(model, batch), full_before, atol=ATOL, rtol=0)
     for before, after in zip(heads_before + units_before, heads_after + units_after,
