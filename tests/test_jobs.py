@@ -240,6 +240,10 @@ def test_pipeline_as_a_ray_job(ray_head, tiny_run_config):
     assert exported and all((d / "config.json").exists() for d in exported)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluated"] == 4 and summary["pareto"] == len(exported)
+    # every Pareto-optimal sub-network was refined, with its cost, and is what was exported
+    refined = frame[frame["method"] == "nas+refine"]
+    assert sorted(refined["trial_id"]) == sorted(d.name for d in exported)
+    assert (refined["train_examples"] > 0).all() and (refined["train_time_s"] > 0).all()
     assert (out / "teacher" / "nas_prune.json").exists()
     assert (out / "supernet" / "nas_prune.json").exists()
 
@@ -272,4 +276,5 @@ def test_pipeline_as_a_ray_job(ray_head, tiny_run_config):
     def rows(frame):
         return frame[columns].sort_values(["method", "config"]).reset_index(drop=True)
 
-    pd.testing.assert_frame_equal(rows(results.load(alone / "results")), rows(frame))
+    searched = frame[frame["experiment"] == "nas-random-fifo-seed0"]  # not the refine rows
+    pd.testing.assert_frame_equal(rows(results.load(alone / "results")), rows(searched))
