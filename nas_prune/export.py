@@ -5,7 +5,8 @@ kept layer keeps all heads and the same number of FFN neurons; dropped layers ar
 all hidden channels are kept, since a stock config ties the head size to hidden_size / heads)
 and its head reads the first token (stock heads cannot mean-pool), the directory is a stock
 checkpoint. Otherwise it holds our `EncoderConfig` with per-layer head and neuron counts, the
-hidden and pooler widths and the head's pooling, and the model file itself (``supernet.py``, referenced by ``auto_map``), so
+hidden and pooler widths and the head's pooling, and the model file itself (``supernet.py``,
+referenced by ``auto_map``), so
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` loads it
 anywhere transformers is installed.
 """

@@ -197,14 +197,19 @@ def _take(weight: torch.Tensor, dim: int, selection: int | torch.Tensor | None) 
     return weight.index_select(dim, selection)
 
 
+# With nothing sliced away the module itself runs, so that its hooks (ZeRO-3 gathers a
+# module's parameters when it is called) see the call.
 def _norm(norm: nn.LayerNorm, x: torch.Tensor, hidden: int | None) -> torch.Tensor:
     """LayerNorm over x's (kept) channels: their mean and variance, their weights and biases."""
-    weight, bias = _take(norm.weight, 0, hidden), _take(norm.bias, 0, hidden)
-    return F.layer_norm(x, x.shape[-1:], weight, bias, norm.eps)
+    if hidden is None:
+        return norm(x)
+    return F.layer_norm(x, (hidden,), norm.weight[:hidden], norm.bias[:hidden], norm.eps)
 
 
 def _linear(x, linear: nn.Linear, rows=None, cols=None) -> torch.Tensor:
     """`linear` restricted to output rows `rows` and input columns `cols` (see _take)."""
+    if rows is None and cols is None:
+        return linear(x)
     weight = _take(_take(linear.weight, 0, rows), 1, cols)
     return F.linear(x, weight, _take(linear.bias, 0, rows))
 
@@ -230,11 +235,8 @@ class Embeddings(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        word, position, token_type = (_take(table.weight, 1, hidden) for table in
-                                      (self.word, self.position, self.token_type))
-        x = (F.embedding(input_ids, word) + F.embedding(positions, position)
-             + F.embedding(token_type_ids, token_type))
-        return self.dropout(_norm(self.norm, x, hidden))
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+        return self.dropout(_norm(self.norm, _take(x, 2, hidden), hidden))  # lookups: no FLOPs
 
 
 class Attention(nn.Module):
@@ -481,9 +483,9 @@ class EncoderForSequenceClassification(PreTrainedModel):
 
     # ------------------------------------------------------------------------------ extract
     def extract_sub_network(self, sub: SubNetwork) -> EncoderForSequenceClassification:
-        """A physically smaller model holding copies of `sub`'s weights, whose hidden size is
-        the kept width. Layers that keep nothing are left out; its outputs equal this model's
-        with `sub` selected."""
+        """A physically smaller model holding copies of `sub`'s weights (hidden size: the kept
+        width). Layers that keep nothing are left out; its outputs equal this model's with `sub`
+        selected."""
         self.validate(sub)
         c = self.config
         kept = [i for i, (h, n) in enumerate(zip(sub.num_heads, sub.num_units, strict=True))
@@ -523,9 +525,8 @@ class EncoderForSequenceClassification(PreTrainedModel):
         network computes the same function afterwards."""
         if self.config.layer_heads is not None or self.config.layer_units is not None:
             raise ValueError("reorder applies to a full supernet, not an exported sub-network")
-        orders = [{"attention": _rows(h_order.long(), self.config.head_dim),
-                   "ffn": u_order.long()}
-                  for _, h_order, u_order in zip(self.layers, head_order, unit_order, strict=True)]
+        orders = [{"attention": _rows(h, self.config.head_dim), "ffn": u.long()}
+                  for _, h, u in zip(self.layers, head_order, unit_order, strict=True)]
         for name, param in self.named_parameters():
             layer, key = _split(name)
             block, unit_axis, hidden_axis = _AXES.get(key, (None, None, None))
@@ -552,7 +553,7 @@ block's heads' rows or FFN neurons, axis over the hidden channels). Others are n
 
 
 def _split(name: str) -> tuple[int | None, str]:
-    """"layers.3.ffn.up.weight" -> (3, "ffn.up.weight"); a name outside the layers -> (None, it)."""
+    """(layer index, name inside the layer) of a parameter; (None, name) outside the layers."""
     if not name.startswith("layers."):
         return None, name
     _, index, key = name.split(".", 2)
