@@ -145,13 +145,13 @@ def predictor_error(args, space) -> tuple[list[list[str]], list[dict]]:
         for (batch, length), clock in itertools.product(args.predictor_shapes, args.clocks):
             settings = ProfileOptions(hardware=["cpu"], batch_size=batch, seq_len=length,
                                       dtype="fp32", warmup=args.warmup, repeats=args.repeats,
-                                      threads=args.threads)
+                                      threads=args.threads, clock=clock)
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            table = measure_tables(args.model, "small", ["cpu"], settings, clock)["cpu"]
+            table = measure_tables(args.model, "small", ["cpu"], settings)["cpu"]
             table_s = time.perf_counter() - started
             started = time.perf_counter()
-            measured = profile_configs(args.model, "small", configs, settings, clock=clock)
+            measured = profile_configs(args.model, "small", configs, settings)
             measure_s = time.perf_counter() - started
             measured_ms = [r["median_ms"] for r in measured]
             predicted_ms = [table.predict(space.to_sub_network(c)) for c in configs]

@@ -129,19 +129,20 @@ def zero_stage(config: Mapping[str, Any]) -> int:
 
 
 def _register_sliced_parameters(model: torch.nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters when that module is called; our attention and FFN
-    blocks read their child Linear weights directly (to slice them), so register those as
-    the block's external parameters."""
+    """ZeRO-3 gathers a module's parameters when that module is called; our embeddings, head,
+    attention and FFN blocks read their children's weights directly (to slice them: heads,
+    neurons, hidden channels, LayerNorms), so register those as the block's external
+    parameters."""
     import deepspeed
 
-    for layer in getattr(model, "layers", ()):
-        for block in (layer.attention, layer.ffn):
-            if block is None:
-                continue
-            for child in block.children():
-                if isinstance(child, torch.nn.Linear):
-                    for p in child.parameters():
-                        deepspeed.zero.register_external_parameter(block, p)
+    if not hasattr(model, "layers"):
+        return
+    blocks = [getattr(model, "embeddings", None), getattr(model, "head", None)]
+    blocks += [b for layer in model.layers for b in (layer.attention, layer.ffn)]
+    for block in (b for b in blocks if b is not None):
+        for child in block.children():
+            for p in child.parameters():
+                deepspeed.zero.register_external_parameter(block, p)
 
 
 class _NotStartedWarning(logging.Filter):

@@ -50,6 +50,9 @@ def stock_shape(config: EncoderConfig, sub: SubNetwork) -> tuple[int, int] | Non
     """(layers, FFN width) when `sub` fits a stock BERT/RoBERTa config, else None."""
     if config.pooling != "cls" or sub.hidden not in (None, config.hidden_size):
         return None
+    if not config.hidden_size == config.pooler_width == \
+            config.num_attention_heads * config.head_dim:  # an extracted reduced-hidden model
+        return None
     kept = [(h, n) for h, n in zip(sub.num_heads, sub.num_units, strict=True) if h or n]
     widths = {n for _, n in kept}
     if any(h != config.num_attention_heads for h, _ in kept) or len(widths) > 1 or 0 in widths:

@@ -164,7 +164,8 @@ class SupernetOptions(TrainOptions):
     strategy: str = "full"
     """One of nas_prune.registry.STRATEGIES: standard, random, random_linear, sandwich, kd, full."""
     space: str = "small"
-    """Search space random sub-networks are drawn from."""
+    """Search space random sub-networks are drawn from: small, medium, layer, large;
+    small+hidden or medium+hidden also vary the hidden (embedding) size."""
     num_random: int | None = None
     """Random sub-networks per step (None: the strategy's default, 1 or 2)."""
     temperature: float = 1.0
@@ -177,7 +178,7 @@ class SupernetOptions(TrainOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         registry.check(registry.STRATEGIES, self.strategy, "strategy", TrainingError)
-        registry.check(registry.SPACES, self.space, "space", TrainingError)
+        registry.check_space(self.space, TrainingError)
         _at_least(self, 1, ("rewire_batches",), TrainingError)
         if self.num_random is not None and self.num_random < 1:
             raise TrainingError(f"{self.strategy}: num_random must be >= 1, got "
@@ -193,7 +194,8 @@ class ProfileOptions:
     baselines' saved models all use these settings."""
 
     hardware: list[str] | None = None
-    """Hardware types to measure on (default: every type in the Ray cluster)."""
+    """Hardware types to measure on (default: every type in the Ray cluster but
+    cpu-onnxruntime, which is measured only when named)."""
     batch_size: int = 1
     """Sequences per timed forward pass."""
     seq_len: int = 128
@@ -206,10 +208,18 @@ class ProfileOptions:
     """Timed runs; the median is the latency."""
     threads: int = 1
     """CPU threads per measurement (pinned with torch.set_num_threads)."""
+    clock: str = "wall"
+    """"wall", or "thread" (CPU time of the timing thread: leaves out other processes' load;
+    needs threads=1 on a CPU type). Latency objectives of a search use it; the profile stage,
+    whose rows are cached in the results store, always times wall-clock."""
     enabled: bool = True
     """Pipeline: measure the Pareto set's latency after the search (false skips the stage)."""
 
     def __post_init__(self) -> None:
+        if self.clock not in ("wall", "thread"):
+            raise ProfileError(f"clock must be wall or thread, got {self.clock!r}")
+        if self.clock == "thread" and self.threads != 1:
+            raise ProfileError("clock thread times one thread; set threads 1")
         _at_least(self, 1, ("batch_size", "seq_len", "repeats", "threads"), ProfileError)
         _at_least(self, 0, ("warmup",), ProfileError)
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
@@ -249,7 +259,8 @@ class SearchOptions:
     objectives: list[str] = field(default_factory=lambda: ["error", "params_ratio"])
     """Minimised objectives: error, params, params_ratio, flops, latency:<hardware>."""
     space: str | None = None
-    """Search space (default: the one the supernet was trained with)."""
+    """Search space (default: the one the supernet was trained with); small+hidden and
+    medium+hidden also search the hidden size."""
     num_samples: int = 100
     """Trials (sub-network configs) to evaluate."""
     seed: int = 0
@@ -303,7 +314,7 @@ class SearchOptions:
                 f"with moasha or scheduler fifo with {self.searcher}"
             )
         if self.space is not None:
-            registry.check(registry.SPACES, self.space, "space", SearchError)
+            registry.check_space(self.space, SearchError)
         if self.mode not in ("weight_sharing", "standard"):
             raise SearchError(f"mode must be weight_sharing or standard, got {self.mode!r}")
         check_objectives(self.objectives)

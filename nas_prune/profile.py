@@ -160,18 +160,16 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Profiler:
-    """Times sub-networks of one supernet on this process's device (the body of the actor).
+    """Times sub-networks of one supernet on this process's device (the body of the actor),
+    with `settings.clock` on CPU types ("thread" needs a CPU type and one thread)."""
 
-    `clock` names the CPU timer (`CLOCKS`); "thread" needs a CPU type and one thread."""
-
-    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions,
-                 clock: str = "wall"):
+    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions):
         from nas_prune.checkpoint import load_checkpoint
         from nas_prune.space import make_space
 
         self.settings = settings
         self.hardware = hardware
-        self.clock = clock
+        self.clock = clock = settings.clock
         gpu = torch.cuda.is_available() and hardware != ONNX_CPU
         self.device = torch.device("cuda" if gpu else "cpu")
         dtype = settings.dtype
@@ -352,15 +350,15 @@ def _actor_class():
 
 
 def start_pool(checkpoint: str, space: str, hardware: Hardware, settings: ProfileOptions,
-               size: int = 1, name: str | None = None, clock: str = "wall"):
+               size: int = 1, name: str | None = None):
     """`size` profiler actors pinned to `hardware` (one, named `name`, when a name is given,
-    so that trials can find it with `ray.get_actor`), timing with `clock` (`CLOCKS`)."""
+    so that trials can find it with `ray.get_actor`)."""
     actor = _actor_class()
     size = 1 if name else max(1, min(size, int(hardware.count)))
     options = hardware.actor_options()
     if name:
         options = {**options, "name": name, "get_if_exists": True}
-    return [actor.options(**options).remote(checkpoint, space, hardware.name, settings, clock)
+    return [actor.options(**options).remote(checkpoint, space, hardware.name, settings)
             for _ in range(size)]
 
 
@@ -372,20 +370,19 @@ def profile_configs(
     store=None,
     actors_per_type: int = 1,
     trial_ids: Sequence[str | None] | None = None,
-    clock: str = "wall",
 ) -> list[dict[str, Any]]:
     """Measure every config on every hardware type of `settings.hardware` (default: all in the
-    cluster but the opt-in runtimes, see `resolve_hardware`) with the `clock` timer
-    (`CLOCKS`). Measurements already in `store` (a ResultStore) are reused, new ones appended
-    to it; the store holds wall-clock latencies only."""
+    cluster but the opt-in runtimes, see `resolve_hardware`) with `settings.clock`.
+    Measurements already in `store` (a ResultStore) are reused, new ones appended to it; the
+    store holds wall-clock latencies only."""
     import ray
 
     from nas_prune.results import config_hash
 
-    if store is not None and clock != "wall":
-        raise ProfileError(f"the results store holds wall-clock latencies; measure with the "
-                           f"{clock} clock without a store")
     settings = settings or ProfileOptions()
+    if store is not None and settings.clock != "wall":
+        raise ProfileError(f"the results store holds wall-clock latencies; measure with the "
+                           f"{settings.clock} clock without a store")
     if not ray.is_initialized():
         ray.init()
     types = resolve_hardware(settings.hardware, discover_hardware())
@@ -405,7 +402,7 @@ def profile_configs(
                 todo.append((config, key, trial_id))
         if not todo:
             continue
-        pool = start_pool(str(checkpoint), space, hw, settings, actors_per_type, clock=clock)
+        pool = start_pool(str(checkpoint), space, hw, settings, actors_per_type)
         for i, (config, _, _) in enumerate(todo):
             futures.append(pool[i % len(pool)].measure.remote(dict(config)))
         measured = []
@@ -424,10 +421,9 @@ def profile_configs(
 
 def measure_tables(checkpoint: str | os.PathLike, space: str,
                    hardware: Sequence[str] | None = None,
-                   settings: ProfileOptions | None = None,
-                   clock: str = "wall") -> dict[str, LatencyTable]:
-    """A LatencyTable per hardware type, each measured by an actor on that type with the
-    `clock` timer (`CLOCKS`)."""
+                   settings: ProfileOptions | None = None) -> dict[str, LatencyTable]:
+    """A LatencyTable per hardware type, each measured by an actor on that type with
+    `settings.clock`."""
     import ray
 
     from nas_prune.checkpoint import load_checkpoint
@@ -440,7 +436,7 @@ def measure_tables(checkpoint: str | os.PathLike, space: str,
     units = default_grid(config.intermediate_size)
     tables = {}
     for hw in resolve_hardware(hardware, discover_hardware()):
-        (actor,) = start_pool(str(checkpoint), space, hw, settings, clock=clock)
+        (actor,) = start_pool(str(checkpoint), space, hw, settings)
         tables[hw.name] = build_table(ray.get(actor.lookup_table.remote(heads, units)))
         ray.kill(actor)
     return tables

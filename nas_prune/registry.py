@@ -31,7 +31,11 @@ SPACES: dict[str, str] = {
     "layer": "nas_prune.space:LayerSpace",
     "large": "nas_prune.space:LargeSpace",
 }
-"""Search spaces over sub-networks."""
+"""Search spaces over sub-networks. `small` and `medium` also come with the hidden size as a
+dimension: the name with HIDDEN_SUFFIX, e.g. ``small+hidden``."""
+
+HIDDEN_SUFFIX = "+hidden"
+"""Appended to a space name: the space also searches the hidden (embedding) size."""
 
 SEARCHERS: dict[str, str] = {
     "random": "nas_prune.search.searchers:RandomSearcher",
@@ -60,6 +64,16 @@ BASELINES: dict[str, str] = {
 
 POOLINGS = ("cls", "mean")
 """What the classification head reads: the first token or the mean of the tokens."""
+
+
+def check_space(name: str, error: type[NasPruneError] = NasPruneError) -> str:
+    """`name` if it names a space (with or without HIDDEN_SUFFIX), else `error`."""
+    base = name.removesuffix(HIDDEN_SUFFIX)
+    check(SPACES, base, "space", error)
+    if name != base and base not in ("small", "medium"):
+        raise error(f"the {base} space has no hidden dimension; use small{HIDDEN_SUFFIX} or "
+                    f"medium{HIDDEN_SUFFIX}")
+    return name
 
 
 def check(registry: dict[str, Any] | tuple[str, ...], name: str, what: str,

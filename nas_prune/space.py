@@ -350,5 +350,8 @@ def make_space(name: str, model_config: Any, bounds=None, hidden: bool = False,
     """The search space `name` (nas_prune.registry.SPACES) for a supernet with config
     `model_config`; with `hidden` (small and medium spaces), it also searches the hidden size
     in steps of `hidden_step` channels."""
-    cls = registry.load(registry.SPACES, name, "search space", SearchSpaceError)
-    return cls.for_model(model_config, bounds, hidden=hidden, hidden_step=hidden_step)
+    registry.check_space(name, SearchSpaceError)
+    base = name.removesuffix(registry.HIDDEN_SUFFIX)
+    cls = registry.load(registry.SPACES, base, "search space", SearchSpaceError)
+    return cls.for_model(model_config, bounds, hidden=hidden or base != name,
+                         hidden_step=hidden_step)

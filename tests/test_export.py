@@ -61,7 +61,8 @@ def _num_params(model: torch.nn.Module) -> int:
 
 
 def test_stock_shape():
-    config = EncoderConfig(num_hidden_layers=L, num_attention_heads=H, intermediate_size=F)
+    config = EncoderConfig(num_hidden_layers=L, num_attention_heads=H, intermediate_size=F,
+                           hidden_size=32, head_dim=8)
     assert stock_shape(config, SubNetwork((4, 0, 4), (30, 0, 30))) == (2, 30)
     assert stock_shape(config, SubNetwork((4, 4, 4), ((1, 2), 2, (0, 47)))) == (3, 2)
     assert stock_shape(config, SubNetwork((0, 0, 0), (0, 0, 0))) == (0, 48)
@@ -69,6 +70,10 @@ def test_stock_shape():
     assert stock_shape(config, SubNetwork((4, 4, 4), (30, 20, 30))) is None  # two widths
     assert stock_shape(config, SubNetwork((4, 4, 4), (30, 0, 30))) is None  # FFN-less layer
     assert stock_shape(config, SubNetwork((4, 0, 4), (30, 30, 30))) is None  # attention-less
+    # an extracted reduced-hidden model: hidden != heads x head_dim, never a stock config
+    narrow = EncoderConfig(num_hidden_layers=L, num_attention_heads=H, intermediate_size=F,
+                           hidden_size=16, head_dim=8, pooler_size=32)
+    assert stock_shape(narrow, SubNetwork((4, 4, 4), (30, 30, 30))) is None
 
 
 def test_to_stock_rejects_non_stock_model():

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from nas_prune.export import SUBNETWORK_FILE, export_sub_network, stock_shape, to_stock
 from nas_prune.importance import hidden_importance, rewire
-from nas_prune.space import MediumSpace, SmallSpace
+from nas_prune.space import MediumSpace, SmallSpace, make_space
 from nas_prune.supernet import (
     EncoderConfig,
     EncoderForSequenceClassification,
@@ -377,3 +377,23 @@ def test_hidden_dimension_takes_minilm_below_forty_percent_of_its_parameters():
              "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     torch.testing.assert_close(_logits(small, batch), _selected(model, sub, batch),
                                atol=ATOL, rtol=0)
+
+
+def test_hidden_spaces_by_name():
+    """`small+hidden` / `medium+hidden` are spaces like the others: options take them, every
+    stage rebuilds the same space from the name stored in checkpoints and rows."""
+    from nas_prune.errors import SearchError, TrainingError
+    from nas_prune.options import SearchOptions, SupernetOptions
+
+    assert SupernetOptions(space="small+hidden").space == "small+hidden"
+    assert SearchOptions(space="medium+hidden").space == "medium+hidden"
+    with pytest.raises(TrainingError, match="layer space has no hidden dimension"):
+        SupernetOptions(space="layer+hidden")
+    with pytest.raises(SearchError, match="unknown space 'tiny'"):
+        SearchOptions(space="tiny+hidden")
+    config = EncoderConfig(num_hidden_layers=6, num_attention_heads=12, head_dim=32,
+                           hidden_size=384, intermediate_size=1536)
+    space = make_space("small+hidden", config)
+    assert [d.name for d in space.dims][-1] == "hidden"
+    assert space.to_sub_network(space.smallest()).hidden == 8
+    assert "hidden" not in [d.name for d in make_space("small", config).dims]

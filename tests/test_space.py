@@ -80,7 +80,7 @@ def test_spaces_registry_and_make_space(supernet):
 
 
 def test_make_space_unknown_name_lists_known_names(supernet):
-    with pytest.raises(SearchSpaceError, match="unknown search space 'tiny'") as info:
+    with pytest.raises(SearchSpaceError, match="unknown space 'tiny'") as info:
         make_space("tiny", supernet.config)
     for name in ("small", "medium", "layer", "large"):
         assert name in str(info.value)

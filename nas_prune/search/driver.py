@@ -124,7 +124,8 @@ class ResultsCallback(tune.Callback):
         rows = self._flush(trial)
         self.done += 1
         if rows and rows[-1]["status"] == "ok":
-            self.front.append(np.array([rows[-1][k] for k in self.objectives], float))
+            self.front.append(np.array([rows[-1]["latency_ms" if k.startswith("latency:")
+                                                  else k] for k in self.objectives], float))
         front = int(pareto.pareto_mask(np.array(self.front)).sum()) if self.front else 0
         new = self.done - self._done_at_start
         rate = new / max(1e-9, time.perf_counter() - self.started)
@@ -361,6 +362,10 @@ def _latency_objectives(opts: SearchOptions, profile: ProfileOptions, checkpoint
     except ProfileError as e:
         raise SearchError(f"latency objective: {e}") from None
     if opts.latency == "predicted":
+        if space.endswith(registry.HIDDEN_SUFFIX):
+            raise SearchError(f"the latency lookup table is measured at full width and cannot "
+                              f"predict the {space} space's reduced hidden sizes; use "
+                              "--search.latency measured")
         tables = measure_tables(checkpoint, space, names, profile)
         return {name: table.to_dict() for name, table in tables.items()}, {}, 0
     actors = {}

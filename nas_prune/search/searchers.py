@@ -317,7 +317,7 @@ class NSGA2Searcher(OptunaSearch):
             config = self.space.sample(self.rng)
             if not self._seen(config):
                 return config
-        ranges = [range(d.low, d.high + 1) for d in self.space.dims]
+        ranges = [d.values for d in self.space.dims]
         for values in itertools.product(*ranges):
             config = {d.name: v for d, v in zip(self.space.dims, values, strict=True)}
             if not self._seen(config):

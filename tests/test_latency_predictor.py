@@ -1,0 +1,112 @@
+"""The lookup-table latency predictor's structure (Kwon et al.): what `Profiler.lookup_table`
+times adds up to what `Profiler.measure` times, and the CPU clocks of `time_callable`.
+
+The table is checked against a stand-in timer whose "milliseconds" are the FLOPs of the timed
+call plus a fixed overhead per call: that cost is exactly additive over layers and linear in
+the head and neuron counts, so a table built the right way predicts every sub-network's
+"latency" exactly. A table that times each block as its own call counts the per-call overhead
+once per block (the bias issue 5 found) and fails."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertForSequenceClassification
+
+from nas_prune import profile as prof
+from nas_prune.options import ProfileOptions
+from nas_prune.profile import LatencyTable, ProfileError, Profiler, build_table, default_grid
+from nas_prune.space import SmallSpace
+from nas_prune.supernet import SubNetwork
+
+OVERHEAD_MS = 7.0
+"""The stand-in timer's cost of one timed call, whatever it runs."""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A BERT of 3 layers, 4 heads, FFN 64."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=64, num_labels=2)
+    path = tmp_path_factory.mktemp("tiny")
+    BertForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def flops_timer(fn, device, warmup=3, repeats=10, clock="wall"):
+    """`time_callable`'s stand-in: one run, costed as MFLOPs + OVERHEAD_MS."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    ms = counter.get_total_flops() / 1e6 + OVERHEAD_MS
+    return prof.Timing(ms, ms, ms, 0.0, repeats)
+
+
+def test_table_predicts_empty_and_full_as_its_entries():
+    table = LatencyTable(hardware="cpu", fixed_ms=2.0, heads=[0, 2, 4],
+                         attention_ms=[0.0, 1.0, 1.5], units=[0, 32, 64], ffn_ms=[0.0, 0.5, 1.25],
+                         batch_size=1, seq_len=8, dtype="fp32")
+    assert table.predict(SubNetwork((0, 0, 0), (0, 0, 0))) == table.fixed_ms
+    assert table.predict(SubNetwork.uniform(3, 3, 4, 64)) == pytest.approx(2.0 + 3 * (1.5 + 1.25))
+    # a layer that keeps only its attention block costs only that block
+    assert table.predict(SubNetwork((2, 0, 0), (0, 0, 0))) == pytest.approx(3.0)
+    assert LatencyTable(**table.to_dict()) == table  # how search workers receive it
+
+
+def test_lookup_table_adds_up_to_measured_models(tiny_model, keep_threads, monkeypatch):
+    monkeypatch.setattr(prof, "time_callable", flops_timer)
+    settings = ProfileOptions(batch_size=2, seq_len=8, warmup=0, repeats=1)
+    profiler = Profiler(tiny_model, "small", "cpu", settings)
+    table = build_table(profiler.lookup_table(default_grid(4, 4), default_grid(64, 3)))
+    assert table.heads == [0, 1, 2, 3, 4] and table.units == [0, 1, 32, 64]
+    space = SmallSpace.for_model(profiler.model.config)
+    empty = {"num_layers": 0, "num_heads": 1, "num_units": 1}
+    # the fixed part is one call: its overhead is counted once, not once per block
+    assert table.fixed_ms == pytest.approx(profiler.measure(empty)["median_ms"])
+    assert table.fixed_ms >= OVERHEAD_MS
+    configs = [space.largest(), {"num_layers": 1, "num_heads": 1, "num_units": 1},
+               {"num_layers": 2, "num_heads": 3, "num_units": 48},  # between grid points
+               *(space.sample(np.random.default_rng(seed)) for seed in range(5))]
+    for config in configs:
+        predicted = table.predict(space.to_sub_network(config))
+        assert predicted == pytest.approx(profiler.measure(config)["median_ms"], rel=1e-9), config
+
+
+def test_lookup_table_on_real_timings_is_close(tiny_model, keep_threads):
+    """Real (thread-clock) timings: the full model's prediction is within 2x of its measurement
+    (loose: the point is the units and the bookkeeping, not the noise of a shared machine)."""
+    settings = ProfileOptions(batch_size=4, seq_len=32, warmup=2, repeats=7, clock="thread")
+    profiler = Profiler(tiny_model, "small", "cpu", settings)
+    table = build_table(profiler.lookup_table([0, 2, 4], [0, 32, 64]))
+    assert table.fixed_ms > 0 and all(t >= 0 for t in table.attention_ms + table.ffn_ms)
+    full = profiler.model.full_sub_network
+    measured = profiler.measure({"num_layers": 3, "num_heads": 4, "num_units": 64})["median_ms"]
+    assert 0.5 < table.predict(full) / measured < 2
+
+
+def test_thread_clock_leaves_out_time_off_the_cpu():
+    def nap():
+        time.sleep(0.02)
+
+    wall = prof.time_callable(nap, torch.device("cpu"), warmup=0, repeats=3)
+    cpu = prof.time_callable(nap, torch.device("cpu"), warmup=0, repeats=3, clock="thread")
+    assert wall.median_ms >= 20
+    assert cpu.median_ms < 5
+
+
+def test_thread_clock_needs_one_thread(tiny_model, keep_threads):
+    with pytest.raises(ProfileError, match="clock thread times one thread"):
+        ProfileOptions(threads=2, clock="thread")
+    with pytest.raises(ProfileError, match="clock must be wall or thread"):
+        ProfileOptions(clock="sundial")
