@@ -206,7 +206,8 @@ def rope_frequencies(config: DecoderConfig) -> tuple[torch.Tensor, float]:
         hidden_size=config.head_dim, num_attention_heads=1, head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings, rope_parameters=params,
     )
-    return ROPE_INIT_FUNCTIONS[params["rope_type"]](stand_in, "cpu")
+    with torch.device("cpu"):  # also when the model is being built on the meta device
+        return ROPE_INIT_FUNCTIONS[params["rope_type"]](stand_in, "cpu")
 
 
 def _take(weight: torch.Tensor | None, dim: int, sel: int | torch.Tensor | None):

@@ -9,6 +9,15 @@ hidden and pooler widths and the head's pooling, and the model file itself (``su
 referenced by ``auto_map``), so
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` loads it
 anywhere transformers is installed.
+
+Decoders (`export_decoder`) follow the same rule (DESIGN.md decisions 2 and 8). A sub-network
+whose kept layers all keep both blocks with the same KV heads, queries per KV head and MLP
+width is a stock `LlamaForCausalLM` (`Qwen2ForCausalLM` for a Qwen2 source), any hidden width
+included: Llama configs carry the head size, so a narrower residual stream is still a stock
+shape, as long as it is a multiple of the query head count (which `LlamaConfig` checks).
+Otherwise the directory holds our `DecoderConfig` with per-layer shapes and the model file
+(``decoder.py``, with ``supernet.py`` for the shared error type), and
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it.
 """
 
 from __future__ import annotations
@@ -24,11 +33,16 @@ from typing import Any
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
 
+from nas_prune.decoder import DecoderConfig, DecoderForCausalLM, DecoderSubNetwork
 from nas_prune.supernet import (
     HF_CONFIG_FIELDS,
     EncoderConfig,
@@ -44,6 +58,8 @@ SUBNETWORK_FILE = "nas_prune_subnetwork.json"
 
 _STOCK = {"bert": (BertConfig, BertForSequenceClassification),
           "roberta": (RobertaConfig, RobertaForSequenceClassification)}
+_STOCK_DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM),
+                   "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
 def stock_shape(config: EncoderConfig, sub: SubNetwork) -> tuple[int, int] | None:
@@ -156,4 +172,110 @@ def save_model_dir(model: PreTrainedModel, out_dir: str | os.PathLike, tokenizer
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+# ------------------------------------------------------------------------------ decoders
+def decoder_stock_shape(config: DecoderConfig,
+                        sub: DecoderSubNetwork) -> tuple[int, int, int, int, int] | None:
+    """(layers, KV heads, queries per KV head, MLP width, hidden size) when sub-network `sub`
+    of a decoder with `config` fits a stock Llama / Qwen2 config, else None: every kept layer
+    keeps both blocks with one shape, the biases are the family's, and (Llama) the hidden size
+    is a multiple of the query heads."""
+    c = config
+    if c.family == "qwen2" and (not c.attention_bias or c.o_proj_bias or c.mlp_bias):
+        return None  # Qwen2 has q/k/v biases, no o_proj or MLP biases
+    if c.family == "llama" and c.attention_bias != c.o_proj_bias:
+        return None  # Llama's attention_bias covers all four projections
+    kept = {(k, g, n) for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units,
+                                         strict=True) if k or n}
+    if len(kept) > 1:
+        return None
+    k, g, n = kept.pop() if kept else (c.num_key_value_heads, c.queries_per_group,
+                                       c.intermediate_size)
+    hidden = sub.hidden or c.hidden_size
+    if not (k and n) or (c.family == "llama" and hidden % (k * g)):
+        return None
+    return sum(sub.layers), k, g, n, hidden
+
+
+def to_stock_decoder(model: DecoderForCausalLM) -> PreTrainedModel:
+    """A transformers `LlamaForCausalLM` / `Qwen2ForCausalLM` with the weights of `model`, an
+    extracted decoder sub-network of a stock shape (`decoder_stock_shape`)."""
+    c = model.config
+    shape = decoder_stock_shape(c, model.full_sub_network)
+    if shape is None:
+        raise ValueError(
+            f"this decoder (KV heads {c.kv_heads_per_layer}, queries per KV head "
+            f"{c.queries_per_kv_per_layer}, MLP widths {c.units_per_layer}, hidden "
+            f"{c.hidden_size}) does not fit a stock {c.family} config; export it with our "
+            "DecoderConfig (export_decoder does)"
+        )
+    layers, k, g, n, hidden = shape
+    config_cls, model_cls = _STOCK_DECODERS[c.family]
+    fields = dict(
+        vocab_size=c.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=k * g, num_key_value_heads=k, head_dim=c.head_dim,
+        intermediate_size=n, hidden_act=c.hidden_act, rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_parameters=dict(c.rope_parameters) if c.rope_parameters else None,
+        attention_dropout=c.attention_dropout, tie_word_embeddings=c.tie_word_embeddings,
+        initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+    )
+    if c.family == "llama":
+        fields.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    hf_model = model_cls(config_cls(**fields))
+    missing, unexpected = hf_model.load_state_dict(model.state_dict(), strict=False)
+    if c.tie_word_embeddings:
+        hf_model.tie_weights()
+        missing = [key for key in missing if key != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return hf_model.to(model.dtype).train(model.training)
+
+
+def export_decoder(
+    model: DecoderForCausalLM,
+    sub: DecoderSubNetwork,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    metadata: dict[str, Any] | None = None,
+    seq_len: int = 128,
+) -> Path:
+    """Write sub-network `sub` of decoder `model` to `out_dir` as a loadable Hugging Face causal
+    LM: a stock Llama / Qwen2 checkpoint when `decoder_stock_shape` allows, else our class with
+    its code (``trust_remote_code=True``). Replaces `out_dir` atomically (`save_model_dir`).
+
+    Args:
+        model: the decoder supernet.
+        sub: the sub-network to export.
+        out_dir: target directory.
+        tokenizer: saved beside the model when given.
+        metadata: extra JSON-serialisable facts for ``nas_prune_subnetwork.json``.
+        seq_len: sequence length at which the recorded FLOPs are counted.
+
+    Returns:
+        The directory path.
+    """
+    small = model.extract_sub_network(sub).eval()
+    stock = decoder_stock_shape(model.config, sub) is not None
+    to_save = to_stock_decoder(small) if stock else small
+    params = model.num_params(sub)
+    info = {
+        "family": model.config.family,
+        "kv_heads": list(sub.kv_heads),
+        "queries_per_kv": list(sub.queries_per_kv),
+        "units": list(sub.units),
+        "hidden": sub.hidden or model.config.hidden_size,
+        "stock": stock,
+        "params": params,
+        "params_ratio": params / model.num_params(),
+        "flops": model.flops(sub, seq_len),
+        "flops_seq_len": seq_len,
+        **(metadata or {}),
+    }
+    out = save_model_dir(to_save, out_dir, tokenizer, info)
+    log.info("exported %s decoder sub-network (%d params) to %s",
+             f"stock {model.config.family}" if stock else "custom", params, out)
     return out

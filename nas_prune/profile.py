@@ -18,6 +18,9 @@ Parameter count is a poor proxy for latency on a given GPU or CPU, so nas_prune 
   layers.
 * `profile_configs` runs a pool per hardware type, caches measurements in the results store
   (the same config on the same hardware is measured once per experiment) and returns rows.
+* `decoder_latency` times a decoder (nas_prune.decoder) the way text generation runs it: the
+  prefill (one forward pass over the prompts, filling the KV cache) and the decode steps (one
+  token per sequence per forward pass, reading the cache), reported per generated token.
 """
 
 from __future__ import annotations
@@ -154,6 +157,64 @@ def time_callable(fn, device: torch.device, warmup: int = 3, repeats: int = 10,
             fn()
             samples.append((now() - t0) * 1e3)
     return _summarise(samples)
+
+
+@torch.no_grad()
+def decoder_latency(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32,
+                    device: str | torch.device = "cpu", warmup: int = 3, repeats: int = 10,
+                    clock: str = "wall", seed: int = 0) -> dict[str, Any]:
+    """Prefill and per-token decode latency of decoder `model` (a `DecoderForCausalLM`, already
+    on `device`; a supernet runs its selected sub-network), each with `time_callable`.
+
+    Prefill: one forward pass over `batch_size` random prompts of `prompt_len` tokens that
+    fills a fresh KV cache. Decode: starting from the cache of one (untimed) prefill,
+    `new_tokens` greedy steps of one token per sequence, each reading and extending the cache;
+    a sample is the time of all steps divided by `new_tokens`. Both report the median (and p90)
+    over `repeats` samples after `warmup` untimed ones.
+
+    Returns:
+        ``prefill_ms``, ``prefill_p90_ms``, ``decode_ms_per_token``,
+        ``decode_p90_ms_per_token``, ``decode_tokens_per_s`` (tokens of the whole batch per
+        second at the median), and the shape: batch_size, prompt_len, new_tokens, clock.
+    """
+    from nas_prune.decoder import DecoderCache
+
+    if min(batch_size, prompt_len, new_tokens, repeats) < 1 or warmup < 0:
+        raise ProfileError(
+            f"batch_size {batch_size}, prompt_len {prompt_len}, new_tokens {new_tokens} and "
+            f"repeats {repeats} must be at least 1 and warmup {warmup} at least 0"
+        )
+    if clock not in CLOCKS:
+        raise ProfileError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len),
+                            generator=generator).to(device)
+    prefilled = DecoderCache()
+    first = model(prompts, cache=prefilled).logits[:, -1:].argmax(-1)
+
+    def decode() -> None:
+        cache = DecoderCache()  # the prefilled state; cached tensors are never modified
+        cache.layers, cache.length = dict(prefilled.layers), prefilled.length
+        token = first
+        for _ in range(new_tokens):
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+
+    try:
+        prefill = time_callable(lambda: model(prompts, cache=DecoderCache()), device, warmup,
+                                repeats, clock)
+        per_call = time_callable(decode, device, warmup, repeats, clock)
+    finally:
+        model.train(was_training)
+    per_token = per_call.median_ms / new_tokens
+    return {"prefill_ms": prefill.median_ms, "prefill_p90_ms": prefill.p90_ms,
+            "decode_ms_per_token": per_token,
+            "decode_p90_ms_per_token": per_call.p90_ms / new_tokens,
+            "decode_tokens_per_s": batch_size * 1e3 / per_token,
+            "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "clock": clock}
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from nas_prune import data as data_lib
 from nas_prune.errors import TrainingError
 from nas_prune.options import RefineOptions
+from nas_prune.train import hidden_mse
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +80,6 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """The teacher layer each student layer matches: student layer j -> teacher layer
     ceil((j + 1) * L_teacher / L_student) - 1, so the last matches the last."""
     return [-(-(j + 1) * teacher_layers // student_layers) - 1 for j in range(student_layers)]
-
-
-def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor],
-               attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the matched layer pairs of the MSE between hidden states, over real tokens."""
-    losses = []
-    for s, t in zip(student, teacher, strict=True):
-        squared = (s.float() - t.float()).pow(2).mean(-1)
-        if attention_mask is None:
-            losses.append(squared.mean())
-        else:
-            mask = attention_mask.float()
-            losses.append((squared * mask).sum() / mask.sum().clamp(min=1))
-    return torch.stack(losses).mean()
 
 
 @contextlib.contextmanager

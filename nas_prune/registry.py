@@ -30,6 +30,8 @@ SPACES: dict[str, str] = {
     "medium": "nas_prune.space:MediumSpace",
     "layer": "nas_prune.space:LayerSpace",
     "large": "nas_prune.space:LargeSpace",
+    "decoder_small": "nas_prune.space:DecoderSmallSpace",
+    "decoder_medium": "nas_prune.space:DecoderMediumSpace",
 }
 """Search spaces over sub-networks. `small` and `medium` also come with the hidden size as a
 dimension: the name with HIDDEN_SUFFIX, e.g. ``small+hidden``."""
@@ -70,9 +72,9 @@ def check_space(name: str, error: type[NasPruneError] = NasPruneError) -> str:
     """`name` if it names a space (with or without HIDDEN_SUFFIX), else `error`."""
     base = name.removesuffix(HIDDEN_SUFFIX)
     check(SPACES, base, "space", error)
-    if name != base and base not in ("small", "medium"):
+    if name != base and base not in ("small", "medium", "decoder_small", "decoder_medium"):
         raise error(f"the {base} space has no hidden dimension; use small{HIDDEN_SUFFIX} or "
-                    f"medium{HIDDEN_SUFFIX}")
+                    f"medium{HIDDEN_SUFFIX} (decoder_small, decoder_medium likewise)")
     return name
 
 

@@ -24,6 +24,27 @@ The small and medium spaces can also search the hidden size (``for_model(..., hi
 model with d hidden channels and a step s (HIDDEN_STEP = 8 by default), the number of hidden
 (embedding) channels kept, the first ones after importance sorting. Without the flag the spaces
 are what they were.
+
+For a Llama-family decoder (nas_prune.decoder) with L layers, K key/value heads (GQA groups),
+G query heads per group and F MLP neurons per layer:
+
+==============  ====================================================  =========
+space           config                                                dims
+==============  ====================================================  =========
+decoder_small   num_layers in [0, L], kv_heads in [1, K],              4
+                queries_per_kv in [1, G], units in [1, F]; the same
+                for every kept layer (the first num_layers)
+decoder_medium  kv_heads_i in [0, K], queries_per_kv_i in [1, G],      3L
+                units_i in [0, F] per layer; kv_heads_i 0 removes the
+                attention block (queries_per_kv_i is then ignored),
+                units_i 0 the MLP block, both the layer
+==============  ====================================================  =========
+
+Both take the hidden dimension the same way, in steps of HIDDEN_STEP (8) channels by default:
+the decoder's head size is fixed, so any multiple of 8 is a legal width. A uniform
+decoder_small sub-network exports as a stock Llama checkpoint only when its hidden width is also
+a multiple of its query head count (transformers' LlamaConfig requires it; Qwen2's does not);
+`nas_prune.export.export_decoder` uses our class otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +56,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from nas_prune import registry
+from nas_prune.decoder import DecoderConfig, DecoderSubNetwork, config_from_hf
 from nas_prune.errors import SearchSpaceError
 from nas_prune.supernet import IllegalSubNetworkError, SubNetwork
 
@@ -111,6 +133,12 @@ class SearchSpace:
                 f"units={num_units}"
             )
         self.num_layers, self.num_heads, self.num_units = num_layers, num_heads, num_units
+        self._set_dims(bounds, hidden_size, hidden_step)
+
+    def _set_dims(self, bounds: Mapping[str, tuple[int, int]] | None, hidden_size: int | None,
+                  hidden_step: int) -> None:
+        """Build `dims` from `_default_dims`, the optional hidden dimension and `bounds`
+        (the model's shape is already set)."""
         self.hidden_size = hidden_size
         dims = {d.name: d for d in self._default_dims()}
         if hidden_size is not None:
@@ -343,6 +371,121 @@ class LargeSpace(SearchSpace):
             half = ((self.num_heads if kind == "head" else self.num_units) + 1) // 2
             config[d.name] = min(d.high, max(d.low, int(int(index) < half)))
         return config
+
+
+class DecoderSearchSpace(SearchSpace):
+    """A product of integer ranges whose configs map to sub-networks of one decoder shape
+    (`nas_prune.decoder.DecoderSubNetwork`).
+
+    Args:
+        num_layers: layers of the full model (L).
+        num_kv_heads: key/value heads (GQA groups) per layer (K).
+        queries_per_group: query heads per key/value head (G).
+        num_units: MLP neurons per layer (F).
+        bounds: optional narrower ranges, ``{dim name: (low, high)}``, inside the defaults.
+        hidden_size: hidden channels of the model; given, the space also searches ``hidden``,
+            the number of channels kept, in multiples of `hidden_step`.
+        hidden_step: step of the hidden dimension; it must divide `hidden_size`.
+    """
+
+    supports_hidden = True
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        queries_per_group: int,
+        num_units: int,
+        bounds: Mapping[str, tuple[int, int]] | None = None,
+        hidden_size: int | None = None,
+        hidden_step: int = HIDDEN_STEP,
+    ):
+        if min(num_layers, num_kv_heads, queries_per_group, num_units) < 1:
+            raise SearchSpaceError(
+                f"decoder shape must be positive, got layers={num_layers}, "
+                f"kv_heads={num_kv_heads}, queries_per_kv={queries_per_group}, "
+                f"units={num_units}"
+            )
+        self.num_layers, self.num_units = num_layers, num_units
+        self.num_kv_heads, self.queries_per_group = num_kv_heads, queries_per_group
+        self.num_heads = num_kv_heads * queries_per_group
+        """Query heads per layer of the full model."""
+        self._set_dims(bounds, hidden_size, hidden_step)
+
+    @classmethod
+    def for_model(cls, model_config: Any, bounds=None, hidden: bool = False,
+                  hidden_step: int = HIDDEN_STEP) -> DecoderSearchSpace:
+        """The space for a decoder supernet's `DecoderConfig` (or the transformers Llama / Qwen2
+        config it is built from); with `hidden`, it also searches the hidden size in steps of
+        `hidden_step` channels."""
+        if not isinstance(model_config, DecoderConfig):
+            try:
+                model_config = config_from_hf(model_config)
+            except ValueError as error:
+                raise SearchSpaceError(f"the {cls.name} space is for decoders: {error}") from None
+        c = model_config
+        if any(v is not None for v in (c.layer_kv_heads, c.layer_queries_per_kv, c.layer_units)):
+            raise SearchSpaceError(
+                f"the {cls.name} space needs the full supernet's config, not an extracted "
+                "sub-network's (it has per-layer shapes); build it from the supernet"
+            )
+        return cls(c.num_hidden_layers, c.num_key_value_heads, c.queries_per_group,
+                   c.intermediate_size, bounds,
+                   hidden_size=c.hidden_size if hidden else None, hidden_step=hidden_step)
+
+    def to_sub_network(self, config: Mapping[str, int]) -> DecoderSubNetwork:
+        """The decoder supernet selection for `config` (hidden None: all channels)."""
+        return super().to_sub_network(config)
+
+    def __repr__(self) -> str:
+        hidden = "" if self.hidden_size is None else f", hidden={self.hidden_size}"
+        return (
+            f"{type(self).__name__}(layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+            f"queries_per_kv={self.queries_per_group}, units={self.num_units}{hidden}, "
+            f"dims={len(self.dims)})"
+        )
+
+
+class DecoderSmallSpace(DecoderSearchSpace):
+    """The same KV heads, queries per KV head and MLP neurons in each of the first `num_layers`
+    layers: every sub-network has a stock Llama / Qwen2 shape."""
+
+    name = "decoder_small"
+
+    def _default_dims(self) -> list[Dim]:
+        return [
+            Dim("num_layers", 0, self.num_layers),
+            Dim("kv_heads", 1, self.num_kv_heads),
+            Dim("queries_per_kv", 1, self.queries_per_group),
+            Dim("units", 1, self.num_units),
+        ]
+
+    def _sub_network(self, config: Config) -> DecoderSubNetwork:
+        return DecoderSubNetwork.uniform(self.num_layers, config["num_layers"],
+                                         config["kv_heads"], config["queries_per_kv"],
+                                         config["units"])
+
+
+class DecoderMediumSpace(DecoderSearchSpace):
+    """KV heads, queries per KV head and MLP neurons chosen per layer; 0 KV heads removes the
+    attention block, 0 units the MLP block."""
+
+    name = "decoder_medium"
+
+    def _default_dims(self) -> list[Dim]:
+        layers = range(self.num_layers)
+        return ([Dim(f"kv_heads_{i}", 0, self.num_kv_heads) for i in layers]
+                + [Dim(f"queries_per_kv_{i}", 1, self.queries_per_group) for i in layers]
+                + [Dim(f"units_{i}", 0, self.num_units) for i in layers])
+
+    def _sub_network(self, config: Config) -> DecoderSubNetwork:
+        layers = range(self.num_layers)
+        kv = tuple(config[f"kv_heads_{i}"] for i in layers)
+        return DecoderSubNetwork(
+            kv_heads=kv,
+            queries_per_kv=tuple(config[f"queries_per_kv_{i}"] if kv[i] else 0 for i in layers),
+            units=tuple(config[f"units_{i}"] for i in layers),
+        )
 
 
 def make_space(name: str, model_config: Any, bounds=None, hidden: bool = False,

@@ -61,6 +61,21 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor] | tuple[torch.Tensor, ...],
+               attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over matched layer pairs of the MSE between student and teacher hidden states,
+    over real (non-padding) tokens: the hidden-state distillation term of refine and GRAIN."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        squared = (s.float() - t.float()).pow(2).mean(-1)
+        if attention_mask is None:
+            losses.append(squared.mean())
+        else:
+            mask = attention_mask.float()
+            losses.append((squared * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
             temperature: float) -> torch.Tensor:
     """In-place distillation loss of a sub-network from the full network's detached logits:

@@ -342,8 +342,8 @@ def test_importance_comes_from_the_logit_loss_only(make_hf_bert, make_batch, var
         return train.kd_loss(logits, target.logits, batch["labels"], opts.temperature)
 
     def total_loss(logits, hidden, target):
-        from nas_prune.baselines.grain import hidden_loss
-        return logit_loss(logits, hidden, target) + opts.hidden_loss_weight * hidden_loss(
+        from nas_prune.train import hidden_mse
+        return logit_loss(logits, hidden, target) + opts.hidden_loss_weight * hidden_mse(
             hidden, target.hidden_states[1:], batch["attention_mask"])
 
     from_logits, from_total = weight_taylor(logit_loss), weight_taylor(total_loss)

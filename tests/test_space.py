@@ -71,9 +71,13 @@ def test_large_space_dims():
 
 
 def test_spaces_registry_and_make_space(supernet):
-    assert set(registry.SPACES) == {"small", "medium", "layer", "large"}
+    encoders = {"small", "medium", "layer", "large"}
+    assert set(registry.SPACES) == encoders | {"decoder_small", "decoder_medium"}
     for name in registry.SPACES:
         cls = registry.load(registry.SPACES, name, "search space")
+        assert cls.name == name
+        if name not in encoders:
+            continue  # decoder spaces: tests/test_decoder_pipeline.py
         space = make_space(name, supernet.config)
         assert type(space) is cls and cls.name == name
         assert (space.num_layers, space.num_heads, space.num_units) == (L, H, F)

@@ -65,7 +65,7 @@ from nas_prune.engine import init_distributed, make_engine
 from nas_prune.errors import BaselineError, NasPruneError
 from nas_prune.export import save_model_dir
 from nas_prune.options import TrainOptions
-from nas_prune.train import kd_loss
+from nas_prune.train import hidden_mse, kd_loss
 
 log = logging.getLogger(__name__)
 
@@ -373,21 +373,6 @@ class Distiller(nn.Module):
         return out.logits.view_as(out.logits), projected
 
 
-def hidden_loss(student: list[torch.Tensor], teacher: tuple[torch.Tensor, ...],
-                attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over layers of the MSE between projected student and teacher hidden states,
-    over real (non-padding) tokens."""
-    losses = []
-    for s, t in zip(student, teacher, strict=True):
-        squared = (s.float() - t.float()).pow(2).mean(-1)
-        if attention_mask is None:
-            losses.append(squared.mean())
-        else:
-            mask = attention_mask.float()
-            losses.append((squared * mask).sum() / mask.sum())
-    return torch.stack(losses).mean()
-
-
 def distillation_step(engine: Any, teacher: GrainForSequenceClassification,
                       batch: dict[str, torch.Tensor], opts: Options,
                       pruner: Pruner | None) -> dict[str, float]:
@@ -418,7 +403,7 @@ def distillation_step(engine: Any, teacher: GrainForSequenceClassification,
         pruner.update(pruner.importance(logit_loss(engine.module.logits), acts))
     engine.module.logits = None
     distil = logit_loss(logits)
-    state_loss = hidden_loss(hidden, target.hidden_states[1:], batch.get("attention_mask"))
+    state_loss = hidden_mse(hidden, target.hidden_states[1:], batch.get("attention_mask"))
     engine.backward(distil + opts.hidden_loss_weight * state_loss)
     engine.step()
     return {"logit_loss": distil.item(), "hidden_loss": state_loss.item()}
