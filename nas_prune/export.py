@@ -132,24 +132,32 @@ def export_sub_network(
     Returns:
         The directory path.
     """
-    out = Path(out_dir)
+    shape = {"heads": [list(h) if isinstance(h, tuple) else h for h in sub.heads],
+             "units": [list(u) if isinstance(u, tuple) else u for u in sub.units]}
+    return _export(model, sub, out_dir, tokenizer, to_stock if stock_shape(model.config, sub)
+                   else None, shape, metadata, seq_len)
+
+
+def _export(model: Any, sub: Any, out_dir: str | os.PathLike, tokenizer: Any,
+            stock: Any, shape: dict[str, Any], metadata: dict[str, Any] | None,
+            seq_len: int) -> Path:
+    """Extract `sub` from supernet `model`, convert it with `stock` (a to-stock function; None
+    keeps our class) and save it with the facts of `nas_prune_subnetwork.json`."""
     small = model.extract_sub_network(sub).eval()
-    stock = stock_shape(model.config, sub) is not None
-    to_save = to_stock(small) if stock else small
+    params = model.num_params(sub)
     info = {
-        "heads": [list(h) if isinstance(h, tuple) else h for h in sub.heads],
-        "units": [list(u) if isinstance(u, tuple) else u for u in sub.units],
+        **shape,
         "hidden": sub.hidden or model.config.hidden_size,
-        "stock": stock,
-        "params": model.num_params(sub),
-        "params_ratio": model.num_params(sub) / model.num_params(),
+        "stock": stock is not None,
+        "params": params,
+        "params_ratio": params / model.num_params(),
         "flops": model.flops(sub, seq_len),
         "flops_seq_len": seq_len,
         **(metadata or {}),
     }
-    save_model_dir(to_save, out, tokenizer, info)
+    out = save_model_dir(stock(small) if stock else small, out_dir, tokenizer, info)
     log.info("exported %s sub-network (%d params) to %s", "stock" if stock else "custom",
-             info["params"], out)
+             params, out)
     return out
 
 
@@ -258,24 +266,7 @@ def export_decoder(
     Returns:
         The directory path.
     """
-    small = model.extract_sub_network(sub).eval()
-    stock = decoder_stock_shape(model.config, sub) is not None
-    to_save = to_stock_decoder(small) if stock else small
-    params = model.num_params(sub)
-    info = {
-        "family": model.config.family,
-        "kv_heads": list(sub.kv_heads),
-        "queries_per_kv": list(sub.queries_per_kv),
-        "units": list(sub.units),
-        "hidden": sub.hidden or model.config.hidden_size,
-        "stock": stock,
-        "params": params,
-        "params_ratio": params / model.num_params(),
-        "flops": model.flops(sub, seq_len),
-        "flops_seq_len": seq_len,
-        **(metadata or {}),
-    }
-    out = save_model_dir(to_save, out_dir, tokenizer, info)
-    log.info("exported %s decoder sub-network (%d params) to %s",
-             f"stock {model.config.family}" if stock else "custom", params, out)
-    return out
+    shape = {"family": model.config.family, "kv_heads": list(sub.kv_heads),
+             "queries_per_kv": list(sub.queries_per_kv), "units": list(sub.units)}
+    return _export(model, sub, out_dir, tokenizer, to_stock_decoder
+                   if decoder_stock_shape(model.config, sub) else None, shape, metadata, seq_len)
