@@ -323,6 +323,11 @@ def report(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | None 
     dense = rows[rows["method"] == "dense"]
     out = report_lib.write_report(rows, run.report, objectives, latency=latency,
                                   dense=dense.iloc[-1] if not dense.empty else None)
+    comparison = run.compare / "comparison.md"
+    if comparison.exists():  # the test-split comparison of the compare stage, alongside
+        with open(out / "summary.md", "a") as summary:
+            summary.write("\n## Comparison on the test split\n\n![comparison]"
+                          "(../compare/comparison.png)\n\n" + comparison.read_text())
     return out / "summary.md"
 
 
