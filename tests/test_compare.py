@@ -151,6 +151,7 @@ def test_comparison_of_saved_models_on_the_same_test_examples(model_dirs, task, 
         ("nas", "t1", a, 0.40, 0.30, 0, 0.0, 5000, 50.0),
         ("nas", "t2", b, 0.80, 0.20, 0, 0.0, 5000, 50.0),
         ("pins", "p-0.5", b, 0.45, 0.35, 700, 7.0, None, None),
+        ("pins", "p-0.9", a, 0.90, 0.50, 900, 9.0, None, None),  # trained, never chosen
         ("layer_drop", "layers-1", a, 0.70, 0.25, 300, 3.0, None, None),
     ], columns=["method", "trial_id", "model_dir", "params_ratio", "error", "train_examples",
                 "train_time_s", "shared_train_examples", "shared_train_time_s"])
@@ -188,7 +189,8 @@ def test_comparison_of_saved_models_on_the_same_test_examples(model_dirs, task, 
                     (1.0, "nas"): 5000, (1.0, "pins"): 700}
     totals = compare.total_costs(frame, candidates).set_index("method")
     assert totals.loc["nas", "examples"] == 5000 and totals.loc["nas", "models"] == 2
-    assert totals.loc["pins", "examples"] == 700  # one model serves both budgets
+    # every model a method trained is paid for, chosen or not
+    assert totals.loc["pins", "examples"] == 700 + 900 and totals.loc["pins", "models"] == 2
 
     markdown = compare.write_comparison(frame, tmp_path / "cmp", candidates)
     text = markdown.read_text()
