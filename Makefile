@@ -37,7 +37,7 @@ bench: venv
 	for script in subnet_speed memory training latency; do \
 		$(BIN)/python benchmarks/bench_$$script.py || exit 1; done
 	$(BIN)/python benchmarks/bench_search.py --supernet build/bench_training/supernet
-	$(BIN)/python benchmarks/bench_baselines.py
+	$(BIN)/python benchmarks/bench_compare.py
 
 clean:
 	rm -rf $(VENV) build
