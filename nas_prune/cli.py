@@ -358,6 +358,7 @@ def _preset(argv: list[str]) -> str:
 
 
 def _method_namespace(sub):
+    """`nas-prune baseline <method>`'s options, which its method's own parser holds."""
     method = sub.method
     namespace = sub[method]
     namespace.method = method
