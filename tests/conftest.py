@@ -133,3 +133,11 @@ def load_in_fresh_process(tmp_path):
         return torch.load(tmp_path / "result.pt")
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The offline MiniLM tokenizer (what the tiny test models are saved with)."""
+    from nas_prune import data
+
+    return data.load_tokenizer(data.default_model_path())

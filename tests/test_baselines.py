@@ -62,11 +62,6 @@ def test_baseline_rows_keep_their_own_latency():
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def csv_task(tmp_path_factory):
     return _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
 

@@ -101,11 +101,6 @@ def test_budget_matching_chooses_by_validation_within_the_budget():
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def task(tmp_path_factory, tokenizer):
     csv = _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
     return data.tokenize(data.load_task(csv, seed=0), tokenizer, max_length=32)

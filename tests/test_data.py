@@ -24,11 +24,6 @@ def rotten() -> data.TaskData:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def tokenized(tokenizer) -> data.TaskData:
     return data.tokenize(load_task("rotten_tomatoes", max_examples=64), tokenizer)
 

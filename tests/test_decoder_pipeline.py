@@ -16,11 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from nas_prune.decoder import DecoderConfig, DecoderForCausalLM, DecoderSubNetwork, from_hf
@@ -34,30 +31,15 @@ from nas_prune.export import (
 from nas_prune.profile import decoder_latency
 from nas_prune.space import DecoderMediumSpace, DecoderSmallSpace
 from nas_prune.supernet import IllegalSubNetworkError
+from tests.test_decoder import (  # the same tiny transformers causal LMs
+    ATOL,
+    HIDDEN,
+    LAYERS,
+    VOCAB,
+    make_hf,
+)
 
-ATOL = 1e-5
-VOCAB, HIDDEN, LAYERS, HEADS, HEAD_DIM, UNITS = 64, 32, 3, 4, 8, 48
-FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 SPACES = [DecoderSmallSpace, DecoderMediumSpace]
-
-
-def make_hf(family: str = "llama", kv: int = 2, tied: bool = False, seed: int = 0,
-            **overrides):
-    """A tiny random transformers causal LM (3 layers, 4 query heads of 8 dims, `kv` KV heads,
-    48 MLP neurons, hidden 32) with O(0.2) weights, so a wrong unit changes the logits."""
-    config_cls, model_cls = FAMILIES[family]
-    model = model_cls(config_cls(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=UNITS,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=kv,
-        head_dim=HEAD_DIM, max_position_embeddings=128, tie_word_embeddings=tied,
-        pad_token_id=0, bos_token_id=1, eos_token_id=None, **overrides,
-    ))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

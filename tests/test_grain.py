@@ -437,11 +437,6 @@ def test_options_fields_all_have_help_text():
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def tiny_task_and_teacher(tmp_path_factory, tokenizer):
     rng = np.random.default_rng(0)
     filler = ["the", "movie", "was", "a", "plot", "actor", "film", "scene"]

@@ -27,11 +27,6 @@ ID2LABEL = {0: "fresh", 1: "rotten"}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def task(tmp_path_factory, tokenizer):
     rng = np.random.default_rng(0)
     filler = ["the", "movie", "was", "a", "plot", "actor"]

@@ -136,11 +136,6 @@ def test_options_say_what_to_change():
 
 # ------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def task(tmp_path_factory, tokenizer):
     raw = data.load_task(_synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv"), seed=0)
     return data.tokenize(raw, tokenizer, max_length=32)

@@ -50,11 +50,6 @@ TYPES = {"typeA", "typeB", "cpu"}
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
     """A fine-tuned tiny BERT (hidden 32, 2 layers, 4 heads, FFN 48): a valid supernet input."""
     base = save_tiny_bert(tmp_path_factory.mktemp("tiny_base"), tokenizer)

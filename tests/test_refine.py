@@ -69,11 +69,6 @@ def test_distillation_loss_terms():
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
-@pytest.fixture(scope="module")
 def task(tmp_path_factory, tokenizer):
     csv = _synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
     return data.tokenize(data.load_task(csv, seed=0), tokenizer, max_length=32)

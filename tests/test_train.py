@@ -23,11 +23,6 @@ from nas_prune.supernet import SubNetwork
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return data.load_tokenizer(data.default_model_path())
-
-
 def save_tiny_bert(path, tokenizer, seed: int = 0) -> str:
     """Save a tiny random BERT (hidden 32, 2 layers, 4 heads, FFN 48) with the MiniLM
     vocabulary and tokenizer to `path`, like a Hugging Face checkpoint."""
