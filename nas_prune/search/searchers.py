@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -246,7 +247,7 @@ class NSGA2Searcher(OptunaSearch):
                  population_size: int = 20, **_):
         modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
         pareto.mode_signs(modes, len(objectives))  # checks them
-        sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+        sampler = _PicklableNSGAII(population_size=population_size, seed=seed)
         super().__init__(space=self.convert_search_space(space.param_space()),
                          metric=list(objectives), mode=modes, sampler=sampler)
         self.space = space
@@ -323,6 +324,21 @@ class NSGA2Searcher(OptunaSearch):
             if not self._seen(config):
                 return config
         return None
+
+
+class _PicklableNSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, picklable again: Optuna 5.1 gave it a `threading.Lock`
+    without a `__getstate__`, and Ray Tune pickles the searcher (when the Tuner starts, and in
+    `save` on resume)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 def _optuna_state(values: list | None, error: bool) -> TrialState:
