@@ -18,7 +18,7 @@ uniform sub-network's tensors load as they are into a stock `LlamaForCausalLM` /
 The hidden dimension (Minitron, Muralidharan et al. 2024; SliceGPT, Ashkboos et al. 2024 deletes
 channels after a rotation instead) keeps the first `hidden` channels of the residual stream: of
 the token embeddings, of every weight that reads the stream (q/k/v, gate/up input columns) or
-writes it (o/down output rows and biases), of every RMSNorm weight and of the LM head. RMSNorm
+writes it (o/down output rows and biases), of every RMSNorm weight and of the head. RMSNorm
 is computed over the kept channels only: x / sqrt(mean over the kept channels of x^2 + eps),
 times the kept weights. That is what the extracted smaller model, whose hidden size *is* the
 kept width, computes, so selection and extraction agree exactly.
@@ -28,13 +28,17 @@ Minitron's activation-based scores; DynaBERT rewiring), so prefixes are the best
 network's function does not change. Parameter names equal transformers' Llama names, so weights
 load without a map, and the model equals transformers in fp32 for the full configuration.
 
+Two heads share the body, the selection, the costs and extraction (`DecoderModel`):
+`DecoderForCausalLM` (the LM head) and `DecoderForSequenceClassification` (transformers'
+`score` head on the last real token, found from the attention mask).
+
 This file imports only torch, transformers and its sibling `supernet.py` (for the shared error
-type), so an exported checkpoint can carry them and load with `trust_remote_code=True`.
+type), so an exported checkpoint can carry them and load with `trust_remote_code=True`; loading
+Hugging Face checkpoints lives in `nas_prune.decoder_loading`.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,12 +48,13 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .supernet import IllegalSubNetworkError
@@ -381,8 +386,10 @@ def causal_mask(attention_mask: torch.Tensor | None, batch: int, length: int, pa
     return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class DecoderForCausalLM(PreTrainedModel):
-    """Decoder + LM head; the supernet when built with the full configuration."""
+class DecoderModel(PreTrainedModel):
+    """What both heads share: the body, the rotary frequencies, the sub-network selection, the
+    costs and extraction. Subclasses add a head (any parameter outside `model.` is a head
+    matrix whose columns read the residual stream) and `forward`."""
 
     config_class = DecoderConfig
     base_model_prefix = "model"
@@ -390,14 +397,11 @@ class DecoderForCausalLM(PreTrainedModel):
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
         self.model = DecoderBody(config)
-        self.lm_head = (None if config.tie_word_embeddings else
-                        nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.inv_freq, self.rope_scale = rope_frequencies(config)
         self._active: list[_Active] = []
         self._hidden: int | None = None
         self.sub_network: DecoderSubNetwork | None = None
         self.reset_super_network()
-        self.post_init()
 
     # ----------------------------------------------------------------------------- selection
     @property
@@ -453,22 +457,15 @@ class DecoderForCausalLM(PreTrainedModel):
         self.sub_network = None
 
     # ------------------------------------------------------------------------------ forward
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        cache: DecoderCache | None = None,
-        use_cache: bool = False,
-        **_: object,
-    ) -> CausalLMOutputWithPast:
-        """Next-token logits (batch, tokens, vocab); with `labels`, the mean cross-entropy of
-        predicting token t+1 from tokens <= t (labels -100 are ignored). `attention_mask`
-        covers the cached and the new tokens. With `use_cache` or a `cache`, the cache is
-        extended in place and returned."""
-        if cache is None and use_cache:
-            cache = DecoderCache()
+    def run_body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, cache: DecoderCache | None = None,
+                 output_hidden_states: bool = False,
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The final-normed residual stream (batch, tokens, kept channels) of the selected
+        sub-network and, with `output_hidden_states`, the un-normed residual stream after the
+        embeddings and after each layer that keeps a block (as transformers' hidden_states:
+        embeddings first; a dropped layer is left out, so a sliced sub-network and its
+        extracted model give the same tuple)."""
         past = cache.length if cache is not None else 0
         batch, length = input_ids.shape
         device, hidden = input_ids.device, self._hidden
@@ -481,21 +478,137 @@ class DecoderForCausalLM(PreTrainedModel):
         cos = (angles.cos() * self.rope_scale).to(x.dtype)
         sin = (angles.sin() * self.rope_scale).to(x.dtype)
         mask = causal_mask(attention_mask, batch, length, past, x.dtype, device)
+        states = [x]
         for i, (layer, s) in enumerate(zip(self.model.layers, self._active, strict=True)):
             x, kv = layer(x, cos, sin, mask, s, hidden,
                           cache.layers.get(i) if cache is not None else None)
             if cache is not None and kv is not None:
                 cache.layers[i] = kv
+            if s.kv or s.units:
+                states.append(x)
         if cache is not None:
             cache.length += length
-        x = self.model.norm(x, hidden)
+        return self.model.norm(x, hidden), tuple(states) if output_hidden_states else None
+
+    # ------------------------------------------------------------------------------ costs
+    def head_params(self, hidden: int) -> int:
+        """Parameters of the head when `hidden` channels are kept."""
+        raise NotImplementedError
+
+    def head_flops(self, hidden: int, seq_len: int) -> int:
+        """FLOPs of the head for one sequence of `seq_len` tokens."""
+        raise NotImplementedError
+
+    def num_params(self, sub: DecoderSubNetwork | None = None) -> int:
+        """Exact parameter count of sub-network `sub` (default: the full network); equals the
+        parameter count of `extract_sub_network(sub)` (a tied LM head counts once)."""
+        sub = sub or self.full_sub_network
+        self.validate(sub)
+        c, h = self.config, sub.hidden or self.config.hidden_size
+        total = c.vocab_size * h + h + self.head_params(h)  # embeddings, final norm, head
+        for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True):
+            q, kv = k * g * c.head_dim, k * c.head_dim
+            if k:  # q, k, v, o projections and the input norm
+                total += 2 * h * q + 2 * h * kv + h
+                total += (q + 2 * kv) * c.attention_bias + h * c.o_proj_bias
+            if n:  # gate, up, down and the post-attention norm
+                total += 3 * h * n + h + (2 * n + h) * c.mlp_bias
+        return total
+
+    def flops(self, sub: DecoderSubNetwork | None = None, seq_len: int = 128) -> int:
+        """Floating-point operations (2 x multiply-adds of the matrix products, attention over
+        all seq_len x seq_len pairs as the kernels compute it) of one forward pass over one
+        sequence of `seq_len` tokens, head included. Element-wise work is not counted."""
+        sub = sub or self.full_sub_network
+        self.validate(sub)
+        c, h, t = self.config, sub.hidden or self.config.hidden_size, seq_len
+        total = self.head_flops(h, t)
+        for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True):
+            q, kv = k * g * c.head_dim, k * c.head_dim
+            total += 2 * t * h * (2 * q + 2 * kv)  # q, k, v, o projections
+            total += 2 * t * t * q * 2  # scores and weighted values, per query head
+            total += 2 * t * h * n * 3  # gate, up, down
+        return total
+
+    # ------------------------------------------------------------------------------ extract
+    def extract_sub_network(self, sub: DecoderSubNetwork) -> DecoderModel:
+        """A physically smaller model of this class holding copies of `sub`'s weights. Layers
+        that keep nothing are left out; its outputs equal this model's with `sub` selected."""
+        self.validate(sub)
+        c, full = self.config, self.full_sub_network
+        h = sub.hidden or c.hidden_size
+        kept = [i for i, keep in enumerate(sub.layers) if keep]
+        config = type(c).from_dict({
+            **c.to_dict(), "hidden_size": h, "num_hidden_layers": len(kept),
+            "layer_kv_heads": [sub.kv_heads[i] for i in kept],
+            "layer_queries_per_kv": [sub.queries_per_kv[i] for i in kept],
+            "layer_units": [sub.units[i] for i in kept],
+        })
+        state, device = self.state_dict(), self.model.embed_tokens.weight.device
+        new = {"model.embed_tokens.weight": state["model.embed_tokens.weight"][:, :h],
+               "model.norm.weight": state["model.norm.weight"][:h]}
+        new.update({name: v[:, :h] for name, v in state.items() if not name.startswith("model.")})
+        for j, i in enumerate(kept):
+            k, g, n = sub.kv_heads[i], sub.queries_per_kv[i], sub.units[i]
+            rows = query_rows(k, g, full.queries_per_kv[i], c.head_dim, device)
+            kv = k * c.head_dim
+            # (tensor, kept output rows, kept input columns or None for a vector)
+            plan = [("self_attn.q_proj", rows, h), ("self_attn.k_proj", kv, h),
+                    ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, rows),
+                    ("input_layernorm", h, None)] if k else []
+            plan += [("mlp.gate_proj", n, h), ("mlp.up_proj", n, h), ("mlp.down_proj", h, n),
+                     ("post_attention_layernorm", h, None)] if n else []
+            for name, out_sel, in_sel in plan:
+                for p in ("weight", "bias"):
+                    src = state.get(f"model.layers.{i}.{name}.{p}")
+                    if src is not None:
+                        sliced = _take(src, 0, out_sel)
+                        if p == "weight" and in_sel is not None:
+                            sliced = _take(sliced, 1, in_sel)
+                        new[f"model.layers.{j}.{name}.{p}"] = sliced
+        with torch.device("meta"):
+            small = type(self)(config)
+        small.load_state_dict({key: v.clone() for key, v in new.items()}, strict=True,
+                              assign=True)
+        return small.train(self.training)
+
+
+class DecoderForCausalLM(DecoderModel):
+    """Decoder + LM head; the supernet when built with the full configuration."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: DecoderCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        **_: object,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits (batch, tokens, vocab); with `labels`, the mean cross-entropy of
+        predicting token t+1 from tokens <= t (labels -100 are ignored). `attention_mask`
+        covers the cached and the new tokens. With `use_cache` or a `cache`, the cache is
+        extended in place and returned. `output_hidden_states`: see `run_body`."""
+        if cache is None and use_cache:
+            cache = DecoderCache()
+        x, states = self.run_body(input_ids, attention_mask, position_ids, cache,
+                                  output_hidden_states)
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        logits = F.linear(x, _take(head.weight, 1, hidden))
+        logits = F.linear(x, _take(head.weight, 1, self._hidden))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+                                   labels[:, 1:].flatten().to(x.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache,
+                                      hidden_states=states)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
@@ -528,146 +641,78 @@ class DecoderForCausalLM(PreTrainedModel):
                 break
         return tokens
 
-    # ------------------------------------------------------------------------------ costs
-    def num_params(self, sub: DecoderSubNetwork | None = None) -> int:
-        """Exact parameter count of sub-network `sub` (default: the full network); equals the
-        parameter count of `extract_sub_network(sub)` (a tied LM head counts once)."""
-        sub = sub or self.full_sub_network
-        self.validate(sub)
-        c, h = self.config, sub.hidden or self.config.hidden_size
-        total = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h  # + final norm
-        for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True):
-            q, kv = k * g * c.head_dim, k * c.head_dim
-            if k:  # q, k, v, o projections and the input norm
-                total += 2 * h * q + 2 * h * kv + h
-                total += (q + 2 * kv) * c.attention_bias + h * c.o_proj_bias
-            if n:  # gate, up, down and the post-attention norm
-                total += 3 * h * n + h + (2 * n + h) * c.mlp_bias
-        return total
+    def head_params(self, hidden: int) -> int:
+        return 0 if self.config.tie_word_embeddings else self.config.vocab_size * hidden
 
-    def flops(self, sub: DecoderSubNetwork | None = None, seq_len: int = 128) -> int:
-        """Floating-point operations (2 x multiply-adds of the matrix products, attention over
-        all seq_len x seq_len pairs as the kernels compute it) of one forward pass over one
-        sequence of `seq_len` tokens, LM head included. Element-wise work is not counted."""
-        sub = sub or self.full_sub_network
-        self.validate(sub)
-        c, h, t = self.config, sub.hidden or self.config.hidden_size, seq_len
-        total = 2 * t * h * c.vocab_size
-        for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True):
-            q, kv = k * g * c.head_dim, k * c.head_dim
-            total += 2 * t * h * (2 * q + 2 * kv)  # q, k, v, o projections
-            total += 2 * t * t * q * 2  # scores and weighted values, per query head
-            total += 2 * t * h * n * 3  # gate, up, down
-        return total
-
-    # ------------------------------------------------------------------------------ extract
-    def extract_sub_network(self, sub: DecoderSubNetwork) -> DecoderForCausalLM:
-        """A physically smaller model holding copies of `sub`'s weights. Layers that keep
-        nothing are left out; its outputs equal this model's with `sub` selected."""
-        self.validate(sub)
-        c, full = self.config, self.full_sub_network
-        h = sub.hidden or c.hidden_size
-        kept = [i for i, keep in enumerate(sub.layers) if keep]
-        config = DecoderConfig.from_dict({
-            **c.to_dict(), "hidden_size": h, "num_hidden_layers": len(kept),
-            "layer_kv_heads": [sub.kv_heads[i] for i in kept],
-            "layer_queries_per_kv": [sub.queries_per_kv[i] for i in kept],
-            "layer_units": [sub.units[i] for i in kept],
-        })
-        state, device = self.state_dict(), self.model.embed_tokens.weight.device
-        new = {"model.embed_tokens.weight": state["model.embed_tokens.weight"][:, :h],
-               "model.norm.weight": state["model.norm.weight"][:h]}
-        if self.lm_head is not None:
-            new["lm_head.weight"] = state["lm_head.weight"][:, :h]
-        for j, i in enumerate(kept):
-            k, g, n = sub.kv_heads[i], sub.queries_per_kv[i], sub.units[i]
-            rows = query_rows(k, g, full.queries_per_kv[i], c.head_dim, device)
-            kv = k * c.head_dim
-            # (tensor, kept output rows, kept input columns or None for a vector)
-            plan = [("self_attn.q_proj", rows, h), ("self_attn.k_proj", kv, h),
-                    ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, rows),
-                    ("input_layernorm", h, None)] if k else []
-            plan += [("mlp.gate_proj", n, h), ("mlp.up_proj", n, h), ("mlp.down_proj", h, n),
-                     ("post_attention_layernorm", h, None)] if n else []
-            for name, out_sel, in_sel in plan:
-                for p in ("weight", "bias"):
-                    src = state.get(f"model.layers.{i}.{name}.{p}")
-                    if src is not None:
-                        sliced = _take(src, 0, out_sel)
-                        if p == "weight" and in_sel is not None:
-                            sliced = _take(sliced, 1, in_sel)
-                        new[f"model.layers.{j}.{name}.{p}"] = sliced
-        with torch.device("meta"):
-            small = type(self)(config)
-        small.load_state_dict({key: v.clone() for key, v in new.items()}, strict=True,
-                              assign=True)
-        return small.train(self.training)
+    def head_flops(self, hidden: int, seq_len: int) -> int:
+        return 2 * seq_len * hidden * self.config.vocab_size
 
 
-# ---------------------------------------------------------------------------------- loading
-def config_from_hf(hf_config: PretrainedConfig) -> DecoderConfig:
-    """Our DecoderConfig for a Hugging Face Llama / Qwen2 config; a ValueError that says what
-    to use instead for any other architecture."""
-    family = getattr(hf_config, "model_type", None)
-    if family not in FAMILIES:
-        raise ValueError(
-            f"model_type {family!r} is not a supported decoder; nas_prune's decoder loads "
-            f"Llama-family causal LMs ({', '.join(FAMILIES)}: e.g. Llama, SmolLM2, Qwen2). "
-            "Choose such a checkpoint (BERT/RoBERTa encoders load with "
-            "nas_prune.supernet.load_pretrained)."
-        )
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ValueError("sliding-window attention is not supported; set use_sliding_window "
-                         "to false in the config or choose another checkpoint")
-    heads = hf_config.num_attention_heads
-    bias = bool(getattr(hf_config, "attention_bias", False))
-    return DecoderConfig(
-        family=family, vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=heads,
-        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-        intermediate_size=hf_config.intermediate_size, hidden_act=hf_config.hidden_act,
-        rms_norm_eps=hf_config.rms_norm_eps,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        rope_parameters=dict(getattr(hf_config, "rope_parameters", None) or {}),
-        attention_bias=family == "qwen2" or bias, o_proj_bias=family == "llama" and bias,
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
-        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-        initializer_range=hf_config.initializer_range, pad_token_id=hf_config.pad_token_id,
-        bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
-    )
+def last_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               pad_token_id: int | None) -> torch.Tensor:
+    """Per sequence, the position of its last real token: the last position whose
+    `attention_mask` is 1 (right or left padding); without a mask, transformers' rule for
+    `...ForSequenceClassification`: the last token that is not `pad_token_id` (a batch of one
+    without a pad token: the last position). The two agree when real tokens never equal the
+    pad token."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    if attention_mask is not None:
+        real = attention_mask.to(input_ids.device).bool()
+    elif pad_token_id is not None:
+        real = input_ids != pad_token_id
+    elif len(input_ids) == 1:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        raise ValueError("cannot find the last token of a batch without an attention_mask or "
+                         "config.pad_token_id; pass the attention_mask or set pad_token_id")
+    return (positions * real).argmax(-1)
 
 
-def from_hf(hf_model: PreTrainedModel, share: bool = False) -> DecoderForCausalLM:
-    """Our decoder with the weights of a transformers Llama/Qwen2 `...ForCausalLM`. With
-    `share`, it takes over `hf_model`'s tensors instead of copying them."""
-    config = config_from_hf(hf_model.config)
-    with torch.device("meta") if share else nullcontext():
-        model = DecoderForCausalLM(config)
-    state = hf_model.state_dict()
-    missing = [k for k in model.state_dict() if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} expected tensors, e.g. {missing[:3]}")
-    model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True, assign=share)
-    return model.to(hf_model.dtype).train(hf_model.training)
+class DecoderForSequenceClassification(DecoderModel):
+    """Decoder + `score` (transformers' `LlamaForSequenceClassification` head: a bias-free
+    linear layer on the final-normed state of each sequence's last real token, `last_token`);
+    the supernet when built with the full configuration."""
 
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
 
-def load_pretrained_decoder(name_or_path: str, **hf_kwargs) -> DecoderForCausalLM:
-    """Load a Hugging Face Llama/Qwen2 causal LM (hub name or local directory) or a nas_prune
-    decoder checkpoint into our decoder, sharing the loaded tensors (no second copy).
-    `hf_kwargs` go to `from_pretrained` (e.g. `dtype`, `revision`, `cache_dir`)."""
-    config = AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
-    if isinstance(config, DecoderConfig):
-        return DecoderForCausalLM.from_pretrained(name_or_path, config=config, **hf_kwargs)
-    config_from_hf(config)  # fail early, before loading weights, for other architectures
-    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **hf_kwargs)
-    model = from_hf(hf_model, share=True)
-    del hf_model
-    return model.eval()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        """Logits (batch, num_labels); with `labels`, the cross-entropy (MSE for one label, a
+        regression). `output_hidden_states`: see `run_body`."""
+        x, states = self.run_body(input_ids, attention_mask,
+                                  output_hidden_states=output_hidden_states)
+        last = last_token(input_ids, attention_mask, self.config.pad_token_id)
+        pooled = x[torch.arange(len(x), device=x.device), last]
+        logits = F.linear(pooled, _take(self.score.weight, 1, self._hidden))
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+
+    def head_params(self, hidden: int) -> int:
+        return hidden * self.config.num_labels
+
+    def head_flops(self, hidden: int, seq_len: int) -> int:
+        return 2 * hidden * self.config.num_labels  # the last token only
 
 
 AutoConfig.register(DecoderConfig.model_type, DecoderConfig, exist_ok=True)
 AutoModelForCausalLM.register(DecoderConfig, DecoderForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(DecoderConfig, DecoderForSequenceClassification,
+                                            exist_ok=True)
 DecoderConfig.register_for_auto_class()
 DecoderForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DecoderForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

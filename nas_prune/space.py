@@ -56,7 +56,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from nas_prune import registry
-from nas_prune.decoder import DecoderConfig, DecoderSubNetwork, config_from_hf
+from nas_prune.decoder import DecoderConfig, DecoderSubNetwork
+from nas_prune.decoder_loading import config_from_hf
 from nas_prune.errors import SearchSpaceError
 from nas_prune.supernet import IllegalSubNetworkError, SubNetwork
 

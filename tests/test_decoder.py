@@ -36,11 +36,9 @@ from nas_prune.decoder import (
     DecoderForCausalLM,
     DecoderSubNetwork,
     IllegalSubNetworkError,
-    config_from_hf,
-    from_hf,
-    load_pretrained_decoder,
 )
 from nas_prune.decoder_importance import importance, rewire
+from nas_prune.decoder_loading import config_from_hf, from_hf, load_pretrained_decoder
 
 ATOL = 1e-5
 VOCAB, HIDDEN, LAYERS, HEADS, HEAD_DIM, UNITS = 64, 32, 3, 4, 8, 48

@@ -20,7 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from nas_prune.decoder import DecoderConfig, DecoderForCausalLM, DecoderSubNetwork, from_hf
+from nas_prune.decoder import DecoderConfig, DecoderForCausalLM, DecoderSubNetwork
+from nas_prune.decoder_loading import from_hf
 from nas_prune.errors import ProfileError, SearchSpaceError
 from nas_prune.export import (
     SUBNETWORK_FILE,
