@@ -67,14 +67,14 @@ def is_finished(path: str | os.PathLike) -> bool:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """Load a nas_prune checkpoint directory: (model in eval mode, metadata)."""
-    from nas_prune.supernet import load_pretrained
+    from nas_prune.models import load_saved
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
     meta = read_meta(path)
     try:
-        model = load_pretrained(str(path), num_labels=meta.get("num_labels", 2))
+        model = load_saved(path, meta)
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
     return model.eval(), meta
@@ -89,11 +89,12 @@ def check_teacher(meta: dict[str, Any], num_labels: int, task: Any,
             f"{path} is not a fine-tuned nas_prune model (no teacher metadata); fine-tune it "
             "first with `nas-prune finetune`"
         )
-    if meta.get("task") != task.spec.name:
+    if meta.get("task") != task.spec.name or (meta.get("task_kind", "classification")
+                                              != task.spec.kind):
         raise CheckpointError(
             f"{path} was fine-tuned for task {meta.get('task')!r}, not {task.spec.name!r}"
         )
-    if num_labels != task.spec.num_labels:
+    if num_labels != task.spec.num_labels and not task.spec.is_lm:
         raise CheckpointError(
             f"{path} predicts {num_labels} labels but task {task.spec.name!r} has "
             f"{task.spec.num_labels}"

@@ -1,10 +1,14 @@
-"""Tasks, data splits, metrics, tokenisation and batching for pruning fine-tuned encoders.
+"""Tasks, data splits, metrics, tokenisation and batching.
 
 A task is described by a :class:`TaskSpec` and loaded by :func:`load_task` into a
 :class:`TaskData` with ``train``/``valid``/``test`` splits as in Klein et al. (2024): the
 training data is split 70/30 into train/valid with a seeded shuffle, and the official dev set
 serves as test set. Sources are the offline ``rotten_tomatoes`` task, the GLUE tasks (Hub,
 needs network), local CSV/TSV/JSON/JSONL/Parquet files and other ``datasets`` Hub names.
+
+Language-modelling tasks (``TaskSpec.kind == "lm"``: a built-in corpus, text files, or a table's
+text column with ``kind="lm"``) are read and cut into token blocks by :mod:`nas_prune.corpus`;
+they are scored by perplexity.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from nas_prune import corpus
 from nas_prune.errors import DataError
 from nas_prune.metrics import METRICS
 from nas_prune.options import TaskOptions
@@ -49,6 +54,9 @@ class TaskSpec:
         label_names: For classification, the raw label values (as strings) with index = class
             id; None when the raw labels already are the ints ``0..num_labels-1``.
         source: ``"builtin"``, ``"hub"`` or ``"file"``.
+        kind: ``"classification"`` (classes or a regression target per example) or ``"lm"``
+            (language modelling: next-token prediction on text, metric ``"perplexity"``, no
+            labels, ``num_labels`` 0).
     """
 
     name: str
@@ -59,6 +67,7 @@ class TaskSpec:
     metric: str
     label_names: tuple[str, ...] | None = None
     source: str = "file"
+    kind: str = "classification"
 
     def __post_init__(self) -> None:
         if self.label_names is not None:
@@ -67,6 +76,14 @@ class TaskSpec:
         if self.source not in ("builtin", "hub", "file"):
             raise DataError(f"{where}: source must be 'builtin', 'hub' or 'file', not "
                             f"{self.source!r}")
+        if self.kind not in TASK_KINDS:
+            raise DataError(f"{where}: kind must be one of {TASK_KINDS}, not {self.kind!r}")
+        if self.kind == "lm":
+            if self.metric != "perplexity" or self.num_labels != 0:
+                raise DataError(f"{where}: a language-modelling task is scored by perplexity "
+                                f"and has no labels (metric {self.metric!r}, num_labels "
+                                f"{self.num_labels})")
+            return
         if self.num_labels < 1:
             raise DataError(f"{where}: num_labels must be >= 1 (1 = regression), not "
                             f"{self.num_labels}")
@@ -94,6 +111,15 @@ class TaskSpec:
     def is_regression(self) -> bool:
         """True for regression tasks (``num_labels == 1``)."""
         return self.num_labels == 1
+
+    @property
+    def is_lm(self) -> bool:
+        """True for language-modelling tasks (scored by perplexity)."""
+        return self.kind == "lm"
+
+
+TASK_KINDS = ("classification", "lm")
+"""What a task asks of the model: a label per example, or the next token of text."""
 
 
 def _glue(name: str, text: str, pair: str | None, num_labels: int, metric: str) -> TaskSpec:
@@ -140,13 +166,14 @@ def compute_metric(spec: TaskSpec, logits: np.ndarray, labels: Any) -> float:
     return METRICS[spec.metric](predictions, np.asarray(labels))
 
 
-def error_from_metric(value: float) -> float:
-    """Turn a metric value into the error that the search minimises: ``1 - value``.
+def error_from_metric(value: float, metric: str = "accuracy") -> float:
+    """Turn a metric value into the error that the search minimises: ``1 - value``, or the
+    perplexity itself (lower is better already).
 
     For accuracy and F1 this is the usual error rate in [0, 1]; for Matthews and Spearman it is
     ``1 - coefficient`` and lies in [0, 2].
     """
-    return 1.0 - float(value)
+    return float(value) if metric == "perplexity" else 1.0 - float(value)
 
 
 # ----------------------------------------------------------------------------------- task data
@@ -188,6 +215,7 @@ def load_task(
     test_fraction: float = 0.2,
     max_examples: int | None = None,
     encoding: str = "utf-8",
+    kind: str | None = None,
 ) -> TaskData:
     """Load a task and split it into train/valid/test.
 
@@ -207,8 +235,13 @@ def load_task(
         seed: Seed for the shuffles that make the splits and the ``max_examples`` subsets.
         valid_fraction: Fraction of the training data held out as valid split.
         test_fraction: Fraction held out as test split when the data has no test set.
-        max_examples: If set, each split is capped to this many examples (seeded subset).
+        max_examples: If set, each split is capped to this many examples (seeded subset;
+            documents for language modelling).
         encoding: Text encoding of local CSV/TSV/JSON files (e.g. ``latin-1``).
+        kind: ``"classification"`` or ``"lm"`` (language modelling on the documents of
+            ``text_column``, split by document); default: ``"lm"`` for a built-in corpus
+            (nas_prune.corpus.CORPORA), text files and directories of them, else
+            classification.
 
     Returns:
         The spec and the three splits.
@@ -224,6 +257,12 @@ def load_task(
             raise DataError(f"{param} must lie strictly between 0 and 1, got {value}")
     if max_examples is not None and max_examples < 1:
         raise DataError(f"max_examples must be >= 1 or None, got {max_examples}")
+    if kind not in (None, *TASK_KINDS):
+        raise DataError(f"kind must be one of {TASK_KINDS} (or None: from the data), got "
+                        f"{kind!r}")
+    if kind == "lm" or (kind is None and corpus.is_text_source(task, data_files)):
+        return _load_corpus(task, data_files, text_column, seed, valid_fraction, test_fraction,
+                            max_examples, encoding)
 
     spec, frames = _load_frames(task, data_files, (text_column, text_pair_column, label_column),
                                 metric, encoding)
@@ -246,9 +285,34 @@ def load_task(
     return TaskData(spec, train_ds, valid_ds, test_ds)
 
 
+def task_kind(options: TaskOptions) -> str:
+    """The kind of task `load_task(options)` loads ("classification" or "lm"), without
+    loading it."""
+    if options.kind is not None:
+        return options.kind
+    return "lm" if corpus.is_text_source(os.fspath(options.task), options.data_files) \
+        else "classification"
+
+
+def _load_corpus(task: str, data_files: Any, text_column: str, seed: int,
+                 valid_fraction: float, test_fraction: float, max_examples: int | None,
+                 encoding: str) -> TaskData:
+    name, docs = corpus.read_documents(task, data_files, text_column, encoding, _read_file)
+    source = "builtin" if data_files is None and task in corpus.CORPORA else "file"
+    spec = TaskSpec(name, "text", None, "", 0, "perplexity", None, source, kind="lm")
+    splits = corpus.split_documents(docs, seed, valid_fraction, test_fraction, max_examples,
+                                    name)
+    train, valid, test = (datasets.Dataset.from_dict({"text": s}) for s in splits)
+    logger.info("corpus %s (%s): %d train, %d valid, %d test documents", name, source,
+                len(train), len(valid), len(test))
+    return TaskData(spec, train, valid, test)
+
+
 def task_name(options: TaskOptions) -> str:
     """The name `load_task(options)` gives its task (its TaskSpec.name), without loading it."""
     task = os.fspath(options.task)
+    if options.data_files is None and task in corpus.CORPORA:
+        return task
     if options.data_files is None and task in TASKS:
         return TASKS[task].name
     if options.data_files is None and _looks_like_file(task):
@@ -477,6 +541,11 @@ def tokenize(data: TaskData, tokenizer: Any, max_length: int = 128) -> TaskData:
     """
     if max_length < 2:
         raise DataError(f"max_length must be >= 2 tokens, got {max_length}")
+    if data.spec.is_lm:
+        return TaskData(data.spec, *(
+            corpus.tokenize_blocks(split, tokenizer, max_length, data.spec.name, which)
+            for split, which in ((data.train, "train"), (data.valid, "valid"),
+                                 (data.test, "test"))))
     label_dtype = np.float32 if data.spec.is_regression else np.int64
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
@@ -543,7 +612,8 @@ def make_loader(dataset: datasets.Dataset, tokenizer: Any, batch_size: int,
     # (and so shift) the global torch RNG that dropout uses: resumed training needs both fixed.
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    float_labels = dataset.features["labels"].dtype.startswith("float")
+    # class ids, regression targets, or (language modelling) token blocks
+    float_labels = str(getattr(dataset.features["labels"], "dtype", "")).startswith("float")
     # Each sampled item is a whole list of indices, so Arrow fetches a batch in one call.
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last),
                       batch_size=None, collate_fn=_PadCollator(tokenizer, float_labels),
@@ -566,11 +636,14 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise DataError(f"tokenizer directory {str(path)!r} does not exist; pass a model "
                         "directory or Hub name (default: nas_prune.data.default_model_path())")
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load a tokenizer from {name_or_path!r}: {err}. Pass a local "
                         "model directory (offline default: nas_prune.data.default_model_path())"
                         ) from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders ship without one (Llama's practice)
+    return tokenizer
 
 
 def default_model_path() -> str:

@@ -42,7 +42,8 @@ class TaskOptions:
     """Which data to prune for (the keyword arguments of nas_prune.data.load_task)."""
 
     task: str = "rotten_tomatoes"
-    """A built-in task, a GLUE task name, a datasets hub name, or a CSV/JSON/Parquet file."""
+    """A built-in task or corpus, a GLUE task name, a datasets hub name, a CSV/JSON/Parquet
+    file, or text files (a .txt file or a directory of them: language modelling)."""
     data_files: dict[str, str] | None = None
     """Explicit {"train": path, "test": path} files."""
     text_column: str = "text"
@@ -59,9 +60,14 @@ class TaskOptions:
     """Seed of the train/valid/test split and of the max_examples subsets."""
     encoding: str = "utf-8"
     """Text encoding of local CSV/TSV/JSON files (e.g. latin-1)."""
+    kind: str | None = None
+    """classification or lm (language modelling, scored by perplexity); default: lm for a
+    built-in corpus (convention_speeches) and text files, else classification."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, ("max_examples",), OptionsError)
+        if self.kind not in (None, "classification", "lm"):
+            raise OptionsError(f"--data.kind must be classification or lm, got {self.kind!r}")
 
     def resolved(self) -> TaskOptions:
         """These options with local data files as absolute paths, so that processes with
@@ -87,6 +93,7 @@ class TrainOptions:
     num_random: ClassVar[int | None] = None
     temperature: ClassVar[float] = 1.0
     rewire: ClassVar[bool] = False
+    epochs_may_be_zero: ClassVar[bool] = False
 
     epochs: float = 3.0
     """Passes over the training split (fractions allowed); `max_steps` overrides."""
@@ -123,7 +130,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         _at_least(self, 1, ("batch_size", "gradient_accumulation", "log_every", "max_steps",
                             "checkpoint_every"), TrainingError)
-        if self.epochs <= 0 and self.max_steps is None:
+        if (self.epochs < 0 or (self.epochs == 0 and not self.epochs_may_be_zero)) \
+                and self.max_steps is None:
             raise TrainingError(f"epochs must be > 0, got {self.epochs}")
         if self.lr <= 0:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
@@ -144,7 +152,10 @@ class TrainOptions:
 
 @dataclass
 class FinetuneOptions(TrainOptions):
-    """How to fine-tune the dense teacher (the `standard` strategy on the full network)."""
+    """How to fine-tune the dense teacher (the `standard` strategy on the full network).
+    `epochs` 0 (language modelling only) takes the pre-trained model as the teacher as is."""
+
+    epochs_may_be_zero: ClassVar[bool] = True
 
     pooling: str = "auto"
     """What the new classification head reads, "cls" (first token), "mean" (mean of the

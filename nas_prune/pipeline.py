@@ -41,15 +41,44 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- training
 def finetune(run: RunDir, opts: PipelineOptions) -> Path:
-    """Fine-tune `opts.model` into ``run.teacher`` (skipped when finished there)."""
+    """Fine-tune `opts.model` into ``run.teacher`` (skipped when finished there). With
+    ``finetune.epochs`` 0 (language modelling) the pre-trained model is the teacher as is."""
+    from nas_prune import models
+
     if _finished(run.teacher, "teacher", opts):
         log.info("teacher already fine-tuned in %s", run.teacher)
         return run.teacher
-    model = opts.model or data_lib.default_model_path()
+    kind = data_lib.task_kind(opts.data)
+    model = models.resolve(opts.model)
     check_model_files(model)
+    models.check_model(model, kind)
     _check_length(model, opts.finetune.max_length, "finetune")
+    if opts.finetune.epochs == 0 and opts.finetune.max_steps is None:
+        if kind != "lm":
+            raise OptionsError("finetune.epochs 0 keeps the pre-trained model as the teacher, "
+                               "which only language modelling can do (a classification head "
+                               "must be trained); set --finetune.epochs > 0")
+        _adopt(model, run.teacher, opts)
+        return run.teacher
     _train("finetune", model, run.teacher, opts, opts.finetune)
     return run.teacher
+
+
+def _adopt(model_path: str, out: Path, opts: PipelineOptions) -> None:
+    """Save the pre-trained causal LM at `model_path` as the run's (finished) teacher."""
+    import dataclasses
+
+    from nas_prune.checkpoint import save_checkpoint
+    from nas_prune.models import load_pretrained
+
+    model = load_pretrained(model_path, "lm")
+    tokenizer = data_lib.load_tokenizer(model_path)
+    save_checkpoint(out, model, tokenizer, {
+        "kind": "teacher", "task": data_lib.task_name(opts.data), "task_kind": "lm",
+        "base_model": model_path, "family": model.config.family, "finished": True,
+        "strategy": "none", "options": dataclasses.asdict(opts.finetune), "steps_done": 0,
+        "total_steps": 0, "num_labels": 0, "train_examples": 0, "train_seconds": 0.0})
+    log.info("teacher: the pre-trained %s as is (finetune.epochs 0)", model_path)
 
 
 def supernet(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = None) -> Path:
@@ -186,7 +215,7 @@ def profile(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None 
         front = pareto_set(run, opts)
         configs, ids = [json.loads(c) for c in front["config"]], list(front["trial_id"])
         dense = results_lib.load(run.results, experiment=experiment).query("method == 'dense'")
-        if space == "small" and not dense.empty:  # the dense model: the largest small config
+        if space in ("small", "decoder_small") and not dense.empty:  # the dense model
             configs.append(json.loads(dense["config"].iloc[-1]))
             ids.append("dense")
     else:

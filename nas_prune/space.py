@@ -493,8 +493,12 @@ def make_space(name: str, model_config: Any, bounds=None, hidden: bool = False,
                hidden_step: int = HIDDEN_STEP) -> SearchSpace:
     """The search space `name` (nas_prune.registry.SPACES) for a supernet with config
     `model_config`; with `hidden` (small and medium spaces), it also searches the hidden size
-    in steps of `hidden_step` channels."""
+    in steps of `hidden_step` channels. For a decoder, small and medium mean decoder_small and
+    decoder_medium."""
+    from nas_prune.models import family_space
+
     registry.check_space(name, SearchSpaceError)
+    name = family_space(model_config, name)  # small -> decoder_small for a decoder
     base = name.removesuffix(registry.HIDDEN_SUFFIX)
     cls = registry.load(registry.SPACES, base, "search space", SearchSpaceError)
     return cls.for_model(model_config, bounds, hidden=hidden or base != name,

@@ -5,7 +5,8 @@ Both are one loop around the engine of nas_prune.engine.make_engine (Klein et al
 the fine-tuned teacher and updates sub-networks each step as its strategy says
 (nas_prune.strategies). Sub-networks that distil use `kd_loss`:
 T^2 * CE(student / T, softmax(teacher / T)) + CE(student, y), and MSE to the teacher plus MSE to
-y for regression.
+y for regression. For language modelling (decoders, logits per token) both losses are taken at
+every predicted token: the next-token cross-entropy, and the distillation over the vocabulary.
 
 Every pass of a step is one DeepSpeed micro-step on the same batch: the engine's
 `gradient_accumulation_steps` is the strategy's passes per step times the user's accumulation,
@@ -44,18 +45,29 @@ from nas_prune.checkpoint import (
 from nas_prune.engine import make_engine, zero_stage
 from nas_prune.errors import TrainingError
 from nas_prune.evaluate import evaluate
-from nas_prune.importance import rewire
+from nas_prune.models import family_space, load_pretrained, rewire
 from nas_prune.options import FinetuneOptions, SupernetOptions, TaskOptions, TrainOptions
 from nas_prune.space import make_space
 from nas_prune.strategies import StepContext, make_strategy
-from nas_prune.supernet import EncoderForSequenceClassification, load_pretrained
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------- losses
+def _next_tokens(logits: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Language modelling: (logits of positions 0..T-2, the tokens 1..T-1 they predict),
+    flattened, without positions labelled -100."""
+    logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    keep = labels != -100
+    return logits[keep], labels[keep]
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, or MSE for a regression head of one output."""
+    """Cross-entropy, MSE for a regression head of one output, or (logits per token) the
+    next-token cross-entropy."""
+    if logits.dim() == 3:
+        return F.cross_entropy(*_next_tokens(logits, labels))
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
@@ -80,8 +92,12 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
             temperature: float) -> torch.Tensor:
     """In-place distillation loss of a sub-network from the full network's detached logits:
     T^2 * CE(student / T, softmax(teacher / T)) + CE(student, y); for regression MSE to the
-    teacher plus MSE to y."""
-    if student.shape[-1] == 1:  # regression
+    teacher plus MSE to y; for language modelling the same at every predicted token."""
+    if student.dim() == 3:
+        student, next_tokens = _next_tokens(student, labels)
+        teacher, _ = _next_tokens(teacher, labels)
+        labels = next_tokens
+    elif student.shape[-1] == 1:  # regression
         return F.mse_loss(student, teacher) + F.mse_loss(student.squeeze(-1), labels.float())
     t = temperature
     soft = F.cross_entropy(student / t, F.softmax(teacher / t, dim=-1)) * t * t
@@ -115,7 +131,7 @@ def batches(make_epoch_loader: Callable[[int], Any], start: int, rank: int, worl
 
 
 def train(
-    model: EncoderForSequenceClassification,
+    model: Any,
     task: data_lib.TaskData,
     tokenizer: Any,
     out_dir: str | os.PathLike,
@@ -147,7 +163,8 @@ def train(
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     strategy = make_strategy(opts.strategy, opts.num_random, opts.temperature)
     # standard training samples no sub-networks (and may train an extracted, smaller model)
-    space = None if opts.strategy == "standard" else make_space(opts.space, model.config)
+    space_name = None if opts.strategy == "standard" else family_space(model.config, opts.space)
+    space = None if space_name is None else make_space(space_name, model.config)
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
@@ -185,7 +202,9 @@ def train(
     base_meta = {
         **(meta or {}),
         "strategy": opts.strategy,
-        "space": opts.space,
+        "space": space_name or opts.space,
+        "task_kind": task.spec.kind,
+        "family": getattr(model.config, "family", None),
         "options": dataclasses.asdict(opts),
         "total_steps": total,
         "num_labels": model.config.num_labels,
@@ -248,7 +267,7 @@ def train(
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.item() / strategy.passes_per_step
-            examples += len(batch["labels"]) * world
+            examples += len(batch["labels"]) * world  # blocks, for language modelling
         module.reset_super_network()
         step += 1
         losses.append(step_loss / opts.gradient_accumulation)
@@ -327,8 +346,8 @@ def finetune(
     if read_meta(out_dir):  # an interrupted run: its weights (train() checks its options)
         model, _ = load_checkpoint(out_dir)
     else:
-        model = load_pretrained(model_name_or_path, num_labels=task.spec.num_labels,
-                                pooling=opts.pooling)
+        model = load_pretrained(model_name_or_path, task.spec.kind,
+                                num_labels=task.spec.num_labels, pooling=opts.pooling)
     if task.spec.label_names is not None:  # exported models answer with the data's words
         model.config.id2label = dict(enumerate(task.spec.label_names))
         model.config.label2id = {name: i for i, name in enumerate(task.spec.label_names)}

@@ -69,9 +69,13 @@ EVALUATION_SCHEMA: pa.Schema = pa.schema(
         # training cost of this row's model alone (forward + backward examples, seconds)
         _field("train_examples", pa.int64(), nullable=True),
         _field("train_time_s", pa.float64(), nullable=True),
+        _field("family", pa.string(), nullable=True),  # "bert", "roberta", "llama", "qwen2"
+        _field("task_kind", pa.string(), nullable=True),  # "classification" or "lm"
+        _field("perplexity", pa.float64(), nullable=True),  # language modelling rows
     ]
 )
-"""Fixed columns of the evaluations table; ``cfg_<key>`` int64 columns are added per write."""
+"""Fixed columns of the evaluations table; ``cfg_<key>`` int64 columns are added per write.
+``task_kind`` and ``perplexity`` are derived from ``metric_name`` when a row lacks them."""
 
 LATENCY_SCHEMA: pa.Schema = pa.schema(
     [
@@ -93,9 +97,15 @@ LATENCY_SCHEMA: pa.Schema = pa.schema(
         _field("timestamp", _TIMESTAMP),
         _field("method", pa.string(), nullable=True),
         _field("trial_id", pa.string(), nullable=True),
+        # decoders (null for encoders): median_ms/p90_ms are the prefill of batch_size x
+        # seq_len prompt tokens; decode_* the latency per generated token over new_tokens steps
+        _field("decode_ms", pa.float64(), nullable=True),
+        _field("decode_p90_ms", pa.float64(), nullable=True),
+        _field("new_tokens", pa.int64(), nullable=True),
     ]
 )
-"""Columns of the latency table."""
+"""Columns of the latency table. Files written before a nullable column was added read back
+with nulls in it (the store reads every file against this schema)."""
 
 TABLES: dict[str, pa.Schema] = {"evaluations": EVALUATION_SCHEMA, "latency": LATENCY_SCHEMA}
 """Table name -> schema; each table is the dataset directory ``<root>/<name>``."""
@@ -254,6 +264,17 @@ def _to_utc(value: Any, bad: Callable[[str], ResultsError]) -> datetime:
     return value.astimezone(UTC)
 
 
+def _derive(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An evaluation row with `task_kind` and `perplexity` filled in from its metric."""
+    lm = row.get("metric_name") == "perplexity"
+    extra = {}
+    if row.get("task_kind") is None:
+        extra["task_kind"] = "lm" if lm else "classification"
+    if lm and row.get("perplexity") is None:
+        extra["perplexity"] = row.get("metric_value")
+    return {**row, **extra} if extra else row
+
+
 def prepare_rows(
     rows: Sequence[Mapping[str, Any]], table: str, experiment: str
 ) -> tuple[pa.Table, list[dict[str, Any]]]:
@@ -289,6 +310,8 @@ def prepare_rows(
                 f"{where} is missing required column(s) {missing}; required: {required}; "
                 f"optional (null if absent): {optional}; filled in if absent: {list(auto)}"
             )
+        if table == "evaluations":
+            row = _derive(row)
         converted: dict[str, Any] = {}
         for field in schema:
             name = field.name

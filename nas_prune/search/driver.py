@@ -16,6 +16,7 @@ therefore exactly the complete evaluations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from nas_prune import registry
 from nas_prune import results as results_lib
 from nas_prune.checkpoint import check_supernet, check_teacher, read_meta
 from nas_prune.errors import CheckpointError, ProfileError, SearchError
+from nas_prune.models import load_config
 from nas_prune.options import ProfileOptions, SearchOptions, TaskOptions
 from nas_prune.search import pareto
 from nas_prune.search.searchers import MultiObjectiveSearcher, make_searcher
@@ -45,7 +47,6 @@ from nas_prune.search.worker import (
     weight_sharing_trial,
 )
 from nas_prune.space import make_space
-from nas_prune.supernet import EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,24 @@ def check_checkpoint(checkpoint: str | os.PathLike, opts: SearchOptions,
     return meta, space, int(meta.get("options", {}).get("max_length", 128))
 
 
-def _max_fidelity(opts: SearchOptions, task: data_lib.TaskData) -> float:
-    """Fidelity of a complete evaluation: validation examples scored, or epochs."""
-    if opts.mode == "standard":
-        return float(opts.max_t)
+def _max_fidelity(opts: SearchOptions, task: data_lib.TaskData, checkpoint: str,
+                  max_length: int) -> tuple[float, int]:
+    """(fidelity of a complete evaluation, validation examples scored): examples scored,
+    predicted tokens (language modelling: the validation text cut into blocks), or epochs."""
     n = len(task.valid)
-    return float(min(n, opts.valid_examples) if opts.valid_examples else n)
+    if task.spec.is_lm:
+        from nas_prune.evaluate import scored_validation
+
+        tokenizer = data_lib.load_tokenizer(checkpoint)
+        without_train = dataclasses.replace(task, train=task.train.select([]),
+                                            test=task.test.select([]))
+        n = len(scored_validation(without_train, tokenizer, max_length, opts.validation_seed,
+                                  opts.valid_examples).valid)
+    else:
+        n = min(n, opts.valid_examples) if opts.valid_examples else n
+    if opts.mode == "standard":
+        return float(opts.max_t), n
+    return float(n * (max_length - 1) if task.spec.is_lm else n), n
 
 
 # --------------------------------------------------------------------------- the search
@@ -223,7 +236,7 @@ def _search(checkpoint, task: TaskOptions, results_dir, experiment: str, opts: S
     """run_search's work, under the experiment's lock."""
     task_data = data_lib.load_task(task)
     meta, space_name, max_length = check_checkpoint(checkpoint, opts, task_data)
-    space = make_space(space_name, EncoderConfig.from_pretrained(str(checkpoint)), space_bounds)
+    space = make_space(space_name, load_config(checkpoint), space_bounds)
     if not ray.is_initialized():
         ray.init()
     cpus = ray.cluster_resources().get("CPU", 0)
@@ -233,11 +246,11 @@ def _search(checkpoint, task: TaskOptions, results_dir, experiment: str, opts: S
             f"{workers} concurrent trials need {workers} CPUs but the Ray cluster has {cpus:g}; "
             "lower num_workers or add nodes"
         )
-    max_fidelity = _max_fidelity(opts, task_data)
-    if opts.mode == "weight_sharing" and math.ceil(max_fidelity / opts.batch_size) < opts.max_t:
+    max_fidelity, n_valid = _max_fidelity(opts, task_data, str(checkpoint), max_length)
+    if opts.mode == "weight_sharing" and math.ceil(n_valid / opts.batch_size) < opts.max_t:
         raise SearchError(
-            f"{int(max_fidelity)} validation examples in batches of {opts.batch_size} make "
-            f"{math.ceil(max_fidelity / opts.batch_size)} batches, too few for max_t="
+            f"{n_valid} validation examples in batches of {opts.batch_size} make "
+            f"{math.ceil(n_valid / opts.batch_size)} batches, too few for max_t="
             f"{opts.max_t} fidelity steps; lower max_t or batch_size"
         )
     checkpoint = str(Path(checkpoint).resolve())
@@ -270,7 +283,9 @@ def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experimen
         "method": "nas", "searcher": opts.searcher, "scheduler": opts.scheduler,
         "strategy": meta.get("strategy"), "space": setup.space, "task": task_data.spec.name,
         "model": meta.get("base_model") or setup.checkpoint, "seed": opts.seed,
-        "fidelity_unit": "examples" if opts.mode == "weight_sharing" else "epochs",
+        "fidelity_unit": "epochs" if opts.mode != "weight_sharing" else
+                         "tokens" if task_data.spec.is_lm else "examples",
+        "family": meta.get("family"),
         "_started": time.time(),
     }
     callback = ResultsCallback(store, ctx, opts.objectives, opts.num_samples, max_fidelity)
@@ -362,10 +377,6 @@ def _latency_objectives(opts: SearchOptions, profile: ProfileOptions, checkpoint
     except ProfileError as e:
         raise SearchError(f"latency objective: {e}") from None
     if opts.latency == "predicted":
-        if space.endswith(registry.HIDDEN_SUFFIX):
-            raise SearchError(f"the latency lookup table is measured at full width and cannot "
-                              f"predict the {space} space's reduced hidden sizes; use "
-                              "--search.latency measured")
         tables = measure_tables(checkpoint, space, names, profile)
         return {name: table.to_dict() for name, table in tables.items()}, {}, 0
     actors = {}

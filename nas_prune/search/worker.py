@@ -4,8 +4,9 @@ Two ways to score a trial (Klein et al. 2024):
 
 * weight-sharing (default): the config's sub-network is selected in a trained supernet and
   scored on the validation split, no training. The fidelity is the number of validation
-  examples seen: a trial reports after each of `max_t` chunks of a fixed shuffled validation
-  set, so MO-ASHA can stop weak sub-networks after a few chunks.
+  examples seen (predicted tokens, for language modelling): a trial reports after each of
+  `max_t` chunks of a fixed shuffled validation set, so MO-ASHA can stop weak sub-networks
+  after a few chunks.
 * standard NAS: the sub-network is cut from the fine-tuned model and fine-tuned for up to
   `max_t` epochs (DeepSpeed, as in `nas_prune.train`), reporting after each epoch.
 
@@ -32,7 +33,7 @@ import torch
 
 from nas_prune import data as data_lib
 from nas_prune.errors import SearchError
-from nas_prune.evaluate import evaluate, validation_subset
+from nas_prune.evaluate import Scorer, evaluate, scored_validation
 from nas_prune.options import FinetuneOptions, SearchOptions, TaskOptions
 from nas_prune.space import SearchSpace, make_space
 
@@ -95,11 +96,10 @@ def resident_evaluator(setup: TrialSetup) -> Evaluator:
     model, _ = load_checkpoint(setup.checkpoint)
     tokenizer = data_lib.load_tokenizer(setup.checkpoint)
     raw = data_lib.load_task(setup.task)
-    valid = validation_subset(raw.valid, opts.validation_seed, opts.valid_examples)
-    raw = dataclasses.replace(raw, valid=valid)
     if opts.mode == "weight_sharing":  # scores the validation subset only: tokenise nothing else
         raw = dataclasses.replace(raw, train=raw.train.select([]), test=raw.test.select([]))
-    task = data_lib.tokenize(raw, tokenizer, setup.max_length)
+    task = scored_validation(raw, tokenizer, setup.max_length, opts.validation_seed,
+                             opts.valid_examples)
     batches = list(data_lib.make_loader(task.valid, tokenizer, opts.batch_size))
     bounds = np.linspace(0, len(batches), opts.max_t + 1).round().astype(int)
     chunks = [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -154,23 +154,19 @@ def score_sub_network(config: dict[str, int], setup: TrialSetup) -> Iterator[dic
     costs = _costs(ev, sub, config, setup)
     first = costs
     costs = {k: v for k, v in costs.items() if k != LATENCY_ROWS}  # measurements: once
-    logits, labels, seen, started = [], [], 0, time.perf_counter()
+    scorer, started = Scorer(ev.spec), time.perf_counter()
     ev.model.set_sub_network(sub)
     try:
         for chunk in ev.chunks:
             with torch.no_grad():
                 for batch in chunk:
-                    logits.append(ev.model(**batch).logits.float())
-                    labels.append(batch["labels"])
-                    seen += len(batch["labels"])
-            metric = data_lib.compute_metric(
-                ev.spec, torch.cat(logits).numpy(), torch.cat(labels).numpy()
-            )
+                    scorer.add(ev.model(**batch), batch)
+            scores = scorer.result()
             yield {
-                "error": data_lib.error_from_metric(metric),
-                "metric": metric,
+                "error": scores["error"],
+                "metric": scores["metric"],
                 "metric_name": ev.spec.metric,
-                FIDELITY: seen,
+                FIDELITY: scores["tokens"] if ev.spec.is_lm else scores["examples"],
                 "eval_time_s": time.perf_counter() - started,
                 **first,
             }
