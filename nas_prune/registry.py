@@ -61,6 +61,7 @@ BASELINES: dict[str, str] = {
     "pins": "nas_prune.baselines.pins",
     "grain": "nas_prune.baselines.grain",
     "layer_drop": "nas_prune.baselines.layer_drop",
+    "llm_pruner": "nas_prune.baselines.llm_pruner",
 }
 """Published pruning methods (modules with ``Options`` and ``run``)."""
 

@@ -1,6 +1,7 @@
-"""Layer dropping: keep the first k layers of the fine-tuned teacher, then fine-tune briefly.
+"""Layer dropping: keep k layers of the teacher, then fine-tune briefly.
 
-The simplest structured baseline of Klein et al. (TMLR 2024, arXiv 2405.02267, section 5; after
+Encoders (a fine-tuned BERT/RoBERTa classifier) keep their *first* k layers. The simplest
+structured baseline of Klein et al. (TMLR 2024, arXiv 2405.02267, section 5; after
 Sajjad et al., "On the effect of dropping layers of pre-trained transformer models", 2023):
 the top layers go, the rest keep all heads and neurons. The smaller model is a physically
 extracted copy (``extract_sub_network``), fine-tuned with the ``standard`` strategy through
@@ -8,12 +9,33 @@ the same DeepSpeed loop as the teacher (``nas_prune.train.train``), and exported
 ``nas_prune.export`` (a stock BERT/RoBERTa checkpoint when the teacher's head reads [CLS]).
 The dense model is the reference point that ``nas-prune run`` and ``nas-prune baseline``
 record as method ``dense``.
+
+Decoder language models (a dense ``DecoderForCausalLM`` teacher and a task with
+``spec.kind == "lm"``, scored by perplexity) keep the k layers whose removal changes the
+residual stream least, measured on `calibration_blocks` training blocks (forward passes only):
+
+* ``criterion="block_influence"`` (default): ShortGPT (Men et al. 2024, "ShortGPT: Layers in
+  Large Language Models are More Redundant Than You Expect", arXiv 2403.03853): a layer's Block
+  Influence is ``BI_i = 1 - E[cos(x_i, x_{i+1})]`` over all real tokens, x_i the stream entering
+  layer i; the L - k layers of lowest BI go, wherever they are.
+* ``criterion="angular"``: Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
+  Layers" (arXiv 2403.17887): the contiguous block of n = L - k layers starting at the layer l
+  minimising the angular distance ``arccos(cos(x_l, x_{l+n})) / pi`` (averaged over all real
+  tokens) goes.
+
+The papers heal with QLoRA (Gromov et al.) or not at all (ShortGPT); here, when `finetune` is
+on, all weights of the smaller model are fine-tuned on the next-token loss of the training
+blocks, through the same loop as for encoders (``llm_pruner.recover``: nas_prune.train.train,
+``standard`` strategy, the same `epochs` / `max_steps`, `lr`, ... options), and the cost is
+counted. Decoder rows are charged the calibration blocks plus the recovery
+blocks, fidelity in tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -27,13 +49,16 @@ from nas_prune.options import FinetuneOptions
 
 log = logging.getLogger(__name__)
 
+CRITERIA = ("block_influence", "angular")
+"""How a decoder's layers to drop are chosen (see the module docstring)."""
+
 
 @dataclass
 class Options:
     """Layer-dropping options."""
 
     layers: list[int] = field(default_factory=lambda: [2, 4])
-    """Numbers of layers k to keep (the first k); one model each."""
+    """Numbers of layers k to keep (encoders: the first k); one model each."""
     epochs: float = 1.0
     """Fine-tuning passes over the training split per model; `max_steps` overrides."""
     max_steps: int | None = None
@@ -52,6 +77,14 @@ class Options:
     """Seed of data order and dropout."""
     log_every: int = 50
     """Log progress every this many steps."""
+    criterion: str = "block_influence"
+    """Decoders: which layers go, "block_influence" (ShortGPT) or "angular" (Gromov et al.,
+    one contiguous block)."""
+    calibration_blocks: int = 10
+    """Decoders: training blocks on which the layers' effect on the stream is measured."""
+    finetune: bool = True
+    """Decoders: fine-tune each smaller model (false: the pruned model as it is). Encoders are
+    always fine-tuned."""
 
     def __post_init__(self) -> None:
         self.layers = [int(k) for k in self.layers]
@@ -60,6 +93,12 @@ class Options:
                                 f"{self.layers}")
         if len(set(self.layers)) != len(self.layers):
             raise BaselineError(f"layers lists a count twice: {self.layers}")
+        if self.criterion not in CRITERIA:
+            raise BaselineError(f"criterion must be one of {', '.join(CRITERIA)}, got "
+                                f"{self.criterion!r}")
+        if self.calibration_blocks < 1:
+            raise BaselineError(f"calibration_blocks must be >= 1, got "
+                                f"{self.calibration_blocks}")
         try:
             self.train_options()
         except ValueError as e:
@@ -76,9 +115,17 @@ class Options:
 
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
-    """Keep the first k layers of the teacher for each k in `opts.layers`, fine-tune, save a
-    checkpoint (stock when the head reads [CLS]) to ``out_dir/layers-<k>/`` and return one
-    evaluation row per model (validation split)."""
+    """Keep k layers of the teacher for each k in `opts.layers` (encoders: the first k;
+    decoders: :func:`run_decoder`), fine-tune, save a checkpoint (stock when the head reads
+    [CLS]) to ``out_dir/layers-<k>/`` and return one evaluation row per model (validation
+    split)."""
+    from nas_prune.baselines.llm_pruner import is_lm_task
+
+    if is_lm_task(task):
+        return run_decoder(teacher_dir, task, tokenizer, out_dir, opts)
+    if not opts.finetune:
+        raise BaselineError("finetune false applies to decoders; encoder layer dropping "
+                            "always fine-tunes")
     from nas_prune.checkpoint import check_teacher, load_checkpoint
     from nas_prune.evaluate import evaluate
     from nas_prune.export import export_sub_network
@@ -132,5 +179,156 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                        f"{result.steps} steps",
         })
         log.info("%s: %s %.4f, %.3f of the dense parameters", trial_id, task.spec.metric,
+                 scores["metric"], params / dense)
+    return rows
+
+
+# ------------------------------------------------------------------------------ decoders
+@dataclass(frozen=True)
+class StreamSimilarity:
+    """Mean similarity of the residual stream between layer boundaries (boundary i enters
+    layer i; boundary L leaves the last layer), over all real calibration tokens."""
+
+    cosine: Any
+    """(L + 1, L + 1): mean cosine similarity of the stream at boundaries a and b."""
+    angular: Any
+    """(L + 1, L + 1): mean angular distance arccos(cosine) / pi, per token then averaged."""
+
+    def block_influence(self) -> Any:
+        """ShortGPT's Block Influence of each layer, 1 - E[cos(x_i, x_{i+1})]."""
+        import torch
+
+        return 1 - torch.diagonal(self.cosine, 1)
+
+
+def stream_similarity(model: Any, batches: Any) -> StreamSimilarity:
+    """Cosine similarities and angular distances between every pair of layer boundaries of the
+    full decoder `model`'s residual stream over `batches` (forward passes, no gradients)."""
+    import torch
+
+    model.reset_super_network()
+    was_training = model.training
+    model.eval()
+    states: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, out):
+        states.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+    hooks = [model.model.embed_out.register_forward_hook(keep)]
+    hooks += [layer.register_forward_hook(keep) for layer in model.model.layers]
+    n = len(model.model.layers) + 1
+    cosine, angular = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n,
+                                                                          dtype=torch.float64)
+    tokens = 0.0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask.to(device)
+                states.clear()
+                model(input_ids=ids, attention_mask=mask)
+                real = mask.bool()
+                tokens += float(real.sum())
+                for a in range(n):
+                    for b in range(a + 1, n):
+                        cos = torch.nn.functional.cosine_similarity(
+                            states[a], states[b], dim=-1)[real].double().clamp(-1, 1)
+                        cosine[a, b] += cos.sum().cpu()
+                        angular[a, b] += (torch.arccos(cos) / math.pi).sum().cpu()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise BaselineError("no calibration tokens: the training split has no real tokens")
+    cosine, angular = cosine / tokens, angular / tokens
+    return StreamSimilarity(cosine + cosine.T + torch.eye(n, dtype=torch.float64),
+                            angular + angular.T)
+
+
+def layers_to_drop(similarity: StreamSimilarity, keep: int, criterion: str) -> list[int]:
+    """The layers (ascending) a decoder drops to keep `keep` of them under `criterion`."""
+    import torch
+
+    total = similarity.cosine.shape[0] - 1
+    drop = total - keep
+    if drop == 0:
+        return []
+    if criterion == "block_influence":
+        order = torch.argsort(similarity.block_influence(), stable=True)
+        return sorted(int(i) for i in order[:drop])
+    distances = torch.stack([similarity.angular[start, start + drop]
+                             for start in range(total - drop + 1)])
+    start = int(torch.argmin(distances))
+    return list(range(start, start + drop))
+
+
+def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
+                out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
+    """Drop the layers `opts.criterion` chooses from the dense decoder at `teacher_dir` to
+    keep each k in `opts.layers`, optionally fine-tune, save each model to
+    ``out_dir/layers-<k>/`` and return one row per model (validation perplexity)."""
+    from nas_prune.baselines.llm_pruner import (
+        calibration_batches,
+        load_decoder_teacher,
+        recover,
+        validation_scores,
+    )
+    from nas_prune.decoder import DecoderSubNetwork
+    from nas_prune.export import export_decoder
+
+    started = time.perf_counter()
+    teacher, meta = load_decoder_teacher(teacher_dir, task)
+    c = teacher.config
+    too_many = [k for k in opts.layers if k > c.num_hidden_layers]
+    if too_many:
+        raise BaselineError(f"cannot keep {too_many[0]} layers: the teacher has "
+                            f"{c.num_hidden_layers}; choose layers <= {c.num_hidden_layers}")
+    calibration = calibration_batches(task.train, tokenizer, opts.calibration_blocks,
+                                      opts.batch_size, opts.seed)
+    blocks = sum(len(b["input_ids"]) for b in calibration)
+    similarity = stream_similarity(teacher, calibration)
+    calibration_s = time.perf_counter() - started
+    log.info("layer dropping (%s): block influence per layer %s", opts.criterion,
+             [round(float(v), 4) for v in similarity.block_influence()])
+    full, dense, out, rows = teacher.full_sub_network, teacher.num_params(), Path(out_dir), []
+    for k in opts.layers:
+        dropped = layers_to_drop(similarity, k, opts.criterion)
+        sub = DecoderSubNetwork(*([0 if i in dropped else v for i, v in enumerate(values)]
+                                  for values in (full.kv_heads, full.queries_per_kv, full.units)))
+        small = teacher.extract_sub_network(sub)
+        trial_id = f"layers-{k}"
+        log.info("layer dropping: drop layers %s of %d%s", dropped, c.num_hidden_layers,
+                 ", fine-tune" if opts.finetune else "")
+        steps, trained, train_s = 0, 0, 0.0
+        if opts.finetune:
+            steps, trained, train_s = recover(small, task, tokenizer, out / f".{trial_id}.train",
+                                              opts.train_options(), "layer_drop")
+        scores, eval_time = validation_scores(small, task, tokenizer, opts.batch_size)
+        params = teacher.num_params(sub)
+        export_decoder(small.eval(), small.full_sub_network, out / trial_id, tokenizer,
+                       metadata={"method": "layer_drop", "layers": k, "dropped": dropped,
+                                 "criterion": opts.criterion, "params_ratio": params / dense,
+                                 "task": task.spec.name, "teacher": str(teacher_dir),
+                                 "steps": steps, "valid": scores},
+                       seq_len=opts.max_length)
+        examples = blocks + trained
+        rows.append({
+            "method": "layer_drop", "task": task.spec.name,
+            "model": str(meta.get("base_model", "")), "seed": opts.seed, "trial_id": trial_id,
+            "config": {"num_layers": k, **{f"layer_{i}": int(i not in dropped)
+                                           for i in range(c.num_hidden_layers)}},
+            "fidelity": float(examples * opts.max_length), "fidelity_unit": "tokens",
+            "error": scores["error"], "metric_name": task.spec.metric,
+            "metric_value": scores["metric"], "params": params, "params_ratio": params / dense,
+            "flops": teacher.flops(sub, opts.max_length),
+            "wall_time_s": time.perf_counter() - started, "train_examples": examples,
+            "train_time_s": calibration_s + train_s, "eval_time_s": eval_time, "status": "ok",
+            "message": f"dropped layers {dropped} of {c.num_hidden_layers} by "
+                       f"{opts.criterion.replace('_', ' ')}, fine-tuned {steps} steps",
+        })
+        log.info("%s: perplexity %.3f, %.3f of the dense parameters", trial_id,
                  scores["metric"], params / dense)
     return rows
