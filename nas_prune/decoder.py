@@ -462,10 +462,10 @@ class DecoderModel(PreTrainedModel):
                  output_hidden_states: bool = False,
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The final-normed residual stream (batch, tokens, kept channels) of the selected
-        sub-network and, with `output_hidden_states`, the un-normed residual stream after the
-        embeddings and after each layer that keeps a block (as transformers' hidden_states:
-        embeddings first; a dropped layer is left out, so a sliced sub-network and its
-        extracted model give the same tuple)."""
+        sub-network and, with `output_hidden_states`, transformers' `hidden_states`: the
+        residual stream after the embeddings and after each layer, the last one final-normed.
+        Layers that keep no block are left out, so a sliced sub-network and its extracted
+        model give the same tuple."""
         past = cache.length if cache is not None else 0
         batch, length = input_ids.shape
         device, hidden = input_ids.device, self._hidden
@@ -488,7 +488,8 @@ class DecoderModel(PreTrainedModel):
                 states.append(x)
         if cache is not None:
             cache.length += length
-        return self.model.norm(x, hidden), tuple(states) if output_hidden_states else None
+        states[-1] = x = self.model.norm(x, hidden)
+        return x, tuple(states) if output_hidden_states else None
 
     # ------------------------------------------------------------------------------ costs
     def head_params(self, hidden: int) -> int:

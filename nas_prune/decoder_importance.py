@@ -11,6 +11,10 @@ batches, no gradients:
 - an MLP neuron: the mean over real tokens of |act(gate(x)) * up(x)|;
 - a hidden channel: the mean over real tokens and over the residual stream at every layer
   boundary (the embeddings and each layer's output) of |x_c|.
+
+The same scores serve both heads (`DecoderForCausalLM`, `DecoderForSequenceClassification`):
+they come from the body's activations over every real token, not from the head or its objective,
+so a batch's `labels` are ignored and a classifier's new, untrained head does not bias them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nas_prune.decoder import DecoderForCausalLM
+from nas_prune.decoder import DecoderModel
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,10 @@ class DecoderImportance:
 
 
 @torch.no_grad()
-def importance(model: DecoderForCausalLM, batches) -> DecoderImportance:
-    """Activation-based importance of every unit of the full network over `batches` (dicts
-    with `input_ids` and optionally `attention_mask`; other keys are ignored)."""
+def importance(model: DecoderModel, batches) -> DecoderImportance:
+    """Activation-based importance of every unit of the full network (either head) over
+    `batches` (dicts with `input_ids` and optionally `attention_mask`; other keys, such as
+    `labels`, are ignored)."""
     c = model.config
     if any(x is not None for x in (c.layer_kv_heads, c.layer_queries_per_kv, c.layer_units)):
         raise ValueError("importance applies to a full supernet, not an exported sub-network")
@@ -101,7 +106,7 @@ def importance(model: DecoderForCausalLM, batches) -> DecoderImportance:
     )
 
 
-def rewire(model: DecoderForCausalLM, batches) -> DecoderImportance:
+def rewire(model: DecoderModel, batches) -> DecoderImportance:
     """Sort every layer's KV groups, the query heads inside each group, the MLP neurons and the
     hidden channels by decreasing importance (in place), so that prefix sub-networks keep the
     most important units. Returns the importances in the new order."""
@@ -120,7 +125,7 @@ def rewire(model: DecoderForCausalLM, batches) -> DecoderImportance:
 
 
 @torch.no_grad()
-def reorder(model: DecoderForCausalLM, kv_order, query_order, unit_order,
+def reorder(model: DecoderModel, kv_order, query_order, unit_order,
             hidden_order: torch.Tensor) -> None:
     """Permute the units of a full decoder in place (new unit j = old unit order[j]); it
     computes the same function afterwards.
@@ -131,8 +136,9 @@ def reorder(model: DecoderForCausalLM, kv_order, query_order, unit_order,
         query_order: per layer, (groups, queries per group): the order inside each *old* group.
         unit_order: per layer, the order of the MLP neurons (gate, up and down together).
         hidden_order: the order of the residual-stream channels, applied to the embeddings,
-            every tensor that reads or writes the stream, the norms and the LM head (RMSNorm's
-            mean over all channels does not depend on their order).
+            every tensor that reads or writes the stream, the norms and the head (the LM head
+            or `score`: every parameter outside `model.`; RMSNorm's mean over all channels
+            does not depend on their order).
     """
     c, d = model.config, model.config.head_dim
     if any(x is not None for x in (c.layer_kv_heads, c.layer_queries_per_kv, c.layer_units)):
@@ -146,8 +152,9 @@ def reorder(model: DecoderForCausalLM, kv_order, query_order, unit_order,
     ho = hidden_order.long()
     permute(model.model.embed_tokens.weight, 1, ho)  # a tied LM head moves with it
     permute(model.model.norm.weight, 0, ho)
-    if model.lm_head is not None:
-        permute(model.lm_head.weight, 1, ho)
+    for name, param in model.named_parameters():
+        if not name.startswith("model."):  # lm_head.weight or score.weight: (out, hidden)
+            permute(param, 1, ho)
     for layer, kv_o, q_o, u_o in zip(model.model.layers, kv_order, query_order, unit_order,
                                      strict=True):
         kv_o, q_o, u_o = kv_o.long(), q_o.long(), u_o.long()

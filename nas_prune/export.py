@@ -10,14 +10,17 @@ referenced by ``auto_map``), so
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` loads it
 anywhere transformers is installed.
 
-Decoders (`export_decoder`) follow the same rule (DESIGN.md decisions 2 and 8). A sub-network
-whose kept layers all keep both blocks with the same KV heads, queries per KV head and MLP
-width is a stock `LlamaForCausalLM` (`Qwen2ForCausalLM` for a Qwen2 source), any hidden width
-included: Llama configs carry the head size, so a narrower residual stream is still a stock
-shape, as long as it is a multiple of the query head count (which `LlamaConfig` checks).
-Otherwise the directory holds our `DecoderConfig` with per-layer shapes and the model file
-(``decoder.py``, with ``supernet.py`` for the shared error type), and
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it.
+Decoders (`export_decoder`; `export_sub_network` hands them over) follow the same rule (DESIGN.md
+decisions 2 and 8), for both heads. A sub-network whose kept layers all keep both blocks with
+the same KV heads, queries per KV head and MLP width is a stock `LlamaForCausalLM` /
+`LlamaForSequenceClassification` (`Qwen2...` for a Qwen2 source), any hidden width included:
+Llama configs carry the head size, so a narrower residual stream is still a stock shape, as long
+as it is a multiple of the query head count (which `LlamaConfig` checks). Otherwise the
+directory holds our `DecoderConfig` with per-layer shapes and the model file (``decoder.py``,
+with ``supernet.py`` for the shared error type), and ``AutoModelForCausalLM`` /
+``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` loads it.
+A stock classifier finds each sequence's last token from ``pad_token_id`` (ours from the
+attention mask), so keep a pad token in the config that real text never contains.
 """
 
 from __future__ import annotations
@@ -35,14 +38,21 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
 
-from nas_prune.decoder import DecoderConfig, DecoderForCausalLM, DecoderSubNetwork
+from nas_prune.decoder import (
+    DecoderConfig,
+    DecoderForSequenceClassification,
+    DecoderModel,
+    DecoderSubNetwork,
+)
 from nas_prune.supernet import (
     HF_CONFIG_FIELDS,
     EncoderConfig,
@@ -58,8 +68,9 @@ SUBNETWORK_FILE = "nas_prune_subnetwork.json"
 
 _STOCK = {"bert": (BertConfig, BertForSequenceClassification),
           "roberta": (RobertaConfig, RobertaForSequenceClassification)}
-_STOCK_DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM),
-                   "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+_STOCK_DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification),
+                   "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification)}
+"""Per family: the config class, the causal-LM class, the sequence-classification class."""
 
 
 def stock_shape(config: EncoderConfig, sub: SubNetwork) -> tuple[int, int] | None:
@@ -109,7 +120,7 @@ def to_stock(model: EncoderForSequenceClassification) -> PreTrainedModel:
 
 
 def export_sub_network(
-    model: EncoderForSequenceClassification,
+    model: EncoderForSequenceClassification | DecoderModel,
     sub: SubNetwork,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
@@ -122,7 +133,7 @@ def export_sub_network(
     export never leaves a half-written model; an existing directory is replaced.
 
     Args:
-        model: the supernet.
+        model: the supernet: an encoder, or a decoder of either head (`export_decoder`).
         sub: the sub-network to export.
         out_dir: target directory.
         tokenizer: saved beside the model when given.
@@ -132,6 +143,8 @@ def export_sub_network(
     Returns:
         The directory path.
     """
+    if isinstance(model, DecoderModel):
+        return export_decoder(model, sub, out_dir, tokenizer, metadata, seq_len)
     shape = {"heads": [list(h) if isinstance(h, tuple) else h for h in sub.heads],
              "units": [list(u) if isinstance(u, tuple) else u for u in sub.units]}
     return _export(model, sub, out_dir, tokenizer, to_stock if stock_shape(model.config, sub)
@@ -207,9 +220,10 @@ def decoder_stock_shape(config: DecoderConfig,
     return sum(sub.layers), k, g, n, hidden
 
 
-def to_stock_decoder(model: DecoderForCausalLM) -> PreTrainedModel:
-    """A transformers `LlamaForCausalLM` / `Qwen2ForCausalLM` with the weights of `model`, an
-    extracted decoder sub-network of a stock shape (`decoder_stock_shape`)."""
+def to_stock_decoder(model: DecoderModel) -> PreTrainedModel:
+    """A transformers `LlamaForCausalLM` / `Qwen2ForCausalLM` (for a classifier:
+    `...ForSequenceClassification`, labels included) with the weights of `model`, an extracted
+    decoder sub-network of a stock shape (`decoder_stock_shape`)."""
     c = model.config
     shape = decoder_stock_shape(c, model.full_sub_network)
     if shape is None:
@@ -220,7 +234,8 @@ def to_stock_decoder(model: DecoderForCausalLM) -> PreTrainedModel:
             "DecoderConfig (export_decoder does)"
         )
     layers, k, g, n, hidden = shape
-    config_cls, model_cls = _STOCK_DECODERS[c.family]
+    classify = isinstance(model, DecoderForSequenceClassification)
+    config_cls, causal_cls, classifier_cls = _STOCK_DECODERS[c.family]
     fields = dict(
         vocab_size=c.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=k * g, num_key_value_heads=k, head_dim=c.head_dim,
@@ -233,9 +248,11 @@ def to_stock_decoder(model: DecoderForCausalLM) -> PreTrainedModel:
     )
     if c.family == "llama":
         fields.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
-    hf_model = model_cls(config_cls(**fields))
+    if classify:
+        fields.update(id2label=c.id2label, label2id=c.label2id, problem_type=c.problem_type)
+    hf_model = (classifier_cls if classify else causal_cls)(config_cls(**fields))
     missing, unexpected = hf_model.load_state_dict(model.state_dict(), strict=False)
-    if c.tie_word_embeddings:
+    if c.tie_word_embeddings and not classify:
         hf_model.tie_weights()
         missing = [key for key in missing if key != "lm_head.weight"]
     if missing or unexpected:
@@ -244,7 +261,7 @@ def to_stock_decoder(model: DecoderForCausalLM) -> PreTrainedModel:
 
 
 def export_decoder(
-    model: DecoderForCausalLM,
+    model: DecoderModel,
     sub: DecoderSubNetwork,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
@@ -252,11 +269,13 @@ def export_decoder(
     seq_len: int = 128,
 ) -> Path:
     """Write sub-network `sub` of decoder `model` to `out_dir` as a loadable Hugging Face causal
-    LM: a stock Llama / Qwen2 checkpoint when `decoder_stock_shape` allows, else our class with
-    its code (``trust_remote_code=True``). Replaces `out_dir` atomically (`save_model_dir`).
+    LM or sequence classifier (`model`'s head): a stock Llama / Qwen2 checkpoint when
+    `decoder_stock_shape` allows, else our class with its code (``trust_remote_code=True``).
+    Replaces `out_dir` atomically (`save_model_dir`).
 
     Args:
-        model: the decoder supernet.
+        model: the decoder supernet (`DecoderForCausalLM` or
+            `DecoderForSequenceClassification`).
         sub: the sub-network to export.
         out_dir: target directory.
         tokenizer: saved beside the model when given.
