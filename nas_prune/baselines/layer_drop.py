@@ -27,8 +27,8 @@ The papers heal with QLoRA (Gromov et al.) or not at all (ShortGPT); here, when 
 on, all weights of the smaller model are fine-tuned on the next-token loss of the training
 blocks, through the same loop as for encoders (``llm_pruner.recover``: nas_prune.train.train,
 ``standard`` strategy, the same `epochs` / `max_steps`, `lr`, ... options), and the cost is
-counted. Decoder rows are charged the calibration blocks plus the recovery
-blocks, fidelity in tokens.
+counted. Decoder rows are charged the calibration blocks plus the recovery blocks, fidelity in
+tokens.
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     decoders: :func:`run_decoder`), fine-tune, save a checkpoint (stock when the head reads
     [CLS]) to ``out_dir/layers-<k>/`` and return one evaluation row per model (validation
     split)."""
-    from nas_prune.baselines.llm_pruner import is_lm_task
-
-    if is_lm_task(task):
+    if task.spec.is_lm:
         return run_decoder(teacher_dir, task, tokenizer, out_dir, opts)
     if not opts.finetune:
         raise BaselineError("finetune false applies to decoders; encoder layer dropping "

@@ -128,11 +128,6 @@ class Options:
 
 
 # ------------------------------------------------------------------------ shared LM helpers
-def is_lm_task(task: data_lib.TaskData) -> bool:
-    """Whether `task` is language modelling (``spec.kind == "lm"``), scored by perplexity."""
-    return getattr(task.spec, "kind", None) == "lm"
-
-
 def load_decoder_teacher(teacher_dir: str | os.PathLike, task: data_lib.TaskData):
     """The dense decoder LM of teacher checkpoint `teacher_dir` for `task`, in eval mode, on
     the GPU when there is one, and its metadata."""
@@ -194,8 +189,8 @@ def recover(model: Any, task: data_lib.TaskData, tokenizer: Any, work_dir: Path,
                    meta={"kind": kind, "task": task.spec.name})
     shutil.rmtree(work_dir, ignore_errors=True)
     model.eval()
-    return result.steps, result.steps * train_opts.batch_size * train_opts.gradient_accumulation, \
-        result.seconds
+    blocks = result.steps * train_opts.batch_size * train_opts.gradient_accumulation
+    return result.steps, blocks, result.seconds
 
 
 # ------------------------------------------------------------------------------ importance
@@ -360,7 +355,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     from nas_prune.export import export_decoder
 
     started = time.perf_counter()
-    if not is_lm_task(task):
+    if not task.spec.is_lm:
         raise BaselineError(f"llm_pruner prunes decoder language models; task "
                             f"{task.spec.name!r} is not a language-modelling task")
     teacher, meta = load_decoder_teacher(teacher_dir, task)
