@@ -8,14 +8,21 @@ Parameter count is a poor proxy for latency on a given GPU or CPU, so nas_prune 
   `cpu-onnxruntime` (the same CPUs running the sub-network exported to ONNX, with onnxruntime;
   measured only when named).
 * `Profiler`, run as a Ray actor pinned to one hardware type (``accelerator_type=`` for GPUs,
-  the custom resource otherwise), loads the supernet once, cuts each sub-network out as a
-  physically smaller model, and times its forward pass: warm-up runs, device synchronisation
-  (CUDA events on GPU), repeated timing, median / p90 / spread; bf16 on GPU if asked, fp32 on
-  CPU with a pinned thread count (PyTorch, or onnxruntime via `nas_prune.onnx_export`).
+  the custom resource otherwise), loads the supernet once (an encoder, nas_prune.supernet, or a
+  decoder, nas_prune.decoder), cuts each sub-network out as a physically smaller model, and
+  times it: warm-up runs, device synchronisation (CUDA events on GPU), repeated timing, median
+  / p90 / spread; bf16 on GPU if asked, fp32 on CPU with a pinned thread count (PyTorch, or for
+  encoders onnxruntime via `nas_prune.onnx_export`). An encoder's forward pass is timed; a
+  decoder's prefill (``median_ms``: batch_size x seq_len prompt tokens into a fresh KV cache)
+  and its decode (``decode_ms``: per generated token, over `DECODE_TOKENS` steps reading the
+  cache), both by `decoder_timings`.
 * `LatencyTable` (Kwon et al. 2022) holds the fixed part (embeddings, head) and the cost of one
-  attention block per head count and one FFN block per neuron count, each timed on extracted
-  models run whole, and predicts any config's latency as the fixed part plus the sum over kept
-  layers.
+  attention block per head count (a decoder: per KV head count x query heads per KV head) and
+  one FFN block per neuron count, each timed on extracted models run whole, and predicts any
+  config's latency as the fixed part plus the sum over kept layers; a decoder's table has these
+  entries for the prefill and per decoded token. For a ``+hidden`` space every entry is timed at
+  a grid of hidden widths (`hidden_grid`) and the prediction interpolated linearly in the
+  sub-network's width.
 * `profile_configs` runs a pool per hardware type, caches measurements in the results store
   (the same config on the same hardware is measured once per experiment) and returns rows.
 * `decoder_latency` times a decoder (nas_prune.decoder) the way text generation runs it: the
@@ -30,7 +37,7 @@ import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +54,11 @@ ONNX_CPU = "cpu-onnxruntime"
 (`nas_prune.onnx_export`); present when onnxruntime is installed, measured only when named."""
 OPT_IN = (ONNX_CPU,)
 """Hardware types measured only when asked for by name (not by the default "every type")."""
+DECODER_TYPE = "nas_prune_decoder"
+"""`model_type` of nas_prune's decoder (nas_prune.decoder.DecoderConfig)."""
+DECODE_TOKENS = 16
+"""Decode steps a decoder measurement times after its prompt (ProfileOptions.seq_len tokens);
+its decode latency is their mean per token."""
 CUSTOM_PREFIX = "hardware:"
 ACCELERATOR_PREFIX = "accelerator_type:"
 
@@ -159,7 +171,53 @@ def time_callable(fn, device: torch.device, warmup: int = 3, repeats: int = 10,
     return _summarise(samples)
 
 
-@torch.no_grad()
+def decoder_timings(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32,
+                    device: str | torch.device = "cpu", warmup: int = 3, repeats: int = 10,
+                    clock: str = "wall", seed: int = 0) -> tuple[Timing, Timing]:
+    """Prefill and per-token decode `Timing`s of decoder `model`, measured as `decoder_latency`
+    describes (the decode timing's fields are per generated token)."""
+    from nas_prune.decoder import DecoderCache
+
+    if min(batch_size, prompt_len, new_tokens, repeats) < 1 or warmup < 0:
+        raise ProfileError(
+            f"batch_size {batch_size}, prompt_len {prompt_len}, new_tokens {new_tokens} and "
+            f"repeats {repeats} must be at least 1 and warmup {warmup} at least 0"
+        )
+    if clock not in CLOCKS:
+        raise ProfileError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len),
+                            generator=generator).to(device)
+    with torch.no_grad():
+        prefilled = DecoderCache()
+        first = model(prompts, cache=prefilled).logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def prefill() -> None:
+        model(prompts, cache=DecoderCache())
+
+    @torch.no_grad()
+    def decode() -> None:
+        cache = DecoderCache()  # the prefilled state; cached tensors are never modified
+        cache.layers, cache.length = dict(prefilled.layers), prefilled.length
+        token = first
+        for _ in range(new_tokens):
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+
+    try:
+        prefill_timing = time_callable(prefill, device, warmup, repeats, clock)
+        per_call = time_callable(decode, device, warmup, repeats, clock)
+    finally:
+        model.train(was_training)
+    per_token = Timing(per_call.median_ms / new_tokens, per_call.p90_ms / new_tokens,
+                       per_call.mean_ms / new_tokens, per_call.std_ms / new_tokens,
+                       per_call.repeats)
+    return prefill_timing, per_token
+
+
 def decoder_latency(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32,
                     device: str | torch.device = "cpu", warmup: int = 3, repeats: int = 10,
                     clock: str = "wall", seed: int = 0) -> dict[str, Any]:
@@ -177,52 +235,36 @@ def decoder_latency(model, batch_size: int = 1, prompt_len: int = 128, new_token
         ``decode_p90_ms_per_token``, ``decode_tokens_per_s`` (tokens of the whole batch per
         second at the median), and the shape: batch_size, prompt_len, new_tokens, clock.
     """
-    from nas_prune.decoder import DecoderCache
-
-    if min(batch_size, prompt_len, new_tokens, repeats) < 1 or warmup < 0:
-        raise ProfileError(
-            f"batch_size {batch_size}, prompt_len {prompt_len}, new_tokens {new_tokens} and "
-            f"repeats {repeats} must be at least 1 and warmup {warmup} at least 0"
-        )
-    if clock not in CLOCKS:
-        raise ProfileError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len),
-                            generator=generator).to(device)
-    prefilled = DecoderCache()
-    first = model(prompts, cache=prefilled).logits[:, -1:].argmax(-1)
-
-    def decode() -> None:
-        cache = DecoderCache()  # the prefilled state; cached tensors are never modified
-        cache.layers, cache.length = dict(prefilled.layers), prefilled.length
-        token = first
-        for _ in range(new_tokens):
-            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
-
-    try:
-        prefill = time_callable(lambda: model(prompts, cache=DecoderCache()), device, warmup,
-                                repeats, clock)
-        per_call = time_callable(decode, device, warmup, repeats, clock)
-    finally:
-        model.train(was_training)
-    per_token = per_call.median_ms / new_tokens
+    prefill, decode = decoder_timings(model, batch_size, prompt_len, new_tokens, device,
+                                      warmup, repeats, clock, seed)
     return {"prefill_ms": prefill.median_ms, "prefill_p90_ms": prefill.p90_ms,
-            "decode_ms_per_token": per_token,
-            "decode_p90_ms_per_token": per_call.p90_ms / new_tokens,
-            "decode_tokens_per_s": batch_size * 1e3 / per_token,
+            "decode_ms_per_token": decode.median_ms,
+            "decode_p90_ms_per_token": decode.p90_ms,
+            "decode_tokens_per_s": batch_size * 1e3 / decode.median_ms,
             "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "clock": clock}
+
+
+def is_decoder(model_config: Any) -> bool:
+    """Whether `model_config` is a decoder's (`nas_prune.decoder.DecoderConfig`)."""
+    return getattr(model_config, "model_type", None) == DECODER_TYPE
+
+
+def _is_causal_lm(model) -> bool:
+    from nas_prune.decoder import DecoderForCausalLM
+
+    return isinstance(model, DecoderForCausalLM)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Profiler:
-    """Times sub-networks of one supernet on this process's device (the body of the actor),
-    with `settings.clock` on CPU types ("thread" needs a CPU type and one thread)."""
+    """Times sub-networks of one supernet, encoder or decoder, on this process's device (the
+    body of the actor), with `settings.clock` on CPU types ("thread" needs a CPU type and one
+    thread). A causal LM (`DecoderForCausalLM`) is timed by `decoder_timings`: prefill of
+    `settings.batch_size` x `settings.seq_len` prompt tokens, then `DECODE_TOKENS` decode
+    steps; a classifier (encoder or decoder) by one forward pass over such a batch."""
 
     def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions):
         from nas_prune.checkpoint import load_checkpoint
@@ -246,6 +288,12 @@ class Profiler:
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
         torch.set_num_threads(settings.threads)
         model, _ = load_checkpoint(checkpoint)
+        self.decoder = is_decoder(model.config)
+        self.generative = _is_causal_lm(model)
+        """Whether it generates text: prefill and decode are timed (else one forward pass)."""
+        if self.decoder and hardware == ONNX_CPU:
+            raise ProfileError(f"{ONNX_CPU} times encoders only; profile a decoder on the cpu "
+                               "type or a GPU type")
         self.model = model.to(self.device, self.dtype).eval()
         self.space = make_space(space, model.config)
         self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
@@ -263,22 +311,32 @@ class Profiler:
 
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"hardware": self.hardware, "device_name": self.device_name,
-                "dtype": self.dtype_name, "pid": os.getpid(), "node_id": node_id}
+                "dtype": self.dtype_name, "pid": os.getpid(), "node_id": node_id,
+                "decoder": self.decoder, "generative": self.generative}
 
     @torch.no_grad()
     def measure(self, config: Mapping[str, int]) -> dict[str, Any]:
-        """Latency of `config`'s sub-network, exported as a physically smaller model."""
+        """Latency of `config`'s sub-network, exported as a physically smaller model: the
+        forward pass (an encoder) or the prefill (a decoder) as ``median_ms`` etc., and for a
+        decoder the per-token decode latency as ``decode_ms`` / ``decode_p90_ms``."""
         sub = self.space.to_sub_network(config)
         small = self.model.extract_sub_network(sub).eval()
-        timing = self._timing(small)
-        return {**asdict(timing), **self._context(), "params": self.model.num_params(sub)}
+        prefill, decode = self._timings(small)
+        row = {**asdict(prefill), **self._context(), "params": self.model.num_params(sub)}
+        if decode is not None:
+            row.update(decode_ms=decode.median_ms, decode_p90_ms=decode.p90_ms)
+        return row
 
-    def _timing(self, small) -> Timing:
-        """Time one extracted model's forward pass with this profiler's runtime."""
+    def _timings(self, small) -> tuple[Timing, Timing | None]:
+        """Time one extracted model with this profiler's runtime: (forward pass or prefill,
+        per-token decode or None for an encoder)."""
         s = self.settings
+        if self.generative:
+            return decoder_timings(small, s.batch_size, s.seq_len, DECODE_TOKENS, self.device,
+                                   s.warmup, s.repeats, self.clock)
         if self.hardware != ONNX_CPU:
             return time_callable(lambda: small(**self.inputs), self.device, s.warmup, s.repeats,
-                                 self.clock)
+                                 self.clock), None
         import tempfile
 
         from nas_prune.onnx_export import export_onnx, time_onnx
@@ -287,21 +345,46 @@ class Profiler:
             small.save_pretrained(tmp)  # with supernet.py beside it (registered auto class)
             path = export_onnx(tmp)  # also checks onnxruntime's logits against PyTorch's
             return _summarise(time_onnx(path, s.batch_size, s.seq_len, s.threads, s.warmup,
-                                        s.repeats, self.clock))
+                                        s.repeats, self.clock)), None
 
-    def _time(self, small) -> float:
-        return self._timing(small).median_ms
+    def _phase_ms(self, sub) -> dict[str, float]:
+        """Median latency (ms) per phase of `sub` extracted and run whole."""
+        prefill, decode = self._timings(self.model.extract_sub_network(sub).eval())
+        times = {"prefill": prefill.median_ms}
+        if decode is not None:
+            times["decode"] = decode.median_ms
+        return times
 
     def _context(self) -> dict[str, Any]:
-        return {"hardware": self.hardware, "device_name": self.device_name,
-                "dtype": self.dtype_name, "batch_size": self.settings.batch_size,
-                "seq_len": self.settings.seq_len}
+        context = {"hardware": self.hardware, "device_name": self.device_name,
+                   "dtype": self.dtype_name, "batch_size": self.settings.batch_size,
+                   "seq_len": self.settings.seq_len}
+        if self.generative:
+            context["new_tokens"] = DECODE_TOKENS
+        return context
+
+    def _sub(self, attention: Sequence[tuple[int, int]], units: Sequence[int], hidden: int):
+        """The sub-network whose layer i keeps attention shape `attention[i]` (heads or KV
+        heads, queries per KV head) and `units[i]` neurons, and `hidden` channels."""
+        if self.decoder:
+            from nas_prune.decoder import DecoderSubNetwork
+
+            return DecoderSubNetwork(tuple(k for k, _ in attention),
+                                     tuple(g if k else 0 for k, g in attention), tuple(units),
+                                     hidden)
+        from nas_prune.supernet import SubNetwork
+
+        return SubNetwork(tuple(k for k, _ in attention), tuple(units), hidden)
 
     @torch.no_grad()
-    def lookup_table(self, head_counts: Sequence[int], unit_counts: Sequence[int]):
-        """Kwon et al.'s latency lookup table on this device: the fixed part (embeddings, mask,
-        head), and the cost of one attention block per head count and of one FFN block per
-        neuron count.
+    def lookup_table(self, head_counts: Sequence[int], unit_counts: Sequence[int],
+                     queries: Sequence[int] | None = None,
+                     widths: Sequence[int] | None = None) -> dict[str, Any]:
+        """Kwon et al.'s latency lookup table on this device, at every hidden width of `widths`
+        (default: the model's full width): the fixed part (embeddings, mask, head), the cost of
+        one attention block per head count (a decoder: per KV head count x query heads per KV
+        head of `queries`, default all) and of one FFN block per neuron count; for a decoder
+        each entry both for the prefill and per decoded token.
 
         Every entry is timed as `measure` times a sub-network, on an extracted (contiguous)
         model run whole: the fixed part is the 0-layer model; the attention cost of h heads is
@@ -312,36 +395,59 @@ class Profiler:
         overhead of the model's forward, and a block of well under a millisecond is rarely
         preempted by other processes while a whole model is. The full model is run first
         (untimed) so that the first entry is not timed on a cold process.
+
+        Returns:
+            The timing context (hardware, device_name, dtype, batch_size, seq_len, and
+            new_tokens for a decoder) and ``entries``: one dict per timed entry with its
+            ``hidden`` width, ``block`` ("fixed", "attention" or "ffn"), ``heads``,
+            ``queries``, ``units`` and its per-phase milliseconds ``prefill_ms`` (and
+            ``decode_ms``); `build_table` makes the `LatencyTable`.
         """
-        from nas_prune.supernet import SubNetwork
-
         full = self.model.full_sub_network
-        self._time(self.model.extract_sub_network(full).eval())  # warm the process up
-        fixed = self._time(self.model.extract_sub_network(_empty(self.model)).eval())
+        if self.decoder:
+            head_limits, query_limits = full.kv_heads, full.queries_per_kv
+            queries = sorted(set(queries or range(1, max(query_limits) + 1)))
+        else:
+            head_limits, query_limits = full.num_heads, (1,) * len(full.num_heads)
+            if queries not in (None, [1], (1,)):
+                raise ProfileError("an encoder's heads have no query groups: give queries=None")
+            queries = [1]
+        unit_limits = full.num_units if not self.decoder else full.units
+        widths = sorted(set(widths or [self.model.config.hidden_size]))
+        if widths[0] < 1 or widths[-1] > self.model.config.hidden_size:
+            raise ProfileError(f"hidden widths {widths} must lie in [1, "
+                               f"{self.model.config.hidden_size}]")
+        n = len(head_limits)
+        heads = [h for h in sorted(set(head_counts)) if 0 < h <= max(head_limits)]
+        queries = [q for q in queries if 0 < q <= max(query_limits)]
+        units = [u for u in sorted(set(unit_counts)) if 0 < u <= max(unit_limits)]
+        self._timings(self.model.extract_sub_network(full).eval())  # warm the process up
+        entries = []
 
-        def per_layer(limits: Sequence[int], count: int, block: str) -> float | None:
-            keep = tuple(count if count <= limit else 0 for limit in limits)
-            layers = sum(1 for k in keep if k)
+        def per_layer(total: dict[str, float], fixed: dict[str, float], layers: int):
             if not layers:
-                return None  # no layer of this network is that wide
-            zeros = (0,) * len(keep)
-            sub = SubNetwork(keep, zeros) if block == "attention" else SubNetwork(zeros, keep)
-            small = self.model.extract_sub_network(sub).eval()
-            return max(0.0, self._time(small) - fixed) / layers
+                raise ProfileError("no layer of this supernet can hold the entry; time a "
+                                   "supernet whose layers have one shape")
+            return {f"{p}_ms": max(0.0, total[p] - fixed[p]) / layers for p in total}
 
-        attention = {h: per_layer(full.num_heads, h, "attention") if h else 0.0
-                     for h in head_counts}
-        ffn = {n: per_layer(full.num_units, n, "ffn") if n else 0.0 for n in unit_counts}
-        return {"fixed_ms": fixed,
-                "attention_ms": {h: t for h, t in attention.items() if t is not None},
-                "ffn_ms": {n: t for n, t in ffn.items() if t is not None}, **self._context()}
-
-
-def _empty(model):
-    from nas_prune.supernet import SubNetwork
-
-    n = model.config.num_hidden_layers
-    return SubNetwork((0,) * n, (0,) * n)
+        for w in widths:
+            fixed = self._phase_ms(self._sub([(0, 0)] * n, [0] * n, w))
+            entries.append({"hidden": w, "block": "fixed", "heads": 0, "queries": 0, "units": 0,
+                            **{f"{p}_ms": t for p, t in fixed.items()}})
+            for h in heads:
+                for q in queries:
+                    keep = [(h, q) if h <= hl and q <= ql else (0, 0)
+                            for hl, ql in zip(head_limits, query_limits, strict=True)]
+                    total = self._phase_ms(self._sub(keep, [0] * n, w))
+                    entries.append({"hidden": w, "block": "attention", "heads": h, "queries": q,
+                                    "units": 0,
+                                    **per_layer(total, fixed, sum(k > 0 for k, _ in keep))})
+            for u in units:
+                keep = [u if u <= limit else 0 for limit in unit_limits]
+                total = self._phase_ms(self._sub([(0, 0)] * n, keep, w))
+                entries.append({"hidden": w, "block": "ffn", "heads": 0, "queries": 0,
+                                "units": u, **per_layer(total, fixed, sum(map(bool, keep)))})
+        return {**self._context(), "entries": entries}
 
 
 def _cpu_name() -> str:
@@ -358,49 +464,141 @@ def _cpu_name() -> str:
 
 
 # --------------------------------------------------------------------------- predictor
+PHASES = ("prefill", "decode")
+"""What a table predicts: "prefill" (an encoder's forward pass, a decoder's prompt pass) and
+"decode" (a decoder's latency per generated token)."""
+
+
 @dataclass
 class LatencyTable:
-    """Kwon et al.'s latency lookup table for one hardware type and input shape."""
+    """Kwon et al.'s latency lookup table for one hardware type and input shape, over a grid of
+    hidden widths; for a decoder, one table per phase (prefill and per-token decode).
+
+    A prediction is the fixed part plus, per kept layer, the cost of its attention block and of
+    its FFN block, each interpolated linearly between the timed head (KV head, query) and
+    neuron counts; all of that at each timed hidden width, then interpolated linearly in the
+    sub-network's hidden width between the two nearest timed widths (clamped outside them).
+    Matrix products grow linearly with the width and per-call overheads not at all, so cost
+    is close to affine in the width between grid points. Timed at the full width only (a space
+    without ``+hidden``), the width is not looked at.
+    """
 
     hardware: str
-    fixed_ms: float
-    heads: list[int]
-    attention_ms: list[float]
-    units: list[int]
-    ffn_ms: list[float]
     batch_size: int
     seq_len: int
     dtype: str
+    hidden: list[int]
+    """Hidden widths timed, ascending; the last is the model's full width."""
+    heads: list[int]
+    """Attention heads per layer (encoder) or KV heads per layer (decoder) timed, from 0."""
+    queries: list[int]
+    """Query heads per KV head timed (decoder); [1] for an encoder."""
+    units: list[int]
+    """FFN / MLP neurons per layer timed, from 0."""
+    fixed_ms: list[float]
+    """Per width: the 0-layer model (embeddings, final norm, head)."""
+    attention_ms: list[list[list[float]]]
+    """Per width, head count and query count: one attention block (0 for 0 heads)."""
+    ffn_ms: list[list[float]]
+    """Per width and neuron count: one FFN block (0 for 0 neurons)."""
+    new_tokens: int = 0
+    """Decoder: decode steps after the seq_len-token prompt that a decode time averages over;
+    0 for an encoder (no decode phase)."""
+    decode_fixed_ms: list[float] = field(default_factory=list)
+    decode_attention_ms: list[list[list[float]]] = field(default_factory=list)
+    decode_ffn_ms: list[list[float]] = field(default_factory=list)
+    """Decoder: the same three entries per generated token."""
 
-    def predict(self, sub) -> float:
-        """Predicted latency (ms) of a SubNetwork: fixed part + per-layer blocks, with linear
-        interpolation between measured head / neuron counts."""
-        total = self.fixed_ms
-        for h, n in zip(sub.num_heads, sub.num_units, strict=True):
+    def predict(self, sub, phase: str = "prefill") -> float:
+        """Predicted latency (ms) of a SubNetwork or DecoderSubNetwork: of the forward pass or
+        prefill (`phase` "prefill"), or per decoded token ("decode", decoders)."""
+        if phase not in PHASES:
+            raise ProfileError(f"phase must be one of {PHASES}, got {phase!r}")
+        if phase == "decode":
+            if not self.new_tokens:
+                raise ProfileError("this table has no decode phase (an encoder's)")
+            fixed, attention, ffn = (self.decode_fixed_ms, self.decode_attention_ms,
+                                     self.decode_ffn_ms)
+        else:
+            fixed, attention, ffn = self.fixed_ms, self.attention_ms, self.ffn_ms
+        attention, ffn = np.asarray(attention, float), np.asarray(ffn, float)
+        total = np.asarray(fixed, float).copy()  # per width
+        for h, q, n in _layer_shapes(sub):
             if h:
-                total += float(np.interp(h, self.heads, self.attention_ms))
+                per_head = _lerp(q, self.queries, attention)  # (width, heads)
+                total += _lerp(h, self.heads, per_head)
             if n:
-                total += float(np.interp(n, self.units, self.ffn_ms))
-        return total
+                total += _lerp(n, self.units, ffn)
+        width = sub.hidden or self.hidden[-1]
+        return float(np.interp(width, self.hidden, total))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _lerp(x: float, points: Sequence[int], values: np.ndarray) -> np.ndarray:
+    """`values` (last axis: one entry per point) interpolated linearly at `x` along the last
+    axis (clamped outside the points)."""
+    i = int(np.clip(np.searchsorted(points, x), 1, len(points) - 1)) if len(points) > 1 else 0
+    if len(points) == 1:
+        return values[..., 0]
+    lo, hi = points[i - 1], points[i]
+    t = float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
+    return (1 - t) * values[..., i - 1] + t * values[..., i]
+
+
+def _layer_shapes(sub) -> list[tuple[int, int, int]]:
+    """(heads or KV heads, queries per KV head, neurons) of each layer of `sub`."""
+    if hasattr(sub, "kv_heads"):
+        return list(zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True))
+    return [(h, 1, n) for h, n in zip(sub.num_heads, sub.num_units, strict=True)]
+
+
 def build_table(raw: Mapping[str, Any]) -> LatencyTable:
-    heads = sorted(raw["attention_ms"])
-    units = sorted(raw["ffn_ms"])
+    """The `LatencyTable` of a `Profiler.lookup_table` result."""
+    entries = raw["entries"]
+    widths = sorted({e["hidden"] for e in entries})
+    attention = [e for e in entries if e["block"] == "attention"]
+    heads = sorted({0, *(e["heads"] for e in attention)})
+    queries = sorted({e["queries"] for e in attention}) or [1]
+    units = sorted({0, *(e["units"] for e in entries if e["block"] == "ffn")})
+    phases = [p for p in PHASES if f"{p}_ms" in entries[0]]
+    index = {(e["hidden"], e["block"], e["heads"], e["queries"], e["units"]): e
+             for e in entries}
+
+    def ms(phase: str, w: int, block: str, h: int = 0, q: int = 0, n: int = 0) -> float:
+        if block != "fixed" and not (h or n):
+            return 0.0  # a removed block costs nothing
+        entry = index.get((w, block, h, q, n))
+        if entry is None:
+            raise ProfileError(f"the lookup table lacks the {block} entry heads={h}, "
+                               f"queries={q}, units={n} at hidden width {w}; time the full grid")
+        return float(entry[f"{phase}_ms"])
+
+    tables = {p: ([ms(p, w, "fixed") for w in widths],
+                  [[[ms(p, w, "attention", h, q) for q in queries] for h in heads]
+                   for w in widths],
+                  [[ms(p, w, "ffn", n=n) for n in units] for w in widths]) for p in phases}
+    decode = tables.get("decode", ([], [], []))
     return LatencyTable(
-        hardware=raw["hardware"], fixed_ms=raw["fixed_ms"], heads=heads,
-        attention_ms=[raw["attention_ms"][h] for h in heads], units=units,
-        ffn_ms=[raw["ffn_ms"][n] for n in units], batch_size=raw["batch_size"],
-        seq_len=raw["seq_len"], dtype=raw["dtype"],
+        hardware=raw["hardware"], batch_size=raw["batch_size"], seq_len=raw["seq_len"],
+        dtype=raw["dtype"], hidden=widths, heads=heads, queries=queries, units=units,
+        fixed_ms=tables["prefill"][0], attention_ms=tables["prefill"][1],
+        ffn_ms=tables["prefill"][2], new_tokens=raw.get("new_tokens", 0) if decode[0] else 0,
+        decode_fixed_ms=decode[0], decode_attention_ms=decode[1], decode_ffn_ms=decode[2],
     )
 
 
 def default_grid(full: int, points: int = 7) -> list[int]:
     """0, full and evenly spaced counts in between."""
     return sorted({0, full, *np.linspace(1, full, points).round().astype(int).tolist()})
+
+
+def hidden_grid(low: int, high: int, step: int, points: int = 4) -> list[int]:
+    """`points` hidden widths from `low` to `high`, both included, evenly spaced and rounded to
+    multiples of `step` (fewer when the range holds fewer)."""
+    grid = np.linspace(low, high, points) / step
+    return sorted({low, high, *(int(round(v)) * step for v in grid)})
 
 
 # --------------------------------------------------------------------------- Ray
@@ -484,23 +682,46 @@ def measure_tables(checkpoint: str | os.PathLike, space: str,
                    hardware: Sequence[str] | None = None,
                    settings: ProfileOptions | None = None) -> dict[str, LatencyTable]:
     """A LatencyTable per hardware type, each measured by an actor on that type with
-    `settings.clock`."""
+    `settings.clock`: every head count (a decoder: KV head count x queries per KV head), seven
+    neuron counts, and, for a space that searches the hidden size (``+hidden``), four hidden
+    widths from the space's smallest to the full width (`hidden_grid`)."""
     import ray
 
-    from nas_prune.checkpoint import load_checkpoint
-
     settings = settings or ProfileOptions()
+    config, grid = _table_grid(checkpoint, space)
     if not ray.is_initialized():
         ray.init()
-    config = load_checkpoint(checkpoint)[0].config
-    heads = default_grid(config.num_attention_heads, config.num_attention_heads)
-    units = default_grid(config.intermediate_size)
     tables = {}
     for hw in resolve_hardware(hardware, discover_hardware()):
         (actor,) = start_pool(str(checkpoint), space, hw, settings)
-        tables[hw.name] = build_table(ray.get(actor.lookup_table.remote(heads, units)))
+        tables[hw.name] = build_table(ray.get(actor.lookup_table.remote(**grid)))
         ray.kill(actor)
     return tables
+
+
+def _table_grid(checkpoint: str | os.PathLike, space: str) -> tuple[Any, dict[str, list[int]]]:
+    """The supernet's config and the `Profiler.lookup_table` arguments `measure_tables` uses."""
+    from transformers import AutoConfig
+
+    import nas_prune.decoder  # noqa: F401 - registers the decoder's config with AutoConfig
+    import nas_prune.supernet  # noqa: F401 - and the encoder's
+    from nas_prune.space import make_space
+
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    searched = make_space(space, config)
+    hidden = next((d for d in searched.dims if d.name == "hidden"), None)
+    widths = [config.hidden_size] if hidden is None else hidden_grid(hidden.low, hidden.high,
+                                                                     hidden.step)
+    if widths[-1] != config.hidden_size:
+        widths.append(config.hidden_size)  # the full width: a sub-network's hidden None
+    if is_decoder(config):
+        kv, group = config.num_key_value_heads, config.queries_per_group
+        grid = {"head_counts": default_grid(kv, kv), "queries": list(range(1, group + 1))}
+    else:
+        grid = {"head_counts": default_grid(config.num_attention_heads,
+                                            config.num_attention_heads)}
+    return config, {**grid, "unit_counts": default_grid(config.intermediate_size),
+                    "widths": widths}
 
 
 def _dtype_for(hw: Hardware, settings: ProfileOptions) -> str:

@@ -54,14 +54,30 @@ def flops_timer(fn, device, warmup=3, repeats=10, clock="wall"):
 
 
 def test_table_predicts_empty_and_full_as_its_entries():
-    table = LatencyTable(hardware="cpu", fixed_ms=2.0, heads=[0, 2, 4],
-                         attention_ms=[0.0, 1.0, 1.5], units=[0, 32, 64], ffn_ms=[0.0, 0.5, 1.25],
-                         batch_size=1, seq_len=8, dtype="fp32")
-    assert table.predict(SubNetwork((0, 0, 0), (0, 0, 0))) == table.fixed_ms
+    table = LatencyTable(hardware="cpu", batch_size=1, seq_len=8, dtype="fp32", hidden=[32],
+                         heads=[0, 2, 4], queries=[1], units=[0, 32, 64], fixed_ms=[2.0],
+                         attention_ms=[[[0.0], [1.0], [1.5]]], ffn_ms=[[0.0, 0.5, 1.25]])
+    assert table.predict(SubNetwork((0, 0, 0), (0, 0, 0))) == table.fixed_ms[0]
     assert table.predict(SubNetwork.uniform(3, 3, 4, 64)) == pytest.approx(2.0 + 3 * (1.5 + 1.25))
     # a layer that keeps only its attention block costs only that block
     assert table.predict(SubNetwork((2, 0, 0), (0, 0, 0))) == pytest.approx(3.0)
     assert LatencyTable(**table.to_dict()) == table  # how search workers receive it
+    with pytest.raises(ProfileError, match="no decode phase"):
+        table.predict(SubNetwork((2, 0, 0), (0, 0, 0)), phase="decode")
+
+
+def test_table_interpolates_between_hidden_widths():
+    """Two widths: a sub-network's hidden width is interpolated linearly between them (and
+    clamped outside); hidden None is the full (last) width."""
+    table = LatencyTable(hardware="cpu", batch_size=1, seq_len=8, dtype="fp32", hidden=[8, 32],
+                         heads=[0, 4], queries=[1], units=[0, 64], fixed_ms=[1.0, 2.0],
+                         attention_ms=[[[0.0], [1.0]], [[0.0], [3.0]]],
+                         ffn_ms=[[0.0, 2.0], [0.0, 6.0]])
+    full = SubNetwork.uniform(1, 1, 4, 64)
+    assert table.predict(full) == pytest.approx(2.0 + 3.0 + 6.0)
+    assert table.predict(SubNetwork.uniform(1, 1, 4, 64, hidden=8)) == pytest.approx(4.0)
+    assert table.predict(SubNetwork.uniform(1, 1, 4, 64, hidden=20)) == pytest.approx(7.5)
+    assert table.predict(SubNetwork.uniform(1, 1, 2, 32, hidden=4)) == pytest.approx(2.5)
 
 
 def test_lookup_table_adds_up_to_measured_models(tiny_model, keep_threads, monkeypatch):
@@ -70,11 +86,12 @@ def test_lookup_table_adds_up_to_measured_models(tiny_model, keep_threads, monke
     profiler = Profiler(tiny_model, "small", "cpu", settings)
     table = build_table(profiler.lookup_table(default_grid(4, 4), default_grid(64, 3)))
     assert table.heads == [0, 1, 2, 3, 4] and table.units == [0, 1, 32, 64]
+    assert table.hidden == [32] and table.queries == [1] and table.new_tokens == 0
     space = SmallSpace.for_model(profiler.model.config)
     empty = {"num_layers": 0, "num_heads": 1, "num_units": 1}
     # the fixed part is one call: its overhead is counted once, not once per block
-    assert table.fixed_ms == pytest.approx(profiler.measure(empty)["median_ms"])
-    assert table.fixed_ms >= OVERHEAD_MS
+    assert table.fixed_ms[0] == pytest.approx(profiler.measure(empty)["median_ms"])
+    assert table.fixed_ms[0] >= OVERHEAD_MS
     configs = [space.largest(), {"num_layers": 1, "num_heads": 1, "num_units": 1},
                {"num_layers": 2, "num_heads": 3, "num_units": 48},  # between grid points
                *(space.sample(np.random.default_rng(seed)) for seed in range(5))]
@@ -83,13 +100,36 @@ def test_lookup_table_adds_up_to_measured_models(tiny_model, keep_threads, monke
         assert predicted == pytest.approx(profiler.measure(config)["median_ms"], rel=1e-9), config
 
 
+def test_hidden_widths_add_up_to_measured_models(tiny_model, keep_threads, monkeypatch):
+    """small+hidden: a table timed at the narrowest and the full width predicts every width in
+    between, since the stand-in cost (FLOPs: every matrix product reading or writing the
+    residual stream is linear in its width) is affine in the width."""
+    monkeypatch.setattr(prof, "time_callable", flops_timer)
+    settings = ProfileOptions(batch_size=2, seq_len=8, warmup=0, repeats=1)
+    profiler = Profiler(tiny_model, "small+hidden", "cpu", settings)
+    table = build_table(profiler.lookup_table(default_grid(4, 4), default_grid(64, 3),
+                                              widths=[8, 32]))
+    assert table.hidden == [8, 32] and len(table.fixed_ms) == 2
+    space = profiler.space
+    configs = [space.largest(), space.smallest(),
+               {"num_layers": 2, "num_heads": 3, "num_units": 48, "hidden": 16},
+               *(space.sample(np.random.default_rng(seed)) for seed in range(6))]
+    for config in configs:
+        predicted = table.predict(space.to_sub_network(config))
+        assert predicted == pytest.approx(profiler.measure(config)["median_ms"], rel=1e-9), config
+    narrower = [table.predict(space.to_sub_network({**space.largest(), "hidden": h}))
+                for h in (8, 16, 24, 32)]
+    assert narrower == sorted(narrower) and narrower[0] < narrower[-1]
+
+
 def test_lookup_table_on_real_timings_is_close(tiny_model, keep_threads):
     """Real (thread-clock) timings: the full model's prediction is within 2x of its measurement
     (loose: the point is the units and the bookkeeping, not the noise of a shared machine)."""
     settings = ProfileOptions(batch_size=4, seq_len=32, warmup=2, repeats=7, clock="thread")
     profiler = Profiler(tiny_model, "small", "cpu", settings)
     table = build_table(profiler.lookup_table([0, 2, 4], [0, 32, 64]))
-    assert table.fixed_ms > 0 and all(t >= 0 for t in table.attention_ms + table.ffn_ms)
+    assert table.fixed_ms[0] > 0
+    assert (np.asarray(table.attention_ms) >= 0).all() and (np.asarray(table.ffn_ms) >= 0).all()
     full = profiler.model.full_sub_network
     measured = profiler.measure({"num_layers": 3, "num_heads": 4, "num_units": 64})["median_ms"]
     assert 0.5 < table.predict(full) / measured < 2

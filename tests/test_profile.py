@@ -202,9 +202,9 @@ def test_cpu_profiler_refuses_half_precision(checkpoint):
 
 # ------------------------------------------------------------------------------ predictor
 def _table() -> LatencyTable:
-    return LatencyTable(hardware="cpu", fixed_ms=0.5, heads=[0, 2, 4],
-                        attention_ms=[0.0, 2.0, 3.0], units=[0, 24, 48],
-                        ffn_ms=[0.0, 1.0, 4.0], batch_size=1, seq_len=16, dtype="fp32")
+    return LatencyTable(hardware="cpu", batch_size=1, seq_len=16, dtype="fp32", hidden=[32],
+                        heads=[0, 2, 4], queries=[1], units=[0, 24, 48], fixed_ms=[0.5],
+                        attention_ms=[[[0.0], [2.0], [3.0]]], ffn_ms=[[0.0, 1.0, 4.0]])
 
 
 def test_latency_table_predicts_by_interpolation():
@@ -217,19 +217,36 @@ def test_latency_table_predicts_by_interpolation():
     # kept heads given as indices count like the same number of first heads
     assert table.predict(SubNetwork(((0, 3),), ((1, 2, 3),))) == pytest.approx(
         table.predict(SubNetwork((2,), (3,))))
-    assert table.to_dict()["attention_ms"] == [0.0, 2.0, 3.0]
+    assert table.to_dict()["attention_ms"] == [[[0.0], [2.0], [3.0]]]
+    # one timed width: the hidden width is not looked at
+    assert table.predict(SubNetwork((4,), (48,), hidden=8)) == table.predict(
+        SubNetwork((4,), (48,)))
+    with pytest.raises(ProfileError, match="phase must be one of"):
+        table.predict(sub, phase="generate")
+
+
+def _entry(block: str, ms: float, heads: int = 0, units: int = 0, hidden: int = 32) -> dict:
+    return {"hidden": hidden, "block": block, "heads": heads, "queries": 1 if heads else 0,
+            "units": units, "prefill_ms": ms}
 
 
 def test_build_table_sorts_raw_lookup():
-    raw = {"hardware": "typeA", "fixed_ms": 1.0, "attention_ms": {4: 3.0, 0: 0.0, 2: 2.0},
-           "ffn_ms": {48: 4.0, 0: 0.0, 24: 1.0}, "batch_size": 2, "seq_len": 8, "dtype": "fp32",
-           "device_name": "x"}
+    raw = {"hardware": "typeA", "batch_size": 2, "seq_len": 8, "dtype": "fp32",
+           "device_name": "x",
+           "entries": [_entry("attention", 3.0, heads=4), _entry("fixed", 1.0),
+                       _entry("ffn", 4.0, units=48), _entry("attention", 2.0, heads=2),
+                       _entry("ffn", 1.0, units=24)]}
     table = build_table(raw)
-    assert table.heads == [0, 2, 4] and table.attention_ms == [0.0, 2.0, 3.0]
-    assert table.units == [0, 24, 48] and table.ffn_ms == [0.0, 1.0, 4.0]
+    assert table.heads == [0, 2, 4] and table.attention_ms == [[[0.0], [2.0], [3.0]]]
+    assert table.units == [0, 24, 48] and table.ffn_ms == [[0.0, 1.0, 4.0]]
     assert (table.hardware, table.batch_size, table.seq_len, table.dtype) == ("typeA", 2, 8,
                                                                               "fp32")
+    assert table.hidden == [32] and table.queries == [1] and table.new_tokens == 0
     assert table.predict(SubNetwork((2,), (24,))) == pytest.approx(1.0 + 2.0 + 1.0)
+    holey = [*raw["entries"], {**_entry("attention", 3.5, heads=4), "queries": 2}]
+    with pytest.raises(ProfileError, match="lacks the attention entry heads=2, queries=2, units=0 "
+                                           "at hidden width 32"):
+        build_table({**raw, "entries": holey})
 
 
 def test_relative_errors_by_hand():
@@ -398,10 +415,12 @@ def test_measure_tables_predict_measured_latency(profiled, checkpoint):
         assert (table.batch_size, table.seq_len) == (1, 16)
         assert table.heads == [0, 1, 2, 3, 4]
         assert table.units[0] == 0 and table.units[-1] == 48
-        assert table.fixed_ms > 0 and all(t > 0 for t in table.attention_ms[1:])
-        assert table.attention_ms[0] == 0.0 and table.ffn_ms[0] == 0.0
+        assert table.hidden == [32] and table.queries == [1] and table.new_tokens == 0
+        attention, ffn = np.asarray(table.attention_ms)[0, :, 0], np.asarray(table.ffn_ms)[0]
+        assert table.fixed_ms[0] > 0 and (attention[1:] > 0).all()
+        assert attention[0] == 0.0 and ffn[0] == 0.0
         predicted = table.predict(space_full)
-        assert table.predict(SubNetwork.uniform(2, 0, 1, 1)) == table.fixed_ms < predicted
+        assert table.predict(SubNetwork.uniform(2, 0, 1, 1)) == table.fixed_ms[0] < predicted
         ratio = predicted / measured[hw]
         assert 0.3 < ratio < 3, (hw, predicted, measured[hw])
     assert model.full_sub_network == space_full
