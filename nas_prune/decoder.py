@@ -492,12 +492,8 @@ class DecoderModel(PreTrainedModel):
         return x, tuple(states) if output_hidden_states else None
 
     # ------------------------------------------------------------------------------ costs
-    def head_params(self, hidden: int) -> int:
-        """Parameters of the head when `hidden` channels are kept."""
-        raise NotImplementedError
-
-    def head_flops(self, hidden: int, seq_len: int) -> int:
-        """FLOPs of the head for one sequence of `seq_len` tokens."""
+    def head_costs(self, hidden: int, seq_len: int) -> tuple[int, int]:
+        """(parameters, FLOPs over one sequence of `seq_len` tokens) of the head alone."""
         raise NotImplementedError
 
     def num_params(self, sub: DecoderSubNetwork | None = None) -> int:
@@ -506,7 +502,7 @@ class DecoderModel(PreTrainedModel):
         sub = sub or self.full_sub_network
         self.validate(sub)
         c, h = self.config, sub.hidden or self.config.hidden_size
-        total = c.vocab_size * h + h + self.head_params(h)  # embeddings, final norm, head
+        total = c.vocab_size * h + h + self.head_costs(h, 1)[0]  # embeddings, norm, head
         for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True):
             q, kv = k * g * c.head_dim, k * c.head_dim
             if k:  # q, k, v, o projections and the input norm
@@ -523,7 +519,7 @@ class DecoderModel(PreTrainedModel):
         sub = sub or self.full_sub_network
         self.validate(sub)
         c, h, t = self.config, sub.hidden or self.config.hidden_size, seq_len
-        total = self.head_flops(h, t)
+        total = self.head_costs(h, t)[1]
         for k, g, n in zip(sub.kv_heads, sub.queries_per_kv, sub.units, strict=True):
             q, kv = k * g * c.head_dim, k * c.head_dim
             total += 2 * t * h * (2 * q + 2 * kv)  # q, k, v, o projections
@@ -583,17 +579,10 @@ class DecoderForCausalLM(DecoderModel):
                         nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        cache: DecoderCache | None = None,
-        use_cache: bool = False,
-        output_hidden_states: bool = False,
-        **_: object,
-    ) -> CausalLMOutputWithPast:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: DecoderCache | None = None, use_cache: bool = False,
+                output_hidden_states: bool = False, **_: object) -> CausalLMOutputWithPast:
         """Next-token logits (batch, tokens, vocab); with `labels`, the mean cross-entropy of
         predicting token t+1 from tokens <= t (labels -100 are ignored). `attention_mask`
         covers the cached and the new tokens. With `use_cache` or a `cache`, the cache is
@@ -642,11 +631,9 @@ class DecoderForCausalLM(DecoderModel):
                 break
         return tokens
 
-    def head_params(self, hidden: int) -> int:
-        return 0 if self.config.tie_word_embeddings else self.config.vocab_size * hidden
-
-    def head_flops(self, hidden: int, seq_len: int) -> int:
-        return 2 * seq_len * hidden * self.config.vocab_size
+    def head_costs(self, hidden: int, seq_len: int) -> tuple[int, int]:
+        weights = self.config.vocab_size * hidden
+        return (0 if self.config.tie_word_embeddings else weights), 2 * seq_len * weights
 
 
 def last_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -656,17 +643,15 @@ def last_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     `...ForSequenceClassification`: the last token that is not `pad_token_id` (a batch of one
     without a pad token: the last position). The two agree when real tokens never equal the
     pad token."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    if attention_mask is not None:
-        real = attention_mask.to(input_ids.device).bool()
-    elif pad_token_id is not None:
-        real = input_ids != pad_token_id
-    elif len(input_ids) == 1:
-        real = torch.ones_like(input_ids, dtype=torch.bool)
-    else:
+    if attention_mask is None and pad_token_id is None and len(input_ids) > 1:
         raise ValueError("cannot find the last token of a batch without an attention_mask or "
                          "config.pad_token_id; pass the attention_mask or set pad_token_id")
-    return (positions * real).argmax(-1)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    if attention_mask is not None:
+        return (positions * attention_mask.to(input_ids.device).bool()).argmax(-1)
+    if pad_token_id is None:  # one sequence, nothing to tell padding by: all of it is real
+        return positions[-1:]
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
 
 
 class DecoderForSequenceClassification(DecoderModel):
@@ -679,14 +664,9 @@ class DecoderForSequenceClassification(DecoderModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        **_: object,
-    ) -> SequenceClassifierOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False,
+                **_: object) -> SequenceClassifierOutput:
         """Logits (batch, num_labels); with `labels`, the cross-entropy (MSE for one label, a
         regression). `output_hidden_states`: see `run_body`."""
         x, states = self.run_body(input_ids, attention_mask,
@@ -703,11 +683,9 @@ class DecoderForSequenceClassification(DecoderModel):
                 loss = F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states)
 
-    def head_params(self, hidden: int) -> int:
-        return hidden * self.config.num_labels
-
-    def head_flops(self, hidden: int, seq_len: int) -> int:
-        return 2 * hidden * self.config.num_labels  # the last token only
+    def head_costs(self, hidden: int, seq_len: int) -> tuple[int, int]:
+        weights = hidden * self.config.num_labels
+        return weights, 2 * weights  # it reads the last token only
 
 
 AutoConfig.register(DecoderConfig.model_type, DecoderConfig, exist_ok=True)
