@@ -379,11 +379,11 @@ class Profiler:
     @torch.no_grad()
     def lookup_table(self, head_counts: Sequence[int], unit_counts: Sequence[int],
                      queries: Sequence[int] | None = None,
-                     widths: Sequence[int] | None = None) -> dict[str, Any]:
+                     widths: Sequence[int] | None = None, rounds: int = 1) -> dict[str, Any]:
         """Kwon et al.'s latency lookup table on this device, at every hidden width of `widths`
         (default: the model's full width): the fixed part (embeddings, mask, head), the cost of
         one attention block per head count (a decoder: per KV head count x query heads per KV
-        head of `queries`, default all) and of one FFN block per neuron count; for a decoder
+        head of `queries`, default all) and of one FFN block per neuron count; for a causal LM
         each entry both for the prefill and per decoded token.
 
         Every entry is timed as `measure` times a sub-network, on an extracted (contiguous)
@@ -394,7 +394,10 @@ class Profiler:
         5): the slices are not contiguous, the blocks missed the padding mask and the per-layer
         overhead of the model's forward, and a block of well under a millisecond is rarely
         preempted by other processes while a whole model is. The full model is run first
-        (untimed) so that the first entry is not timed on a cold process.
+        (untimed) so that the first entry is not timed on a cold process. With `rounds` above
+        1, every model is timed once per round (all models, then all again) and its lowest
+        median kept, so that a burst of load from other processes spoils one round of a few
+        entries, not the table.
 
         Returns:
             The timing context (hardware, device_name, dtype, batch_size, seq_len, and
@@ -417,36 +420,44 @@ class Profiler:
         if widths[0] < 1 or widths[-1] > self.model.config.hidden_size:
             raise ProfileError(f"hidden widths {widths} must lie in [1, "
                                f"{self.model.config.hidden_size}]")
+        if rounds < 1:
+            raise ProfileError(f"rounds must be at least 1, got {rounds}")
         n = len(head_limits)
         heads = [h for h in sorted(set(head_counts)) if 0 < h <= max(head_limits)]
         queries = [q for q in queries if 0 < q <= max(query_limits)]
         units = [u for u in sorted(set(unit_counts)) if 0 < u <= max(unit_limits)]
-        self._timings(self.model.extract_sub_network(full).eval())  # warm the process up
-        entries = []
-
-        def per_layer(total: dict[str, float], fixed: dict[str, float], layers: int):
-            if not layers:
-                raise ProfileError("no layer of this supernet can hold the entry; time a "
-                                   "supernet whose layers have one shape")
-            return {f"{p}_ms": max(0.0, total[p] - fixed[p]) / layers for p in total}
-
+        # every model to time: (hidden, block, heads, queries, units), its sub-network, layers
+        plan = []
         for w in widths:
-            fixed = self._phase_ms(self._sub([(0, 0)] * n, [0] * n, w))
-            entries.append({"hidden": w, "block": "fixed", "heads": 0, "queries": 0, "units": 0,
-                            **{f"{p}_ms": t for p, t in fixed.items()}})
+            plan.append(((w, "fixed", 0, 0, 0), self._sub([(0, 0)] * n, [0] * n, w), 1))
             for h in heads:
                 for q in queries:
                     keep = [(h, q) if h <= hl and q <= ql else (0, 0)
                             for hl, ql in zip(head_limits, query_limits, strict=True)]
-                    total = self._phase_ms(self._sub(keep, [0] * n, w))
-                    entries.append({"hidden": w, "block": "attention", "heads": h, "queries": q,
-                                    "units": 0,
-                                    **per_layer(total, fixed, sum(k > 0 for k, _ in keep))})
+                    plan.append(((w, "attention", h, q, 0), self._sub(keep, [0] * n, w),
+                                 sum(k > 0 for k, _ in keep)))
             for u in units:
                 keep = [u if u <= limit else 0 for limit in unit_limits]
-                total = self._phase_ms(self._sub([(0, 0)] * n, keep, w))
-                entries.append({"hidden": w, "block": "ffn", "heads": 0, "queries": 0,
-                                "units": u, **per_layer(total, fixed, sum(map(bool, keep)))})
+                plan.append(((w, "ffn", 0, 0, u), self._sub([(0, 0)] * n, keep, w),
+                             sum(map(bool, keep))))
+        if any(not layers for *_, layers in plan):
+            raise ProfileError("no layer of this supernet can hold some entry; time a supernet "
+                               "whose layers have one shape")
+        self._timings(self.model.extract_sub_network(full).eval())  # warm the process up
+        best: dict[tuple, dict[str, float]] = {}
+        for _ in range(rounds):
+            for key, sub, _ in plan:
+                kept = best.setdefault(key, {})
+                for phase, ms in self._phase_ms(sub).items():
+                    kept[phase] = min(ms, kept.get(phase, np.inf))
+        entries = []
+        for key, _, layers in plan:
+            w, block, h, q, u = key
+            fixed, times = best[(w, "fixed", 0, 0, 0)], best[key]
+            if block != "fixed":
+                times = {p: max(0.0, t - fixed[p]) / layers for p, t in times.items()}
+            entries.append({"hidden": w, "block": block, "heads": h, "queries": q, "units": u,
+                            **{f"{p}_ms": t for p, t in times.items()}})
         return {**self._context(), "entries": entries}
 
 
@@ -680,11 +691,13 @@ def profile_configs(
 
 def measure_tables(checkpoint: str | os.PathLike, space: str,
                    hardware: Sequence[str] | None = None,
-                   settings: ProfileOptions | None = None) -> dict[str, LatencyTable]:
+                   settings: ProfileOptions | None = None,
+                   rounds: int = 1) -> dict[str, LatencyTable]:
     """A LatencyTable per hardware type, each measured by an actor on that type with
     `settings.clock`: every head count (a decoder: KV head count x queries per KV head), seven
     neuron counts, and, for a space that searches the hidden size (``+hidden``), four hidden
-    widths from the space's smallest to the full width (`hidden_grid`)."""
+    widths from the space's smallest to the full width (`hidden_grid`); each entry the lowest
+    of `rounds` medians (see `Profiler.lookup_table`)."""
     import ray
 
     settings = settings or ProfileOptions()
@@ -694,7 +707,7 @@ def measure_tables(checkpoint: str | os.PathLike, space: str,
     tables = {}
     for hw in resolve_hardware(hardware, discover_hardware()):
         (actor,) = start_pool(str(checkpoint), space, hw, settings)
-        tables[hw.name] = build_table(ray.get(actor.lookup_table.remote(**grid)))
+        tables[hw.name] = build_table(ray.get(actor.lookup_table.remote(**grid, rounds=rounds)))
         ray.kill(actor)
     return tables
 

@@ -148,7 +148,7 @@ def test_table_adds_up_to_measured_models(supernet, keep_threads, monkeypatch, s
 # ------------------------------------------------------------------------------ the table, timed
 def _thread_table(profiler, widths=None):
     return build_table(profiler.lookup_table(default_grid(KV, KV), default_grid(UNITS, 4),
-                                             widths=widths))
+                                             widths=widths, rounds=2))
 
 
 def _measured(profiler, config) -> tuple[float, float]:
@@ -194,7 +194,7 @@ def test_hidden_table_falls_with_width_and_tracks_measured(wide_supernet, keep_t
     widths = hidden_grid(8, 256, 8)
     assert widths == [8, 88, 176, 256]
     table = build_table(profiler.lookup_table(default_grid(KV, KV), default_grid(512, 3),
-                                              widths=widths))
+                                              widths=widths, rounds=2))
     rows = []
     for hidden in (8, 48, 128, 208, 256):
         config = {"num_layers": 2, "kv_heads": KV, "queries_per_kv": GROUP, "units": 512,
