@@ -251,8 +251,8 @@ def _sections() -> dict[str, type]:
 
 
 _FIELDS: dict[str, tuple[Any, str]] = {
-    "model": (str | None, "pre-trained BERT/RoBERTa (hub name or directory); default: the "
-              "offline MiniLM"),
+    "model": (str | None, "pre-trained BERT/RoBERTa or Llama-family decoder (hub name or "
+              "directory; smollm2: the offline SmolLM2-135M); default: the offline MiniLM"),
     "workers": (int, "Ray Train workers for training (1: in this process)"),
     "experiment": (str | None, "results experiment of the search (default: "
                    "nas-<searcher>-<scheduler>-seed<seed>, or the only one in OUT/results)"),
@@ -299,8 +299,8 @@ def build_parser(argv: list[str]):
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     fields = {f.name: f for f in dataclasses.fields(PipelineOptions)}
     parser = ArgumentParser(prog="nas-prune", exit_on_error=False, description=(
-        "Prune a fine-tuned BERT/RoBERTa by multi-objective NAS on Ray. Every stage writes "
-        "under --out; `nas-prune <stage> --help` lists its options."))
+        "Prune a BERT/RoBERTa encoder or a Llama-family decoder by multi-objective NAS on Ray. "
+        "Every stage writes under --out; `nas-prune <stage> --help` lists its options."))
     parser.add_argument("--version", action="version", version=f"nas_prune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subcommands(dest="command", required=True)
@@ -312,8 +312,10 @@ def build_parser(argv: list[str]):
         p = _stage_parser(name, fields)
         if name == "run":
             preset = _preset(argv)
-            p.set_defaults({f"{section}.{k}": v for section, values in PRESETS[preset].items()
-                            for k, v in values.items()})
+            p.set_defaults({f"{section}.{k}" if isinstance(values, dict) else section: v
+                            for section, values in PRESETS[preset].items()
+                            for k, v in (values.items() if isinstance(values, dict)
+                                         else [(None, values)])})
         sub.add_subcommand(name, p, help=help_)
         if name == "baseline":
             _baseline_methods(p)

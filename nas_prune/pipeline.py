@@ -404,20 +404,25 @@ def export(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
 
 
 def _attach_latency(frame: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
-    """Set `latency_ms` / `hardware` (first hardware type measured) of the rows whose config
-    was profiled; rows measured elsewhere (baselines time their saved models) keep theirs."""
+    """Set `latency_ms` / `decode_ms` (decoders) / `hardware` (first hardware type measured)
+    of the rows whose config was profiled; rows measured elsewhere (baselines time their saved
+    models) keep theirs."""
     if latency.empty or frame.empty:
         return frame
     hardware = latency["hardware"].iloc[0]
     lat = latency[latency["hardware"] == hardware].drop_duplicates("config_hash", keep="last")
-    by_hash = dict(zip(lat["config_hash"], lat["median_ms"], strict=True))
     frame = frame.copy()
     hashes = [results_lib.config_hash(json.loads(c)) for c in frame["config"]]
-    measured = [h in by_hash for h in hashes]
-    old_ms = frame["latency_ms"] if "latency_ms" in frame else [None] * len(frame)
+    measured = [h in set(lat["config_hash"]) for h in hashes]
+    columns = [("latency_ms", "median_ms"), ("decode_ms", "decode_ms")]  # decode: decoders
+    for column, source in columns:
+        if source not in lat:
+            continue
+        by_hash = dict(zip(lat["config_hash"], lat[source], strict=True))
+        old = frame[column] if column in frame else [None] * len(frame)
+        frame[column] = [by_hash[h] if m else v
+                         for h, m, v in zip(hashes, measured, old, strict=True)]
     old_hw = frame["hardware"] if "hardware" in frame else [None] * len(frame)
-    frame["latency_ms"] = [by_hash[h] if m else v
-                           for h, m, v in zip(hashes, measured, old_ms, strict=True)]
     frame["hardware"] = [hardware if m else v for m, v in zip(measured, old_hw, strict=True)]
     return frame
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from nas_prune import data as data_lib
 from nas_prune.errors import TrainingError
 from nas_prune.options import RefineOptions
-from nas_prune.train import hidden_mse
+from nas_prune.train import hidden_mse, next_token_pairs
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,12 @@ seconds (everything: loading, training, scoring, saving) and the saved model's d
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                       temperature: float, alpha: float) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) *
-    CE(student, y); for a regression head (one output) MSE to the teacher and to y."""
+    CE(student, y); for a regression head (one output) MSE to the teacher and to y; for
+    language modelling (logits per token) the same over every predicted token."""
+    if student.dim() == 3:
+        student, next_tokens = next_token_pairs(student, labels)
+        teacher, _ = next_token_pairs(teacher, labels)
+        labels = next_tokens
     if student.shape[-1] == 1:
         soft = F.mse_loss(student, teacher)
         hard = F.mse_loss(student.squeeze(-1), labels.float())
@@ -80,6 +85,24 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """The teacher layer each student layer matches: student layer j -> teacher layer
     ceil((j + 1) * L_teacher / L_student) - 1, so the last matches the last."""
     return [-(-(j + 1) * teacher_layers // student_layers) - 1 for j in range(student_layers)]
+
+
+def forward_with_states(model: Any, module: torch.nn.Module, inputs: dict[str, torch.Tensor]
+                        ) -> tuple[Any, dict[int, torch.Tensor]]:
+    """`model(**inputs)` (a module or its DeepSpeed engine) and the residual stream after each
+    layer of `module` (the model itself) by layer index: an encoder's recorded by
+    `layer_outputs`, a decoder's from its `hidden_states` (the last one final-normed)."""
+    if hasattr(module, "layers"):
+        with layer_outputs(module) as states:
+            out = model(**inputs)
+        return out, states
+    out = model(**inputs, output_hidden_states=True)
+    return out, dict(enumerate(out.hidden_states[1:]))
+
+
+def num_layers(module: torch.nn.Module) -> int:
+    """Layers of our encoder or decoder."""
+    return len(module.layers) if hasattr(module, "layers") else len(module.model.layers)
 
 
 @contextlib.contextmanager
@@ -223,7 +246,8 @@ def refine(
         (work / "refine.json").write_text(json.dumps({**state, "before": before}))
     module = engine.module
     teacher = teacher.to(engine.device, next(module.parameters()).dtype).eval()
-    mapping = layer_map(len(module.layers), len(teacher.layers)) if module.layers else []
+    student_layers = num_layers(module)
+    mapping = layer_map(student_layers, num_layers(teacher)) if student_layers else []
     hidden = opts.hidden_weight > 0 and bool(mapping)
 
     def epoch_loader(epoch: int):
@@ -245,10 +269,11 @@ def refine(
         _, batch = next(stream)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad(), layer_outputs(teacher) as teacher_states:
-            teacher_logits = teacher(**inputs).logits.float()
-        with layer_outputs(module) as student_states:
-            logits = engine(**inputs).logits.float()
+        with torch.no_grad():
+            teacher_out, teacher_states = forward_with_states(teacher, teacher, inputs)
+        teacher_logits = teacher_out.logits.float()
+        out, student_states = forward_with_states(engine, module, inputs)
+        logits = out.logits.float()
         loss = distillation_loss(logits, teacher_logits, batch["labels"], opts.temperature,
                                  opts.alpha)
         if hidden:

@@ -99,8 +99,16 @@ def _plot_panel(ax, df: pd.DataFrame, x: str, xlabel: str, dense: pd.Series | No
         ax.scatter([dense[x]], [dense["error"]], marker="*", s=250, color="black", zorder=5,
                    label="dense model")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation error")
+    ax.set_ylabel(f"validation {_error_name(df)}")
+    if _error_name(df) == "perplexity":
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
+
+
+def _error_name(df: pd.DataFrame) -> str:
+    """What the error column holds: "perplexity" for language modelling, else "error"."""
+    names = set(df["metric_name"].dropna()) if "metric_name" in df else set()
+    return "perplexity" if names == {"perplexity"} else "error"
 
 
 def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series | None = None,
@@ -117,13 +125,17 @@ def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series |
             hardware = latency["hardware"].iloc[0]
         else:  # only baselines, which time their saved models themselves
             hardware = df.loc[df["latency_ms"].notna(), "hardware"].iloc[0]
-        panels.append(("latency_ms", f"latency on {hardware} (ms, median)"))
+        decoder = "decode_ms" in df and df["decode_ms"].notna().any()
+        panels.append(("latency_ms", f"{'prefill ' if decoder else ''}latency on {hardware} "
+                                     "(ms, median)"))
+        if decoder:
+            panels.append(("decode_ms", f"decode latency per token on {hardware} (ms)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     styles = _styles(df)
     for ax, (x, label) in zip(axes[0], panels, strict=True):
         _plot_panel(ax, df, x, label, dense, styles)
     axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.suptitle("nas_prune: error vs. size and latency")
+    fig.suptitle(f"nas_prune: {_error_name(df)} vs. size and latency")
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +169,8 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike,
                   "(readers ignore such names), repair or re-run what wrote it, and report "
                   "again:", "", *(f"- `{file}`" for file in skipped_files), ""]
     if dense is not None:
-        lines += [f"Dense model: error {dense['error']:.4f}, {int(dense['params']):,} parameters.",
-                  ""]
+        lines += [f"Dense model: {_error_name(rows)} {dense['error']:.4f}, "
+                  f"{int(dense['params']):,} parameters.", ""]
     lines += ["![Pareto front](pareto.png)", "", "## Hypervolume", ""]
     lines += [hv.to_markdown(index=False, floatfmt=".4f") if not hv.empty else "(no results)", ""]
     if hv_meta:
@@ -168,7 +180,7 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike,
     nas = rows[rows["method"] == "nas"]
     best = front(nas, list(objectives))
     columns = [c for c in ["experiment", "trial_id", "error", "params", "params_ratio", "flops",
-                           "latency_ms", "config"] if c in best]
+                           "latency_ms", "decode_ms", "config"] if c in best]
     lines += [best[columns].to_markdown(index=False, floatfmt=".4f") if not best.empty
               else "(none)", ""]
     others = rows[~rows["method"].isin(["nas"])].sort_values(["method", "params_ratio"])

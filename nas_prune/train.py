@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------- losses
-def _next_tokens(logits: torch.Tensor, labels: torch.Tensor
+def next_token_pairs(logits: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Language modelling: (logits of positions 0..T-2, the tokens 1..T-1 they predict),
     flattened, without positions labelled -100."""
@@ -67,7 +67,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, MSE for a regression head of one output, or (logits per token) the
     next-token cross-entropy."""
     if logits.dim() == 3:
-        return F.cross_entropy(*_next_tokens(logits, labels))
+        return F.cross_entropy(*next_token_pairs(logits, labels))
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
@@ -94,8 +94,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
     T^2 * CE(student / T, softmax(teacher / T)) + CE(student, y); for regression MSE to the
     teacher plus MSE to y; for language modelling the same at every predicted token."""
     if student.dim() == 3:
-        student, next_tokens = _next_tokens(student, labels)
-        teacher, _ = _next_tokens(teacher, labels)
+        student, next_tokens = next_token_pairs(student, labels)
+        teacher, _ = next_token_pairs(teacher, labels)
         labels = next_tokens
     elif student.shape[-1] == 1:  # regression
         return F.mse_loss(student, teacher) + F.mse_loss(student.squeeze(-1), labels.float())

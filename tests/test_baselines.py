@@ -32,7 +32,7 @@ def test_registry_is_lazy_and_names_the_choices():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.strip() == "[]", done.stderr
-    assert list(registry.BASELINES) == ["pins", "grain", "layer_drop"]
+    assert list(registry.BASELINES) == ["pins", "grain", "layer_drop", "llm_pruner"]
     assert baselines.get("layer_drop") is layer_drop
     with pytest.raises(BaselineError, match="unknown baseline 'bogus'; choose one of pins, "
                                             "grain, layer_drop"):

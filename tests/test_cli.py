@@ -56,7 +56,7 @@ def test_field_docstrings_are_the_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "A built-in task, a GLUE task name, a datasets hub name, or a CSV/JSON/Parquet" in out
+    assert "a datasets hub name, a CSV/JSON/Parquet file, or text files" in out
     assert "Peak learning rate (AdamW)" in out
 
 

@@ -60,6 +60,8 @@ EVALUATION_SCHEMA: pa.Schema = pa.schema(
         _field("params_ratio", pa.float64()),
         _field("flops", pa.int64()),
         _field("latency_ms", pa.float64(), nullable=True),  # on the primary hardware, if any
+        # decoders: per generated token (latency_ms is then the prefill's)
+        _field("decode_ms", pa.float64(), nullable=True),
         _field("hardware", pa.string(), nullable=True),
         _field("wall_time_s", pa.float64()),  # seconds since the experiment started
         _field("eval_time_s", pa.float64()),
