@@ -15,12 +15,16 @@ Two measurements, both through nas_prune.profile's own code (what `nas-prune pro
 2. Predictor error. For each shape and clock asked for, `measure_tables` builds the lookup
    table (Kwon et al.: the fixed part, one attention block per head count, one FFN block per
    neuron count, each timed on extracted models run whole) in a Ray profiler actor on the
-   `cpu` hardware type, `profile_configs` measures N random SMALL configs (seeded) in another
+   `cpu` hardware type, `profile_configs` measures N random configs (seeded) in another
    one, and `relative_errors` compares `LatencyTable.predict` with the measurements (median
    and max relative error, median ratio, Spearman), as a search with `latency="predicted"`
-   would see them. The "wall" clock is latency as a user sees it, and on a machine shared with
-   other processes also their load; the "thread" clock (CPU time of the timing thread, one
-   torch thread) leaves that load out (`nas_prune.profile.CLOCKS`).
+   would see them. `--predictor-space` picks the space the configs come from: small+hidden
+   also varies the hidden width (the table is then timed at four widths and interpolated), and
+   a decoder supernet (`--model`, with decoder_small[+hidden] or decoder_medium[+hidden] and
+   no `--shapes`) is checked for both phases, the prefill and the decode per token. The "wall"
+   clock is latency as a user sees it, and on a machine shared with other processes also
+   their load; the "thread" clock (CPU time of the timing thread, one torch thread) leaves
+   that load out (`nas_prune.profile.CLOCKS`).
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ from nas_prune.checkpoint import load_checkpoint
 from nas_prune.options import ProfileOptions
 from nas_prune.profile import (
     CLOCKS,
+    PHASES,
     Profiler,
+    is_decoder,
     measure_tables,
     profile_configs,
     relative_errors,
 )
-from nas_prune.space import SmallSpace
+from nas_prune.space import SmallSpace, make_space
 
 log = logging.getLogger("bench_latency")
 
@@ -83,7 +89,10 @@ def candidates(space: SmallSpace, targets: list[float], layer_drop: float):
 
 
 def shape_of(config: dict[str, int]) -> str:
-    return f"{config['num_layers']}L / {config['num_heads']}H / {config['num_units']}F"
+    if "num_heads" not in config:  # another space's config: its values in order
+        return " / ".join(f"{k}={v}" for k, v in config.items())
+    hidden = f" / {config['hidden']}d" if "hidden" in config else ""
+    return f"{config['num_layers']}L / {config['num_heads']}H / {config['num_units']}F{hidden}"
 
 
 def speed_vs_flops(args, model, space, subs) -> tuple[list[list[str]], list[dict]]:
@@ -148,30 +157,34 @@ def predictor_error(args, space) -> tuple[list[list[str]], list[dict]]:
                                       threads=args.threads, clock=clock)
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            table = measure_tables(args.model, "small", ["cpu"], settings)["cpu"]
+            table = measure_tables(args.model, args.predictor_space, ["cpu"], settings)["cpu"]
             table_s = time.perf_counter() - started
             started = time.perf_counter()
-            measured = profile_configs(args.model, "small", configs, settings)
+            measured = profile_configs(args.model, args.predictor_space, configs, settings)
             measure_s = time.perf_counter() - started
-            measured_ms = [r["median_ms"] for r in measured]
-            predicted_ms = [table.predict(space.to_sub_network(c)) for c in configs]
-            errors = relative_errors(predicted_ms, measured_ms)
-            rel = np.abs(np.asarray(predicted_ms) - measured_ms) / np.asarray(measured_ms)
-            worst = int(np.argmax(rel))
-            bias = float(np.median(np.asarray(predicted_ms) / measured_ms))
-            rho = metrics.spearman(np.asarray(predicted_ms), np.asarray(measured_ms))
-            rows.append([f"{batch} x {length}", clock, str(errors["n"]), f"{errors['median']:.1%}",
-                         f"{errors['max']:.1%}", f"{np.percentile(rel, 90):.1%}",
-                         f"{bias:.3f}", f"{rho:.3f}",
-                         f"{shape_of(configs[worst])}: {predicted_ms[worst]:.2f} vs "
-                         f"{measured_ms[worst]:.2f} ms", f"{table_s:.0f} / {measure_s:.0f}",
-                         f"{load:.1f} / {os.getloadavg()[0]:.1f}"])
-            raw.append({"batch_size": batch, "seq_len": length, "clock": clock,
-                        "table": table.to_dict(),
-                        "configs": configs, "predicted_ms": predicted_ms,
-                        "measured_ms": measured_ms, "errors": errors})
-            log.info("predictor at %dx%d, %s clock: median error %.1f%%, max %.1f%%", batch,
-                     length, clock, 100 * errors["median"], 100 * errors["max"])
+            load_after = os.getloadavg()[0]
+            for phase in PHASES if table.new_tokens else PHASES[:1]:
+                column = "median_ms" if phase == "prefill" else "decode_ms"
+                measured_ms = [r[column] for r in measured]
+                predicted_ms = [table.predict(space.to_sub_network(c), phase) for c in configs]
+                errors = relative_errors(predicted_ms, measured_ms)
+                rel = np.abs(np.asarray(predicted_ms) - measured_ms) / np.asarray(measured_ms)
+                worst = int(np.argmax(rel))
+                bias = float(np.median(np.asarray(predicted_ms) / measured_ms))
+                rho = metrics.spearman(np.asarray(predicted_ms), np.asarray(measured_ms))
+                rows.append([f"{batch} x {length}", clock, phase, str(errors["n"]),
+                             f"{errors['median']:.1%}", f"{errors['max']:.1%}",
+                             f"{np.percentile(rel, 90):.1%}", f"{bias:.3f}", f"{rho:.3f}",
+                             f"{shape_of(configs[worst])}: {predicted_ms[worst]:.2f} vs "
+                             f"{measured_ms[worst]:.2f} ms", f"{table_s:.0f} / {measure_s:.0f}",
+                             f"{load:.1f} / {load_after:.1f}"])
+                raw.append({"batch_size": batch, "seq_len": length, "clock": clock,
+                            "phase": phase, "table": table.to_dict(),
+                            "configs": configs, "predicted_ms": predicted_ms,
+                            "measured_ms": measured_ms, "errors": errors})
+                log.info("predictor at %dx%d, %s clock, %s: median error %.1f%%, max %.1f%%",
+                         batch, length, clock, phase, 100 * errors["median"],
+                         100 * errors["max"])
     finally:
         ray.shutdown()
     return rows, raw
@@ -194,7 +207,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned)")
     parser.add_argument("--configs", type=int, default=50,
-                        help="random SMALL configs the predictor is checked on (0: skip)")
+                        help="random configs the predictor is checked on (0: skip)")
+    parser.add_argument("--predictor-space", default="small",
+                        help="space of the predictor check's configs: small, small+hidden, ... "
+                             "or for a decoder --model decoder_small[+hidden], "
+                             "decoder_medium[+hidden]")
     parser.add_argument("--predictor-shapes", type=shape_arg, nargs="+",
                         default=[(1, 128), (32, 32)],
                         help="BATCHxLENGTH shapes of the predictor check")
@@ -215,12 +232,15 @@ def main() -> None:
     started = time.perf_counter()
     load_before = os.getloadavg()
     model, _ = load_checkpoint(args.model)
-    space = SmallSpace.for_model(model.config)
-    subs = candidates(space, args.targets, args.layer_drop)
-
-    speed_rows, speed_raw = (speed_vs_flops(args, model, space, subs) if args.shapes
-                             else ([], []))
-    predictor_rows, predictor_raw = (predictor_error(args, space) if args.configs
+    if args.shapes and is_decoder(model.config):
+        parser.error("the speed table times encoders: give --shapes with no value for a decoder")
+    speed_rows, speed_raw = [], []
+    if args.shapes:
+        space = SmallSpace.for_model(model.config)
+        subs = candidates(space, args.targets, args.layer_drop)
+        speed_rows, speed_raw = speed_vs_flops(args, model, space, subs)
+    predictor_space = make_space(args.predictor_space, model.config)
+    predictor_rows, predictor_raw = (predictor_error(args, predictor_space) if args.configs
                                      else ([], []))
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
@@ -245,13 +265,15 @@ def main() -> None:
              "median ms", "time ratio", "speedup", "FLOPs limit", "speedup / limit", "spread"],
             speed_rows) + "\n")
     if predictor_rows:
-        print(f"**Lookup-table predictor vs measurement** ({args.configs} distinct random SMALL "
-              f"configs, seed {args.seed}; table by `measure_tables`, measurements by "
-              "`profile_configs`, each in a Ray profiler actor on the `cpu` type; ratio = "
-              "median predicted / measured; Spearman = rank correlation; load = load average "
-              "before the table / after the measurements)\n")
+        print(f"**Lookup-table predictor vs measurement** ({args.configs} distinct random "
+              f"{args.predictor_space} configs, seed {args.seed}; table by `measure_tables`, "
+              "measurements by `profile_configs`, each in a Ray profiler actor on the `cpu` "
+              "type; phase = forward pass or prefill, or decode per token; ratio = median "
+              "predicted / measured; Spearman = rank correlation; load = load average before "
+              "the table / after the measurements)\n")
         print(markdown_table(
-            ["batch x length", "clock", "configs", "median rel. error", "max rel. error",
+            ["batch x length", "clock", "phase", "configs", "median rel. error",
+             "max rel. error",
              "p90 rel. error", "ratio", "Spearman", "worst: predicted vs measured",
              "table s / measure s", "load"],
             predictor_rows) + "\n")
