@@ -272,8 +272,8 @@ def refine(
         with torch.no_grad():
             teacher_out, teacher_states = forward_with_states(teacher, teacher, inputs)
         teacher_logits = teacher_out.logits.float()
-        out, student_states = forward_with_states(engine, module, inputs)
-        logits = out.logits.float()
+        student_out, student_states = forward_with_states(engine, module, inputs)
+        logits = student_out.logits.float()
         loss = distillation_loss(logits, teacher_logits, batch["labels"], opts.temperature,
                                  opts.alpha)
         if hidden:

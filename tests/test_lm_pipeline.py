@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from nas_prune import cli, corpus, data, results
 from nas_prune.errors import DataError, OptionsError
 from nas_prune.evaluate import evaluate
+from nas_prune.export import SUBNETWORK_FILE
 from nas_prune.options import TaskOptions
 from nas_prune.train import kd_loss, task_loss
 from tests.test_train import _synthetic_csv
@@ -255,7 +256,7 @@ def test_language_modelling_run_end_to_end(tmp_path, corpus_dir, tiny_llama_dir,
     exported = sorted((out / "export").iterdir())
     assert exported
     for model_dir in exported:
-        info = json.loads((model_dir / "sub_network.json").read_text())
+        info = json.loads((model_dir / SUBNETWORK_FILE).read_text())
         supernet.set_sub_network(space.to_sub_network(info["config"]))
         with torch.no_grad():
             expected = supernet(ids).logits
