@@ -56,6 +56,29 @@ def model_type(name_or_path: str | os.PathLike) -> str | None:
         raise CheckpointError(f"{config} is not valid JSON ({e}); copy the model again") from None
 
 
+def family_of(name_or_path: str | os.PathLike | None) -> str | None:
+    """"encoder" or "decoder" for a model name or directory, without loading or converting
+    it; None when only loading would tell (a hub name offline)."""
+    if name_or_path is None:
+        return "encoder"
+    if str(name_or_path) in NAMED_MODELS:
+        return "decoder"
+    kind = model_type(name_or_path)
+    if kind is None:
+        return None
+    return "decoder" if kind in DECODER_TYPES else "encoder"
+
+
+def hf_family(name_or_path: str | os.PathLike) -> str | None:
+    """The architecture family of a local model directory ("bert", "roberta", "llama",
+    "qwen2"): our configs' `family`, else transformers' `model_type`."""
+    config = Path(name_or_path) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    return values.get("family") or values.get("model_type")
+
+
 def is_decoder(name_or_path: str | os.PathLike) -> bool:
     """Whether the model at `name_or_path` is a Llama-family decoder (by its config)."""
     kind = model_type(name_or_path)

@@ -232,14 +232,17 @@ def baselines(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = N
     experiment already holds rows; returns their experiments."""
     from nas_prune import baselines as baselines_lib
     from nas_prune.evaluate import dense_evaluation
+    from nas_prune.models import is_decoder
 
     teacher = Path(teacher or run.teacher)
     if not is_finished(teacher):
         raise CheckpointError(f"{teacher} holds no finished fine-tuned teacher; run "
                               "`nas-prune finetune` first (or give --teacher)")
     tokenizer = data_lib.load_tokenizer(str(teacher))
+    family = "decoder" if is_decoder(teacher) else "encoder"
     experiments = []
     for name in opts.baselines:
+        baselines_lib.check_applies(name, family, data_lib.task_kind(opts.data))
         method_opts = baselines_lib.make_options(name, opts.baseline_options.get(name))
         experiment = baselines_lib.experiment_name(name, method_opts)
         experiments.append(experiment)
@@ -431,11 +434,14 @@ def _attach_latency(frame: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
 def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     """Run every stage into `out`, skipping stages already complete. Returns a summary."""
     from nas_prune import baselines as baselines_lib
+    from nas_prune.models import family_of
 
     rundir = RunDir(out)
-    rundir.root.mkdir(parents=True, exist_ok=True)
+    family, kind = family_of(opts.model), data_lib.task_kind(opts.data)
     for name in opts.baselines:  # built (and so checked) now, before hours of training
+        baselines_lib.check_applies(name, family, kind)
         baselines_lib.make_options(name, opts.baseline_options.get(name))
+    rundir.root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 

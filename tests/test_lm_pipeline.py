@@ -167,6 +167,20 @@ def test_language_modelling_losses(word_tokenizer):
                                                                          rel=1e-5)
 
 
+def test_baselines_that_cannot_prune_the_run_are_refused_first(tmp_path, corpus_dir,
+                                                               tiny_llama_dir):
+    from nas_prune import pipeline
+    from nas_prune.errors import BaselineError
+    from nas_prune.options import PipelineOptions
+
+    opts = PipelineOptions(model=str(tiny_llama_dir), data=TaskOptions(str(corpus_dir)),
+                           baselines=["layer_drop", "pins"])
+    with pytest.raises(BaselineError, match="pins prunes encoder models for classification.*"
+                                            "choose from layer_drop, llm_pruner"):
+        pipeline.run(tmp_path / "run", opts)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_encoder_cannot_model_language(tmp_path, corpus_dir):
     from nas_prune import pipeline
     from nas_prune.options import PipelineOptions
@@ -222,7 +236,12 @@ def test_language_modelling_run_end_to_end(tmp_path, corpus_dir, tiny_llama_dir,
         "--supernet.max_length", "16", "--supernet.max_steps", "6",
         "--supernet.rewire_batches", "2", "--search.num_samples", "6",
         "--search.valid_examples", "12", "--search.batch_size", "4",
-        "--profile.seq_len", "16", "--profile.repeats", "2"])
+        "--profile.seq_len", "16", "--profile.repeats", "2",
+        "--baselines", "[layer_drop, llm_pruner]", "--baseline_options", json.dumps({
+            "layer_drop": {"layers": [2], "max_steps": 2, "batch_size": 4, "max_length": 16,
+                           "calibration_blocks": 2},
+            "llm_pruner": {"params_ratios": [0.8], "calibration_blocks": 2,
+                           "max_length": 16}})])
     assert code == 0
     teacher = read_meta(out / "teacher")
     assert teacher["kind"] == "teacher" and teacher["task_kind"] == "lm"
@@ -230,6 +249,13 @@ def test_language_modelling_run_end_to_end(tmp_path, corpus_dir, tiny_llama_dir,
     frame = results.load(out / "results")
     nas, dense = frame[frame["method"] == "nas"], frame[frame["method"] == "dense"]
     assert nas["trial_id"].nunique() == 6 and len(dense) == 1
+    # the decoder baselines, on the same data into the same store, timed prefill + decode
+    for method, trial in (("layer_drop", "layers-2"), ("llm_pruner", "params-0.8")):
+        row = frame[frame["method"] == method]
+        assert list(row["trial_id"]) == [trial], frame[["method", "trial_id"]]
+        assert row["perplexity"].notna().all() and (row["decode_ms"] > 0).all()
+        assert (out / "baselines" / method / trial / "config.json").exists()
+    assert float(frame.loc[frame["method"] == "llm_pruner", "params_ratio"].iloc[0]) <= 0.8
     assert set(frame["family"]) == {"llama"} and set(frame["task_kind"]) == {"lm"}
     assert (frame["metric_name"] == "perplexity").all()
     assert np.allclose(frame["perplexity"], frame["error"])

@@ -17,7 +17,10 @@ each saved model that has none yet (:func:`measure_latency`) and appends the row
 store under the experiment ``baseline-<method>-seed<seed>``.
 
 Methods (METHODS.md): ``pins`` (Ren & Zhu 2023, unstructured), ``grain`` (Yang et al. 2023,
-structured intra-attention), ``layer_drop`` (keep the first k layers and fine-tune).
+structured intra-attention), ``layer_drop`` (keep the first k layers of an encoder and
+fine-tune; for a decoder, drop the layers that change the residual stream least) and
+``llm_pruner`` (Ma et al. 2023, one-shot structured pruning of decoder LMs). Which methods
+apply to which model family and task: :data:`APPLIES`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,28 @@ ROW_KEYS = (
     "eval_time_s", "status", "message",
 )
 """Keys every row returned by a method's ``run`` has (see nas_prune.results)."""
+
+
+APPLIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "pins": (("encoder",), ("classification",)),
+    "grain": (("encoder",), ("classification",)),
+    "layer_drop": (("encoder", "decoder"), ("classification", "lm")),
+    "llm_pruner": (("decoder",), ("lm",)),
+}
+"""Method -> (model families, task kinds) it prunes."""
+
+
+def check_applies(name: str, family: str | None, task_kind: str) -> None:
+    """BaselineError, before any work, when method `name` cannot prune a `family` ("encoder",
+    "decoder"; None: not known yet, not checked) model for a `task_kind` task."""
+    families, kinds = APPLIES.get(name, (("encoder", "decoder"), ("classification", "lm")))
+    if (family is not None and family not in families) or task_kind not in kinds:
+        fits = [m for m, (f, k) in APPLIES.items()
+                if (family is None or family in f) and task_kind in k]
+        raise BaselineError(
+            f"baseline {name} prunes {' or '.join(families)} models for "
+            f"{' or '.join(kinds)}; this run is {task_kind} with "
+            f"{'an ' + family if family else 'a'} model: choose from {', '.join(fits)}")
 
 
 def get(name: str) -> ModuleType:
@@ -170,9 +195,12 @@ def run_method(
     if not isinstance(opts, module.Options):
         raise BaselineError(f"{method} needs {module.__name__}.Options, got {type(opts).__name__}")
     log.info("== baseline %s ==", method)
+    from nas_prune.models import hf_family
+
     rows = [dict(r) for r in module.run(teacher_dir, task, tokenizer, out_dir, opts)]
     check_rows(rows, method, out_dir)
     for row in rows:
+        row.setdefault("family", hf_family(teacher_dir))
         if row.get("latency_ms") is None:
             row.update(measure_latency(Path(out_dir) / row["trial_id"], latency))
         log.info("%s %s: %s %.4f, %d params (%.3f of dense), %.2f ms", method, row["trial_id"],
