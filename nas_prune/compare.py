@@ -10,17 +10,26 @@ The protocol:
    model is the candidate with the lowest validation error among those whose axis value is at
    most b (:func:`match_budgets`; ties go to the smaller axis value, then the model name). The
    test split plays no part in any choice.
-2. **Report on test.** Every reported accuracy is measured on the task's TEST split, the same
-   examples, tokenised the same way, for every method and for the dense model
-   (:func:`test_predictions`); each row of the table carries the number of test examples and a
-   digest of them (``test_examples``, ``test_digest``) so this can be checked.
-3. **Intervals.** Each accuracy has a seeded percentile-bootstrap interval over test examples
-   (:func:`bootstrap_interval`, 95% by default).
+2. **Report on test.** Every reported figure is measured on the task's TEST split, the same
+   examples, tokenised the same way, for every method and for the dense model; each row of the
+   table carries the number of test examples and a digest of them (``test_examples``,
+   ``test_digest``) so this can be checked. Classification reports accuracy
+   (:func:`test_predictions`); language modelling (``task.spec.is_lm``: the test split is
+   fixed-length token blocks) reports perplexity, exp(mean next-token negative log-likelihood
+   over all test tokens) (:func:`test_block_nll`), lower being better; the validation error a
+   choice is made on is then the validation perplexity.
+3. **Intervals.** Each figure has a seeded percentile-bootstrap interval over test examples
+   (95% by default): :func:`bootstrap_interval` of the per-example correctness, or
+   :func:`perplexity_interval`, which resamples whole test blocks with their summed NLL and
+   token counts.
 4. **Paired tests at matched budgets.** At each budget every method is compared with the
-   reference method (NAS + refine when present, else NAS) on the same test examples
-   (:func:`paired_test`): the exact McNemar test on the discordant examples gives the p-value, a
-   paired bootstrap the interval of the accuracy difference. p-values are per comparison (no
-   multiple-testing correction); ``significant`` is ``p < alpha``.
+   reference method (NAS + refine when present, else NAS) on the same test examples.
+   Classification (:func:`paired_test`): the exact McNemar test on the discordant examples
+   gives the p-value, a paired bootstrap the interval of the accuracy difference. Language
+   modelling (:func:`paired_perplexity_test`): the difference is in log-perplexity (mean NLL per
+   token), its interval a paired bootstrap over blocks, its p-value a paired sign-flip
+   permutation test over blocks. p-values are per comparison (no multiple-testing correction);
+   ``significant`` is ``p < alpha``.
 5. **Cost, counted the same way for everyone.** Cost is training examples processed forward +
    backward and wall time, everything included. A candidate row may carry its own cost
    (``train_examples``, ``train_time_s``: what producing this model alone took, e.g. a refine or
@@ -32,11 +41,12 @@ The protocol:
    never as zero.
 
 `compare` runs all of this and returns the table; `write_comparison` writes it as Markdown,
-CSV and a plot of test accuracy (with interval bars) against the budget axis.
+CSV and a plot of the test figure (with interval bars) against the budget axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -61,6 +71,10 @@ COST_COLUMNS = ("train_examples", "train_time_s", "shared_train_examples", "shar
 
 REFERENCES = ("nas+refine", "nas")
 """The default reference method of the paired tests: the first of these among the candidates."""
+
+METRICS = {"accuracy": "higher is better", "perplexity": "lower is better"}
+"""The test figure of a comparison (classification: accuracy; language modelling: perplexity),
+and which way is better."""
 
 
 class CompareError(NasPruneError):
@@ -127,15 +141,67 @@ def correct_predictions(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def test_digest(task: Any) -> str:
     """16 hex digits identifying a tokenised task's test split: its examples' token ids and
-    labels, in order."""
+    labels (a class, a target, or a block's tokens), in order."""
     sha = hashlib.sha1()
     for ids, label in zip(task.test["input_ids"], task.test["labels"], strict=True):
         sha.update(np.asarray(ids, dtype=np.int64).tobytes())
-        sha.update(np.float64(label).tobytes())
+        sha.update(np.asarray(label, dtype=np.float64).tobytes())
     return sha.hexdigest()[:16]
 
 
 test_digest.__test__ = False
+
+
+def test_block_nll(model_dir_or_model: str | os.PathLike | Any, task: Any, tokenizer: Any,
+                   batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of the TEST split of a tokenised language-modelling task, the summed
+    next-token negative log-likelihood (nats, computed in float32) and the number of tokens
+    predicted (labels shifted by one, -100 ignored: ``block length - 1`` for full blocks).
+
+    Args:
+        model_dir_or_model: a saved causal LM directory (a stock transformers Llama / Qwen2
+            export or a nas_prune decoder checkpoint, loaded through
+            ``nas_prune.decoder_loading.load_pretrained_decoder``) or a loaded causal LM.
+        task: a tokenised ``nas_prune.data.TaskData`` of kind ``lm``; its ``test`` split is
+            scored, in order.
+        tokenizer: the tokenizer the task was tokenised with.
+        batch_size: blocks per forward pass.
+
+    Returns:
+        ``(nll, tokens)``: float64 and int64 arrays of one value per test block. The test
+        perplexity is ``exp(nll.sum() / tokens.sum())``.
+    """
+    import torch
+
+    from nas_prune import data as data_lib
+
+    model = model_dir_or_model
+    if isinstance(model, str | os.PathLike):
+        from nas_prune.decoder_loading import load_pretrained_decoder
+
+        model = load_pretrained_decoder(str(model))
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, tokens = [], []
+    try:
+        with torch.no_grad():
+            for batch in data_lib.make_loader(task.test, tokenizer, batch_size):
+                labels = batch.pop("labels")[:, 1:].to(device)
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, :-1]
+                losses = torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+                nll.append(losses.double().sum(1).cpu().numpy())
+                tokens.append((labels != -100).sum(1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not nll:
+        raise CompareError("the task's test split is empty; give a task with test blocks")
+    return np.concatenate(nll), np.concatenate(tokens).astype(np.int64)
+
+
+test_block_nll.__test__ = False
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -229,6 +295,98 @@ def paired_test(correct_a: np.ndarray, correct_b: np.ndarray, n: int = 10000, se
             "p_value": mcnemar_exact(only_a, only_b), "only_a": only_a, "only_b": only_b}
 
 
+def _blocks(nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Per-block (NLL, tokens) rows, checked."""
+    nll = np.asarray(nll, dtype=np.float64).reshape(-1)
+    tokens = np.asarray(tokens, dtype=np.float64).reshape(-1)
+    if nll.shape != tokens.shape or nll.size == 0:
+        raise CompareError(f"perplexity needs one NLL and one token count per test block, "
+                           f"at least one block; got {nll.size} and {tokens.size}")
+    if (tokens < 0).any() or tokens.sum() <= 0:
+        raise CompareError("token counts must be >= 0 with at least one predicted token")
+    return np.stack([nll, tokens], axis=1)
+
+
+def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, n: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float, float]:
+    """Perplexity over test blocks and its percentile-bootstrap interval.
+
+    The perplexity is ``exp(sum(nll) / sum(tokens))``; each resample draws as many blocks,
+    with replacement, each with its own summed NLL and token count, and takes the same ratio.
+
+    Args:
+        nll: per block, the summed next-token negative log-likelihood (nats).
+        tokens: per block, the tokens predicted.
+        n: bootstrap resamples.
+        seed: seed of the resampling (the same seed gives the same interval).
+        level: coverage of the interval.
+
+    Returns:
+        ``(perplexity, low, high)``.
+    """
+    rows = _blocks(nll, tokens)
+    if n < 1:
+        raise CompareError(f"n must be >= 1 resample, got {n}")
+    _check_level(level)
+    means = _boot_means(rows, n, np.random.default_rng(seed))
+    log_ppl = means[:, 0] / means[:, 1]
+    tail = (1 - level) / 2
+    low, high = np.exp(np.quantile(log_ppl, [tail, 1 - tail]))
+    return float(np.exp(rows[:, 0].sum() / rows[:, 1].sum())), float(low), float(high)
+
+
+def paired_perplexity_test(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndarray,
+                           n: int = 10000, seed: int = 0, level: float = 0.95
+                           ) -> dict[str, float]:
+    """Compare two language models' perplexity on the same test blocks.
+
+    The difference is in log-perplexity, ``diff = (sum(nll_a) - sum(nll_b)) / sum(tokens)``
+    (mean NLL per token, nats; ``exp(diff)`` is the perplexity ratio a / b). Its interval is a
+    paired percentile bootstrap: blocks are resampled with both models' NLL together. Its
+    p-value is a two-sided paired sign-flip permutation test over blocks: under the null
+    hypothesis that the two models' NLLs are exchangeable within each block, each block's
+    difference ``nll_a - nll_b`` is negated with probability 1/2; p = (1 + number of the `n`
+    random sign patterns whose |diff| is at least the observed |diff|) / (n + 1), so it is
+    never below 1 / (n + 1), and it is 1 when the two models agree on every block.
+
+    Args:
+        nll_a: per block, model a's summed NLL.
+        nll_b: the same for model b, on the same blocks in the same order.
+        tokens: per block, the tokens predicted (the same for both models).
+        n: bootstrap resamples and random sign patterns.
+        seed: seed of both.
+        level: coverage of the interval of the difference.
+
+    Returns:
+        ``diff``, ``low``/``high`` (its interval), ``p_value``, ``a_lower``/``b_lower``
+        (blocks where a's / b's NLL is lower).
+    """
+    a = np.asarray(nll_a, dtype=np.float64).reshape(-1)
+    b = np.asarray(nll_b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        raise CompareError(f"a paired test needs the same, non-empty set of blocks for both "
+                           f"models; got {a.size} and {b.size} blocks")
+    rows = _blocks(a - b, tokens)
+    if n < 1:
+        raise CompareError(f"n must be >= 1 resample, got {n}")
+    _check_level(level)
+    rng = np.random.default_rng(seed)
+    total = rows[:, 1].sum()
+    diff = rows[:, 0].sum() / total
+    means = _boot_means(rows, n, rng)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means[:, 0] / means[:, 1], [tail, 1 - tail])
+    d = rows[:, 0]
+    slack = 1e-9 * (np.abs(d).sum() / total)  # float noise of a sum of the same numbers
+    extreme = 0
+    for start in range(0, n, 256):
+        signs = rng.choice((-1.0, 1.0), size=(min(256, n - start), len(d)))
+        extreme += int((np.abs(signs @ d) / total >= abs(diff) - slack).sum())
+    return {"diff": float(diff), "low": float(low), "high": float(high),
+            "p_value": (1 + extreme) / (n + 1), "a_lower": int((a < b).sum()),
+            "b_lower": int((b < a).sum())}
+
+
 # ------------------------------------------------------------------------------ the choice
 def _check_axis(axis: str) -> None:
     if axis not in AXES:
@@ -305,15 +463,17 @@ def compare(
     level: float = 0.95,
     alpha: float = 0.05,
     batch_size: int = 64,
+    max_test_examples: int | None = None,
 ) -> pd.DataFrame:
     """The comparison table of the module docstring's protocol.
 
     Args:
         candidates: one row per candidate model: ``method``, ``model_dir`` (a saved model),
-            ``error`` (validation), ``params_ratio``, optionally ``latency_ms``, ``trial_id``
-            and the :data:`COST_COLUMNS`.
+            ``error`` (validation; perplexity for language modelling), ``params_ratio``,
+            optionally ``latency_ms``, ``trial_id`` and the :data:`COST_COLUMNS`.
         dense_dir: the dense fine-tuned model (the teacher), scored on the same test examples.
-        task: the tokenised task; its test split is what every number is measured on.
+        task: the tokenised task; its test split is what every number is measured on. A
+            language-modelling task (``task.spec.is_lm``) is scored by perplexity.
         tokenizer: the tokenizer `task` was tokenised with.
         budgets: budgets on `axis`.
         axis: ``params_ratio`` or ``latency_ms``.
@@ -323,26 +483,37 @@ def compare(
         measure_latency: measure the latency of the models here, all with the same settings
             (every candidate and the dense model when `axis` is ``latency_ms``, else the
             chosen ones); False keeps the candidates' own ``latency_ms``.
-        n_bootstrap: resamples of each accuracy's interval.
-        n_paired: resamples of each paired difference's interval.
-        seed: seed of all resampling.
+        n_bootstrap: resamples of each test figure's interval.
+        n_paired: resamples of each paired difference's interval (and, for perplexity, random
+            sign patterns of its permutation test).
+        seed: seed of all resampling (and of the test subset).
         level: coverage of the intervals.
         alpha: significance level of the paired tests.
-        batch_size: test examples per forward pass.
+        batch_size: test examples (blocks) per forward pass.
+        max_test_examples: score only this many test examples (blocks), drawn with `seed`
+            and kept in their order, the same ones for every model (a quicker comparison;
+            the digest identifies them); None: the whole test split.
 
     Returns:
         One row for the dense model (budget NaN), then one per (budget, method): ``budget``,
         ``method``, ``trial_id``, ``model_dir``, ``valid_error`` (the choice criterion),
-        ``test_accuracy``, ``test_low``, ``test_high``, ``test_examples``, ``test_digest``,
-        ``params_ratio``, ``latency_ms``, ``hardware``, ``cost_examples``, ``cost_time_s``,
-        ``train_examples``, ``train_time_s`` (the model's own part), ``reference``,
-        ``diff_vs_reference``, ``diff_low``, ``diff_high``, ``p_value``, ``significant``.
+        ``test_accuracy`` (language modelling: ``test_perplexity``), ``test_low``,
+        ``test_high``, ``test_examples`` (and ``test_tokens``), ``test_digest``,
+        ``params_ratio``, ``latency_ms`` (and ``decode_ms``), ``hardware``,
+        ``cost_examples``, ``cost_time_s``, ``train_examples``, ``train_time_s`` (the model's
+        own part), ``reference``, ``diff_vs_reference`` (language modelling: in
+        log-perplexity), ``diff_low``, ``diff_high``, ``p_value``, ``significant``. The
+        table's ``attrs`` hold ``axis``, ``metric``, ``level``, ``alpha`` and ``seed``.
     """
     _check_axis(axis)
     if "model_dir" not in candidates:
         raise CompareError("candidate rows need a model_dir column (the saved model of each)")
     if not 0 < alpha < 1:
         raise CompareError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    lm = bool(getattr(task.spec, "is_lm", False))
+    metric = "perplexity" if lm else "accuracy"
+    if max_test_examples is not None:
+        task = _test_subset(task, max_test_examples, seed)
     frame = candidates.copy()
     for column in ("trial_id", "latency_ms", "hardware", *COST_COLUMNS):
         if column not in frame:
@@ -378,21 +549,39 @@ def compare(
     digest = test_digest(task)
     scored: dict[str, np.ndarray] = {}
 
-    def correct(model_dir: str) -> np.ndarray:
+    def scores(model_dir: str) -> np.ndarray:
+        """Per test example: correctness, or (language modelling) the block's (NLL, tokens)."""
         if model_dir not in scored:
             _check_saved(model_dir)
-            logits, labels = test_predictions(model_dir, task, tokenizer, batch_size)
-            scored[model_dir] = correct_predictions(logits, labels)
+            if lm:
+                scored[model_dir] = np.stack(test_block_nll(model_dir, task, tokenizer,
+                                                            batch_size), axis=1)
+            else:
+                logits, labels = test_predictions(model_dir, task, tokenizer, batch_size)
+                scored[model_dir] = correct_predictions(logits, labels)
         return scored[model_dir]
 
-    def accuracy(model_dir: str) -> dict[str, Any]:
-        mean, low, high = bootstrap_interval(correct(model_dir), n_bootstrap, seed, level)
-        return {"test_accuracy": mean, "test_low": low, "test_high": high,
-                "test_examples": len(correct(model_dir)), "test_digest": digest}
+    def figure(model_dir: str) -> dict[str, Any]:
+        values = scores(model_dir)
+        if lm:
+            mean, low, high = perplexity_interval(values[:, 0], values[:, 1], n_bootstrap,
+                                                  seed, level)
+            extra = {"test_tokens": int(values[:, 1].sum())}
+        else:
+            mean, low, high = bootstrap_interval(values, n_bootstrap, seed, level)
+            extra = {}
+        return {f"test_{metric}": mean, "test_low": low, "test_high": high,
+                "test_examples": len(values), **extra, "test_digest": digest}
+
+    def paired(model_dir: str, reference_dir: str) -> dict[str, float]:
+        a, b = scores(model_dir), scores(reference_dir)
+        if lm:
+            return paired_perplexity_test(a[:, 0], b[:, 0], a[:, 1], n_paired, seed, level)
+        return paired_test(a, b, n_paired, seed, level)
 
     dense_dir = str(dense_dir)
     dense = {"budget": float("nan"), "method": "dense", "trial_id": "dense",
-             "model_dir": dense_dir, "valid_error": float("nan"), **accuracy(dense_dir),
+             "model_dir": dense_dir, "valid_error": float("nan"), **figure(dense_dir),
              "params_ratio": 1.0, "cost_examples": float("nan"), "cost_time_s": float("nan"),
              "train_examples": float("nan"), "train_time_s": float("nan"),
              "reference": reference}
@@ -402,32 +591,54 @@ def compare(
     for _, row in chosen.iterrows():
         out = {"budget": row["budget"], "method": row["method"], "trial_id": row["trial_id"],
                "model_dir": row["model_dir"], "valid_error": float(row["error"]),
-               **accuracy(row["model_dir"]), "params_ratio": float(row["params_ratio"]),
+               **figure(row["model_dir"]), "params_ratio": float(row["params_ratio"]),
                "latency_ms": row["latency_ms"], "hardware": row["hardware"],
                "cost_examples": _cost(row, "train_examples", "shared_train_examples"),
                "cost_time_s": _cost(row, "train_time_s", "shared_train_time_s"),
                "train_examples": row["train_examples"], "train_time_s": row["train_time_s"],
                "reference": reference}
+        if lm and "decode_ms" in row:
+            out["decode_ms"] = row["decode_ms"]
         if measure_latency and axis != "latency_ms":
             out.update(timed(row["model_dir"]))
         ref = chosen[(chosen["budget"] == row["budget"]) & (chosen["method"] == reference)]
         if reference is not None and row["method"] != reference and not ref.empty:
-            test = paired_test(correct(row["model_dir"]), correct(ref["model_dir"].iloc[0]),
-                               n_paired, seed, level)
+            test = paired(row["model_dir"], ref["model_dir"].iloc[0])
             out.update({"diff_vs_reference": test["diff"], "diff_low": test["low"],
                         "diff_high": test["high"], "p_value": test["p_value"],
                         "significant": bool(test["p_value"] < alpha)})
         table.append(out)
-    columns = ["budget", "method", "trial_id", "model_dir", "valid_error", "test_accuracy",
-               "test_low", "test_high", "test_examples", "test_digest", "params_ratio",
-               "latency_ms", "hardware", "cost_examples", "cost_time_s", "train_examples",
-               "train_time_s", "reference", "diff_vs_reference", "diff_low", "diff_high",
-               "p_value", "significant"]
-    result = pd.DataFrame(table, columns=columns)
-    result.attrs.update({"axis": axis, "level": level, "alpha": alpha, "seed": seed})
-    log.info("compared %d methods at %d budgets on %d test examples", len(methods),
-             len(set(chosen["budget"])), dense["test_examples"])
+    result = pd.DataFrame(table, columns=_columns(lm))
+    result.attrs.update({"axis": axis, "metric": metric, "level": level, "alpha": alpha,
+                         "seed": seed})
+    log.info("compared %d methods at %d budgets on %d test %s", len(methods),
+             len(set(chosen["budget"])), dense["test_examples"], "blocks" if lm else "examples")
     return result
+
+
+def _columns(lm: bool) -> list[str]:
+    """The comparison table's columns (see `compare`)."""
+    if lm:
+        figure = ["test_perplexity", "test_low", "test_high", "test_examples", "test_tokens"]
+        timing = ["latency_ms", "decode_ms"]
+    else:
+        figure = ["test_accuracy", "test_low", "test_high", "test_examples"]
+        timing = ["latency_ms"]
+    return ["budget", "method", "trial_id", "model_dir", "valid_error", *figure, "test_digest",
+            "params_ratio", *timing, "hardware", "cost_examples", "cost_time_s",
+            "train_examples", "train_time_s", "reference", "diff_vs_reference", "diff_low",
+            "diff_high", "p_value", "significant"]
+
+
+def _test_subset(task: Any, examples: int, seed: int) -> Any:
+    """`task` with its test split reduced to `examples` of its examples, drawn with `seed`,
+    in their original order."""
+    if examples < 1:
+        raise CompareError(f"max_test_examples must be >= 1, got {examples}")
+    if examples >= len(task.test):
+        return task
+    keep = np.sort(np.random.default_rng(seed).choice(len(task.test), examples, replace=False))
+    return dataclasses.replace(task, test=task.test.select(keep.tolist()))
 
 
 def total_costs(frame: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
@@ -465,18 +676,35 @@ def _yes_no(value: Any) -> str:
 def comparison_markdown(frame: pd.DataFrame, costs: pd.DataFrame | None = None) -> str:
     """The comparison table (and the total costs, if given) as Markdown."""
     axis = frame.attrs.get("axis", "params_ratio")
+    metric = frame.attrs.get("metric", "accuracy")
     level = frame.attrs.get("level", 0.95)
     digest = frame["test_digest"].iloc[0]
     n = int(frame["test_examples"].iloc[0])
     reference = frame["reference"].iloc[0]
+    choice = f"each method's model at a budget is its validation-best with {axis} <= budget"
+    if metric == "perplexity":
+        tokens = int(frame["test_tokens"].iloc[0])
+        intro = (f"Test perplexity (lower is better) on the same {n} test blocks ({tokens:,} "
+                 f"predicted tokens) for every model (digest {digest}), {level:.0%} "
+                 f"percentile-bootstrap intervals over blocks; {choice} (validation "
+                 f"perplexity). Δ and p: paired against {reference} at the same budget; Δ is "
+                 "the difference in log-perplexity (mean next-token NLL, nats per token; "
+                 "exp(Δ) is the perplexity ratio), its interval by paired bootstrap over "
+                 "blocks, p by a paired sign-flip permutation test over blocks.")
+        head, delta_head = f"test perplexity, lower is better [{level:.0%} CI]", "Δ log-ppl"
+        spec = ",.3f"
+    else:
+        intro = (f"Test accuracy on the same {n} test examples for every model (digest "
+                 f"{digest}), {level:.0%} percentile-bootstrap intervals; {choice}. Δ and p: "
+                 f"paired against {reference} at the same budget (exact McNemar test; Δ "
+                 "interval by paired bootstrap).")
+        head, delta_head, spec = f"test accuracy [{level:.0%} CI]", "Δ", ".4f"
     lines = [
-        f"Test accuracy on the same {n} test examples for every model (digest {digest}), "
-        f"{level:.0%} percentile-bootstrap intervals; each method's model at a budget is its "
-        f"validation-best with {axis} <= budget. Δ and p: paired against {reference} at the "
-        "same budget (exact McNemar test; Δ interval by paired bootstrap).",
+        intro,
         "",
-        f"| budget ({axis}) | method | model | test accuracy [{level:.0%} CI] | params ratio | "
-        "latency ms | cost: train examples | cost: time s | Δ vs ref [CI] | p | significant |",
+        f"| budget ({axis}) | method | model | {head} | params ratio | "
+        f"latency ms | cost: train examples | cost: time s | {delta_head} vs ref [CI] | p | "
+        "significant |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in frame.iterrows():
@@ -485,7 +713,8 @@ def comparison_markdown(frame: pd.DataFrame, costs: pd.DataFrame | None = None) 
                                             f"{r['diff_high']:+.4f}]")
         lines.append(
             f"| {_fmt(r['budget'], '.4g')} | {r['method']} | {r['trial_id']} | "
-            f"{r['test_accuracy']:.4f} [{r['test_low']:.4f}, {r['test_high']:.4f}] | "
+            f"{format(r[f'test_{metric}'], spec)} [{format(r['test_low'], spec)}, "
+            f"{format(r['test_high'], spec)}] | "
             f"{_fmt(r['params_ratio'], '.3f')} | {_fmt(r['latency_ms'], '.2f')} | "
             f"{_fmt(r['cost_examples'], ',.0f')} | {_fmt(r['cost_time_s'], '.1f')} | {delta} | "
             f"{_fmt(r.get('p_value'), '.3g')} | {_yes_no(r.get('significant'))} |"
@@ -500,35 +729,41 @@ def comparison_markdown(frame: pd.DataFrame, costs: pd.DataFrame | None = None) 
 
 
 def plot_comparison(frame: pd.DataFrame, out_png: str | os.PathLike) -> Path:
-    """Test accuracy (with interval bars) of each method's chosen model against its value on
-    the budget axis; the dense model as a line with its interval as a band, the budgets as
-    dotted lines."""
+    """The test figure (accuracy, or perplexity on a log axis) with interval bars of each
+    method's chosen model against its value on the budget axis; the dense model as a line with
+    its interval as a band, the budgets as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     axis = frame.attrs.get("axis", "params_ratio")
+    metric = frame.attrs.get("metric", "accuracy")
+    column = f"test_{metric}"
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     dense = frame[frame["method"] == "dense"]
     if not dense.empty:
         d = dense.iloc[0]
-        ax.axhline(d["test_accuracy"], color="k", lw=1, label="dense model")
+        ax.axhline(d[column], color="k", lw=1, label="dense model")
         ax.axhspan(d["test_low"], d["test_high"], color="k", alpha=0.08)
     picked = frame[frame["method"] != "dense"]
     for budget in sorted(set(picked["budget"])):
         ax.axvline(budget, color="grey", ls=":", lw=0.8)
     for i, (method, group) in enumerate(picked.groupby("method", sort=True)):
         group = group.drop_duplicates("model_dir").sort_values(axis)
-        acc = group["test_accuracy"].to_numpy(float)
-        bars = np.vstack([acc - group["test_low"].to_numpy(float),
-                          group["test_high"].to_numpy(float) - acc])
-        ax.errorbar(group[axis].to_numpy(float), acc, yerr=bars, fmt="o-", capsize=3,
+        value = group[column].to_numpy(float)
+        bars = np.vstack([value - group["test_low"].to_numpy(float),
+                          group["test_high"].to_numpy(float) - value])
+        ax.errorbar(group[axis].to_numpy(float), value, yerr=bars, fmt="o-", capsize=3,
                     color=f"C{i % 10}", label=method)
     ax.set_xlabel(AXES[axis])
-    ax.set_ylabel("test accuracy")
+    if metric == "perplexity":
+        ax.set_yscale("log")
+        ax.set_ylabel("test perplexity (lower is better)")
+    else:
+        ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right" if metric == "perplexity" else "lower right")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -1,20 +1,31 @@
 """The comparison protocol: bootstrap intervals and paired tests against hand-made correctness
 vectors, budget matching by validation only, and a whole comparison of tiny saved models on
-the test split of a synthetic task."""
+the test split of a synthetic task; for language modelling, perplexity intervals and paired
+tests over blocks, test perplexity against transformers' own loss, and a whole comparison of
+tiny saved Llamas on the token blocks of a synthetic corpus."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from nas_prune import compare, data
 from nas_prune.options import ProfileOptions
 from tests.conftest import randomise_
+from tests.test_lm_pipeline import WORDS, _document, _tiny_llama
 from tests.test_train import _synthetic_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -223,3 +234,196 @@ def test_test_predictions_score_the_test_split_in_order(model_dirs, task, tokeni
     model = BertForSequenceClassification.from_pretrained(model_dirs["a"])
     again, _ = compare.test_predictions(model, task, tokenizer)
     np.testing.assert_allclose(again, logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ perplexity
+def test_perplexity_interval_contains_the_point_narrows_and_is_seeded():
+    rng = np.random.default_rng(0)
+    tokens = np.full(1000, 15)
+    nll = rng.gamma(20.0, 0.15, size=1000) * 15  # about 3 nats per token, varying by block
+    ppl, low, high = compare.perplexity_interval(nll[:40], tokens[:40])
+    assert ppl == pytest.approx(math.exp(nll[:40].sum() / 600)) and low < ppl < high
+    big, big_low, big_high = compare.perplexity_interval(nll, tokens)
+    assert big == pytest.approx(math.exp(nll.sum() / tokens.sum())) and big_low < big < big_high
+    assert (big_high - big_low) < (high - low) / 3  # sqrt(25) times narrower, about
+    assert compare.perplexity_interval(nll, tokens, seed=3) == \
+        compare.perplexity_interval(nll, tokens, seed=3)
+    assert compare.perplexity_interval(nll, tokens, seed=3) != \
+        compare.perplexity_interval(nll, tokens, seed=4)
+    # a block of fewer tokens weighs less: the ratio of sums, not the mean of ratios
+    assert compare.perplexity_interval([30.0, 2.0], [10, 1], n=10)[0] == \
+        pytest.approx(math.exp(32 / 11))
+    with pytest.raises(ValueError, match="one NLL and one token count per test block"):
+        compare.perplexity_interval(nll, tokens[:-1])
+
+
+def test_paired_perplexity_test_finds_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(1)
+    tokens = np.full(200, 15)
+    b = rng.gamma(20.0, 0.15, size=200) * 15
+    worse = b + 15 * (0.05 + 0.05 * rng.standard_normal(200))  # 0.05 nats per token worse
+    test = compare.paired_perplexity_test(worse, b, tokens, n=2000)
+    assert test["diff"] == pytest.approx((worse - b).sum() / tokens.sum())
+    assert test["p_value"] < 0.01 and 0 < test["low"] < test["diff"] < test["high"]
+    assert test["p_value"] >= 1 / 2001  # a permutation p-value is never 0
+    flipped = compare.paired_perplexity_test(b, worse, tokens, n=2000)
+    assert flipped["diff"] == pytest.approx(-test["diff"]) and flipped["p_value"] < 0.01
+    same = compare.paired_perplexity_test(b, b, tokens, n=2000)
+    assert same["diff"] == 0 and same["p_value"] == 1.0 and same["a_lower"] == 0
+    noise = b + 15 * 0.05 * rng.standard_normal(200)  # no difference on average
+    null = compare.paired_perplexity_test(noise - (noise - b).mean(), b, tokens, n=2000)
+    assert abs(null["diff"]) < 1e-12 and null["p_value"] > 0.5
+    assert null["low"] < 0 < null["high"]
+    with pytest.raises(ValueError, match="same, non-empty set of blocks"):
+        compare.paired_perplexity_test(b, b[:-1], tokens)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A word-level tokenizer over WORDS with pad, unknown and end-of-sequence tokens."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", ".", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = tmp_path_factory.mktemp("word_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(out)
+    return data.load_tokenizer(str(out))
+
+
+@pytest.fixture(scope="module")
+def lm_task(tmp_path_factory, word_tokenizer):
+    """A synthetic corpus of 150 documents, cut into blocks of 16 tokens."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        (root / f"doc{i:03d}.txt").write_text(_document(rng))
+    return data.tokenize(data.load_task(str(root)), word_tokenizer, 16)
+
+
+def _tempered(model: LlamaForCausalLM, factor: float) -> LlamaForCausalLM:
+    """`model` with its LM head scaled by `factor` (sharper or flatter predictions)."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory, word_tokenizer):
+    """Saved causal LMs: the dense stock Llama, a tempered copy of it, the same weights saved
+    as our decoder checkpoint, and an unrelated Llama."""
+    from nas_prune.checkpoint import save_checkpoint
+    from nas_prune.decoder_loading import from_hf
+
+    root = tmp_path_factory.mktemp("lms")
+    dirs = {}
+    for name, model in (("dense", _tiny_llama(word_tokenizer)),
+                        ("tempered", _tempered(_tiny_llama(word_tokenizer), 3.0)),
+                        ("other", _tiny_llama(word_tokenizer, seed=1))):
+        model.save_pretrained(root / name)
+        word_tokenizer.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    save_checkpoint(root / "ours", from_hf(_tiny_llama(word_tokenizer)), word_tokenizer,
+                    {"kind": "teacher", "task_kind": "lm", "finished": True})
+    dirs["ours"] = str(root / "ours")
+    return dirs
+
+
+def _hf_perplexity(model_dir, task, tokenizer) -> float:
+    """exp of transformers' own mean loss over the test blocks (all of one length)."""
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        losses = [float(model(**b).loss) for b in data.make_loader(task.test, tokenizer, 1)]
+    return math.exp(np.mean(losses))
+
+
+def test_test_perplexity_is_transformers_loss(lm_task, lm_dirs, word_tokenizer):
+    nll, tokens = compare.test_block_nll(lm_dirs["dense"], lm_task, word_tokenizer,
+                                         batch_size=5)
+    assert len(nll) == len(lm_task.test) >= 40 and (tokens == 15).all()
+    expected = _hf_perplexity(lm_dirs["dense"], lm_task, word_tokenizer)
+    assert math.exp(nll.sum() / tokens.sum()) == pytest.approx(expected, rel=1e-5)
+    ours, _ = compare.test_block_nll(lm_dirs["ours"], lm_task, word_tokenizer)  # our class
+    np.testing.assert_allclose(ours, nll, rtol=1e-5)
+    # the interval over all blocks is narrower than over a few
+    ppl, low, high = compare.perplexity_interval(nll, tokens)
+    few = compare.perplexity_interval(nll[:8], tokens[:8])
+    assert ppl == pytest.approx(expected, rel=1e-5) and low < ppl < high
+    assert few[1] < few[0] < few[2] and high - low < few[2] - few[1]
+
+
+class _Biased(torch.nn.Module):
+    """A causal LM with a fixed bias added to its logits."""
+
+    def __init__(self, inner: torch.nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("bias", bias)
+
+    def forward(self, **batch):
+        return SimpleNamespace(logits=self.inner(**batch).logits + self.bias)
+
+
+def test_paired_test_on_real_blocks(lm_task, lm_dirs, word_tokenizer):
+    model = LlamaForCausalLM.from_pretrained(lm_dirs["dense"]).eval()
+    nll, tokens = compare.test_block_nll(model, lm_task, word_tokenizer)
+    bias = torch.randn(len(word_tokenizer), generator=torch.Generator().manual_seed(0))
+    biased, _ = compare.test_block_nll(_Biased(model, bias), lm_task, word_tokenizer)
+    real = compare.paired_perplexity_test(biased, nll, tokens, n=2000)
+    assert real["diff"] > 0 and real["p_value"] < 0.01 and real["low"] > 0
+    again, _ = compare.test_block_nll(model, lm_task, word_tokenizer, batch_size=3)
+    null = compare.paired_perplexity_test(again, nll, tokens, n=2000)
+    assert abs(null["diff"]) < 1e-6 and null["p_value"] > 0.5
+
+
+def test_comparison_of_saved_language_models(lm_task, lm_dirs, word_tokenizer, tmp_path):
+    d = lm_dirs
+    candidates = pd.DataFrame([
+        # method, trial, model_dir, params_ratio, validation perplexity, own, shared cost
+        ("nas", "small", d["tempered"], 0.40, 30.0, 0, 0.0, 4000, 40.0),
+        ("nas", "big", d["dense"], 0.80, 20.0, 0, 0.0, 4000, 40.0),
+        ("nas", "bigger", d["other"], 0.90, 25.0, 0, 0.0, 4000, 40.0),  # worse on validation
+        ("llm_pruner", "params-0.5", d["ours"], 0.45, 22.0, 160, 2.0, None, None),
+        ("layer_drop", "layers-2", d["other"], 0.70, 50.0, 300, 3.0, None, None),
+    ], columns=["method", "trial_id", "model_dir", "params_ratio", "error", "train_examples",
+                "train_time_s", "shared_train_examples", "shared_train_time_s"])
+    frame = compare.compare(candidates, d["dense"], lm_task, word_tokenizer, [0.5, 1.0],
+                            latency=FAST_LATENCY, n_bootstrap=200, n_paired=1000)
+    assert list(frame["method"])[0] == "dense"
+    picked = {(r.budget, r.method): r.trial_id for r in frame.itertuples() if r.method != "dense"}
+    assert picked == {(0.5, "llm_pruner"): "params-0.5", (0.5, "nas"): "small",
+                      (1.0, "layer_drop"): "layers-2", (1.0, "llm_pruner"): "params-0.5",
+                      (1.0, "nas"): "big"}  # the lowest validation perplexity in each budget
+    assert frame.attrs["metric"] == "perplexity" and "test_accuracy" not in frame
+    n = len(lm_task.test)
+    assert (frame["test_examples"] == n).all() and (frame["test_tokens"] == 15 * n).all()
+    assert frame["test_digest"].nunique() == 1
+    by_dir = {m: _hf_perplexity(m, lm_task, word_tokenizer)
+              for m in (d["dense"], d["tempered"], d["other"])}
+    by_dir[d["ours"]] = by_dir[d["dense"]]
+    for r in frame.itertuples():
+        assert r.test_perplexity == pytest.approx(by_dir[r.model_dir], rel=1e-5)
+        assert r.test_low < r.test_perplexity < r.test_high
+        assert r.latency_ms > 0 and r.decode_ms > 0
+    # paired against NAS: the tempered model differs for real, the same weights do not
+    tests = frame.set_index(["budget", "method"])
+    real = tests.loc[(0.5, "llm_pruner")]
+    assert real["diff_vs_reference"] == pytest.approx(
+        math.log(real["test_perplexity"]) - math.log(tests.loc[(0.5, "nas"), "test_perplexity"]))
+    assert real["significant"] and real["p_value"] < 0.01
+    same = tests.loc[(1.0, "llm_pruner")]
+    assert abs(same["diff_vs_reference"]) < 1e-6 and not same["significant"]
+    assert tests.loc[(1.0, "nas"), "cost_examples"] == 4000
+    assert tests.loc[(0.5, "llm_pruner"), "cost_examples"] == 160
+
+    markdown = compare.write_comparison(frame, tmp_path / "cmp", candidates)
+    text = markdown.read_text()
+    assert f"same {n} test blocks" in text and "lower is better" in text
+    assert "| 0.5 | llm_pruner | params-0.5 |" in text and "Δ log-ppl" in text
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == len(frame)
+
+    capped = compare.compare(candidates, d["dense"], lm_task, word_tokenizer, [0.5],
+                             measure_latency=False, n_bootstrap=50, n_paired=50,
+                             max_test_examples=10)
+    assert (capped["test_examples"] == 10).all() and (capped["test_tokens"] == 150).all()
+    assert capped["test_digest"].iloc[0] != frame["test_digest"].iloc[0]
