@@ -229,9 +229,9 @@ def test_file_not_found(tmp_path):
 
 
 def test_unsupported_extension(tmp_path):
-    path = tmp_path / "data.txt"
+    path = tmp_path / "data.xml"  # (.txt is text for language modelling: test_lm_pipeline)
     path.write_text("text,label\na,0\n")
-    with pytest.raises(DataError, match=r"'\.txt'.*\.csv"):
+    with pytest.raises(DataError, match=r"'\.xml'.*\.csv"):
         load_task(str(path))
 
 
