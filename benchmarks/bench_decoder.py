@@ -32,7 +32,6 @@ printed and written to OUT/bench_decoder.md; the comparison itself to OUT/compar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -168,7 +167,7 @@ def layer_keeps(teacher_dir: Path, budgets: list[float]) -> dict[float, tuple[in
 # ------------------------------------------------------------------------------ the options
 def options(args: argparse.Namespace, model: str) -> Any:
     """The pipeline options of the run (baselines are added once the teacher is known)."""
-    from nas_prune.options import CompareOptions, PipelineOptions, replace
+    from nas_prune.options import PipelineOptions, replace
 
     length, batch = args.block_length, args.batch_size
     opts = replace(PipelineOptions(), {
@@ -190,19 +189,7 @@ def options(args: argparse.Namespace, model: str) -> Any:
         "compare": {"budgets": list(args.budgets), "reference": "nas",
                     "batch_size": args.eval_batch_size},
     })
-    cap = args.test_blocks or None
-    if "max_test_examples" in {f.name for f in dataclasses.fields(CompareOptions)}:
-        return replace(opts, {"compare": {"max_test_examples": cap}})
-
-    @dataclasses.dataclass
-    class CappedCompareOptions(CompareOptions):
-        """CompareOptions with the cap on test examples that pipeline.compare reads."""
-
-        max_test_examples: int | None = None
-        """Test examples (blocks) scored per model, drawn with the comparison's seed."""
-
-    return dataclasses.replace(opts, compare=CappedCompareOptions(
-        **dataclasses.asdict(opts.compare), max_test_examples=cap))
+    return replace(opts, {"compare": {"max_test_examples": args.test_blocks or None}})
 
 
 def with_baselines(opts: Any, args: argparse.Namespace, keeps: dict[float, tuple[int, float]]

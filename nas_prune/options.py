@@ -451,9 +451,14 @@ class CompareOptions:
     seed: int = 0
     """Seed of the bootstrap."""
     batch_size: int = 64
-    """Test batch size."""
+    """Test batch size (language models: blocks per batch; their logits span the vocabulary,
+    so keep it small, e.g. 8)."""
+    max_test_examples: int | None = None
+    """Score a seeded subset of this many test examples (blocks, for language modelling), the
+    same for every model; None: the whole test split."""
 
     def __post_init__(self) -> None:
+        _at_least(self, 1, ("max_test_examples",), OptionsError)
         if not self.budgets or any(b <= 0 for b in self.budgets):
             raise OptionsError(f"compare: budgets must be positive numbers, got {self.budgets}")
         if self.axis not in ("params_ratio", "latency_ms"):

@@ -300,8 +300,7 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
     refined, every baseline model and the dense teacher, budgets matched on validation,
     bootstrap intervals, paired tests and counted cost; written to ``run.compare``. A
     language-modelling task is compared by test perplexity over the supernet's token blocks;
-    ``compare.max_test_examples``, where the options have it, caps the test examples
-    (blocks) scored."""
+    ``compare.max_test_examples`` caps the test examples (blocks) scored."""
     from nas_prune import compare as compare_lib
 
     supernet_dir = run.supernet
@@ -339,7 +338,7 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
         latency=opts.profile, measure_latency=c.axis == "latency_ms",
         n_bootstrap=c.n_bootstrap, n_paired=c.n_paired, seed=c.seed, level=c.level,
         alpha=c.alpha, batch_size=c.batch_size,
-        max_test_examples=getattr(c, "max_test_examples", None))
+        max_test_examples=c.max_test_examples)
     return compare_lib.write_comparison(frame, run.compare, table)
 
 

@@ -290,8 +290,12 @@ def test_language_modelling_run_end_to_end(tmp_path, corpus_dir, tiny_llama_dir,
         assert fresh["class"] == "LlamaForCausalLM"
         assert torch.allclose(torch.tensor(fresh["logits"]), expected, atol=1e-4)
         assert len(fresh["generated"][0]) == 10
+    latency = results.load(out / "results", table="latency")
+    assert len(latency) >= len(exported) and (latency["decode_ms"] > 0).all()
+    assert (latency["seq_len"] == 16).all()  # the prefill's prompt length
     summary = (out / "report" / "summary.md").read_text()
-    assert "perplexity" in summary and (out / "report" / "pareto.png").stat().st_size > 0
+    assert "perplexity" in summary and "decode_ms" in summary
+    assert (out / "report" / "pareto.png").stat().st_size > 0
 
 
 def test_decoder_classification_run_end_to_end(tmp_path, tiny_llama_dir, word_tokenizer):
