@@ -1,13 +1,29 @@
 """Export a sub-network's model directory to ONNX, check it against PyTorch, and time it.
 
-`export_onnx` turns a directory that `nas_prune.export` (or the GRAIN baseline) wrote, a stock
-BERT/RoBERTa checkpoint or one of our own model classes, into ``model.onnx`` through PyTorch's
-`torch.export`-based ONNX exporter: inputs ``input_ids``, ``attention_mask`` (and
-``token_type_ids`` when the model has more than one token type), output ``logits``, batch and
-sequence axes dynamic. The file is then run by onnxruntime on a padded and an unpadded batch of
-other sizes than the export sample and must give PyTorch's logits; otherwise no file is left
+`export_onnx` turns a directory that `nas_prune.export` (or the GRAIN baseline) wrote into
+``model.onnx`` through PyTorch's `torch.export`-based ONNX exporter: inputs ``input_ids``,
+``attention_mask`` (and ``token_type_ids`` when the model has more than one token type), output
+``logits``, batch and sequence axes dynamic. What the directory holds decides the head:
+
+* a classifier (a stock BERT/RoBERTa, Llama/Qwen2 ``...ForSequenceClassification`` checkpoint,
+  or our `EncoderForSequenceClassification` / `DecoderForSequenceClassification`): ``logits``
+  (batch, labels). A decoder classifier reads each sequence's last real token, found from the
+  pad id (stock) or the attention mask (ours), both of which the graph takes as data;
+* a causal LM (``config.architectures`` names a ``...ForCausalLM``: a stock Llama/Qwen2 one or
+  our `DecoderForCausalLM`): ``logits`` (batch, sequence, vocab), the next-token scores at
+  every position. The graph is one forward pass without a KV cache: it serves scoring
+  (perplexity) and prefill; generating token by token with a cache is not exported (feed the
+  whole sequence again, or generate with the PyTorch model).
+
+The file is then run by onnxruntime on a right-padded and an unpadded batch of other sizes than
+the export sample and must give PyTorch's logits at every position; otherwise no file is left
 behind and `OnnxValidationError` says by how much they differ. This is exact because the models'
-forward passes take no branch on the data (the padding mask is always applied).
+forward passes take no branch on the data (the padding mask is always applied). For a causal LM
+this includes the pad positions: with right padding a pad position's query attends, causally,
+to the real tokens before it (its own key is masked, but position 0 is always real), so its
+logits are finite, deterministic and meaningless (the prediction after a pad token), and the
+graph computes them exactly as PyTorch does. (With left padding the leading pad queries would
+see no key at all, where kernels legitimately differ; the check does not use it.)
 
 `time_onnx` is onnxruntime as a latency target (hardware type ``cpu-onnxruntime``).
 
@@ -39,12 +55,15 @@ ONNX_FILE = "model.onnx"
 ATOL = 1e-4
 """Largest absolute difference allowed between onnxruntime's and PyTorch's logits."""
 
-TRUSTED_MODEL_TYPES = ("nas_prune_encoder", "nas_prune_grain")
+TRUSTED_MODEL_TYPES = ("nas_prune_encoder", "nas_prune_grain", "nas_prune_decoder")
 """Model types whose code (written by nas_prune beside the weights) is run when loading; any
 other directory must hold a model transformers knows, and its code is never run."""
 
 EXTERNAL_DATA_BYTES = 1_800_000_000
 """Weights above this size go to a ``.data`` file beside the graph (protobuf's 2 GB limit)."""
+
+CAUSAL_LM_SUFFIX = "ForCausalLM"
+"""A directory whose ``config.architectures`` has a class name ending so is a causal LM."""
 
 
 class OnnxExportError(ValueError):
@@ -65,37 +84,56 @@ class _Logits(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **types).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **types,
+                          **_no_cache(self.model)).logits
+
+
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for a model whose forward takes it (decoders): no KV cache object
+    is built or returned, the graph is a plain forward pass."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+        else {}
 
 
 def load_model(model_dir: str | os.PathLike) -> nn.Module:
-    """The classification model of an exported directory, in eval mode and float32.
+    """The model of an exported directory, in eval mode and float32: a causal LM when its
+    ``config.architectures`` names one (`CAUSAL_LM_SUFFIX`), else a sequence classifier.
 
-    A stock BERT/RoBERTa checkpoint loads through transformers' own classes; a nas_prune class
-    (`TRUSTED_MODEL_TYPES`) through the code saved beside its weights (``trust_remote_code``).
+    Stock checkpoints (BERT/RoBERTa, Llama/Qwen2) load through transformers' own classes; a
+    nas_prune class (`TRUSTED_MODEL_TYPES`) through the code saved beside its weights
+    (``trust_remote_code``).
 
     Raises:
-        OnnxExportError: the directory holds no loadable sequence-classification model.
+        OnnxExportError: the directory holds no loadable causal-LM or sequence-classification
+            model.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = Path(model_dir)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise OnnxExportError(f"{path} is not a model directory: it has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
+        model_type, architectures = config.get("model_type"), config.get("architectures") or []
     except (json.JSONDecodeError, AttributeError) as e:
         raise OnnxExportError(f"{config_file} is not a model config: {e}") from e
+    causal = any(str(a).endswith(CAUSAL_LM_SUFFIX) for a in architectures)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     trust = model_type in TRUSTED_MODEL_TYPES
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust)
+        model = auto.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError, KeyError) as e:
+        kind = "causal-LM" if causal else "sequence-classification"
         raise OnnxExportError(
-            f"cannot load {path} as a sequence-classification model (model_type "
-            f"{model_type!r}): {e}"
+            f"cannot load {path} as a {kind} model (model_type {model_type!r}): {e}"
         ) from e
     return model.float().eval()
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` (from `load_model`) is a causal LM, whose logits have a sequence axis."""
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIX)
 
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
@@ -142,8 +180,9 @@ def _max_positions(model: nn.Module) -> int:
 
 def validate_onnx(onnx_path: str | os.PathLike, model: nn.Module,
                   atol: float = ATOL) -> dict[str, float]:
-    """Run `onnx_path` with onnxruntime and `model` with PyTorch on a padded batch (3 x 11) and
-    an unpadded one (1 x 5) and compare the logits.
+    """Run `onnx_path` with onnxruntime and `model` with PyTorch on a right-padded batch
+    (3 x 11) and an unpadded one (1 x 5) and compare the logits (of a causal LM: at every
+    position, pad positions included; see the module docstring).
 
     Returns:
         The largest absolute logit difference per batch, keyed "padded" and "unpadded".
@@ -161,7 +200,7 @@ def validate_onnx(onnx_path: str | os.PathLike, model: nn.Module,
                                                "unpadded": (1, min(5, length), False)}.items():
         batch = sample_inputs(model, batch_size, seq_len, padded, names, seed=1)
         with torch.no_grad():
-            expected = model(**batch).logits.float()
+            expected = model(**batch, **_no_cache(model)).logits.float()
         try:
             (got,) = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})
         except Exception as e:  # onnxruntime raises its own (non-public) error types
@@ -181,20 +220,61 @@ def validate_onnx(onnx_path: str | os.PathLike, model: nn.Module,
     return diffs
 
 
+def capture(module: nn.Module, args: tuple[torch.Tensor, ...],
+            dynamic: tuple[dict[int, Any], ...]) -> torch.export.ExportedProgram:
+    """`torch.export` of `module` on `args` with the axes `dynamic` names kept dynamic: traced
+    without dynamo first (``strict=False``), then with it (``strict=True``, which keeps e.g. a
+    ``len(tensor)`` symbolic where the other fixes it to the sample's size).
+
+    Bounds torch.export finds (a sequence axis at most ``max_position_embeddings`` long) are
+    accepted; an axis the code fixes to the sample's size is not. (torch.onnx's own capture,
+    given a module, quietly exports that size: a graph that then refuses other batches.)
+
+    Raises:
+        RuntimeError: neither trace keeps the axes dynamic, or both fail; the message holds
+            both reasons.
+    """
+    from torch._dynamo.exc import UserError
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    failures = []
+    for strict in (False, True):
+        shapes = dynamic
+        try:
+            for _ in range(2):  # the second pass with the bounds the first one suggests
+                try:
+                    return torch.export.export(module, args, dynamic_shapes=shapes,
+                                               strict=strict)
+                except UserError as e:
+                    if shapes is not dynamic:
+                        raise
+                    shapes = refine_dynamic_shapes_from_suggested_fixes(e.msg, dynamic)
+                    fixed = [f"{name} = {size}" for axes in shapes for name, size in
+                             zip(("batch", "sequence"), axes.values(), strict=False)
+                             if isinstance(size, int)]
+                    if fixed:
+                        raise RuntimeError(f"the model's code fixes {', '.join(fixed)} (the "
+                                           "export sample's size)") from e
+        except Exception as e:  # torch.export raises many (private) types
+            failures.append(f"torch.export (strict={strict}): {str(e).strip().splitlines()[0]}")
+    raise RuntimeError("; ".join(failures))
+
+
 def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
                 opset: int | None = None) -> Path:
     """Export the model in `model_dir` to ONNX and check it against PyTorch with onnxruntime.
 
     The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for models with
     several token types), int64 of shape (batch, sequence), both axes dynamic, and returns
-    ``logits`` (batch, labels). It is written beside its final place and moved there only once
-    onnxruntime's logits equal PyTorch's (to `ATOL`) on a padded and an unpadded batch of other
-    shapes than the export sample. Export only directories you trust: the model code a
-    nas_prune directory carries is run.
+    ``logits``: (batch, labels) for a classifier, (batch, sequence, vocab) for a causal LM (no
+    KV cache; see the module docstring). It is written beside its final place and moved there
+    only once onnxruntime's logits equal PyTorch's (to `ATOL`) on a padded and an unpadded batch
+    of other shapes than the export sample. Export only directories you trust: the model code
+    a nas_prune directory carries is run.
 
     Args:
-        model_dir: a directory written by `nas_prune.export` (stock BERT/RoBERTa or a nas_prune
-            class) or by the GRAIN baseline.
+        model_dir: a directory written by `nas_prune.export` (a stock BERT/RoBERTa or
+            Llama/Qwen2 checkpoint, or a nas_prune class) or by the GRAIN baseline.
         out_path: the ONNX file; default ``model_dir/model.onnx``. An existing file is replaced.
         opset: ONNX opset version; default the exporter's.
 
@@ -202,10 +282,13 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
         The ONNX file's path.
 
     Raises:
-        OnnxExportError: `model_dir` holds no loadable model, or the exporter fails on it.
+        OnnxExportError: `model_dir` holds no loadable model, a model no graph with a
+            dynamic batch can describe (a stock decoder classifier without a pad id), or the
+            exporter fails on it.
         OnnxValidationError: onnxruntime's logits differ from PyTorch's.
     """
     model = load_model(model_dir)
+    _check_exportable(model, model_dir)
     out = Path(out_path) if out_path is not None else Path(model_dir) / ONNX_FILE
     names = input_names(model)
     sample = sample_inputs(model, 2, min(16, _max_positions(model)), padded=False, names=names)
@@ -219,15 +302,24 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         try:
+            exported = capture(wrapped, tuple(sample.values()), dynamic)
             with warnings.catch_warnings():  # inputs sharing one axis name is what we mean
                 warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-                program = torch.onnx.export(
-                    wrapped, tuple(sample.values()), dynamo=True,
-                    input_names=list(names), output_names=["logits"], dynamic_shapes=dynamic,
+                program = torch.onnx.export(  # (string axes only name the graph's axes)
+                    exported, dynamo=True, input_names=list(names), output_names=["logits"],
+                    dynamic_shapes=tuple({0: "batch", 1: "sequence"} for _ in names),
                     opset_version=opset, optimize=True, verbose=False,
                 )
-        except Exception as e:  # the exporter wraps failures in many (private) types
-            raise OnnxExportError(f"torch.onnx could not export {model_dir}: {e}") from e
+        except Exception as e:  # the exporters wrap failures in many (private) types
+            auto = "AutoModelForCausalLM" if is_causal_lm(model) else \
+                "AutoModelForSequenceClassification"
+            trust = ", trust_remote_code=True" if model.config.model_type in \
+                TRUSTED_MODEL_TYPES else ""
+            raise OnnxExportError(
+                f"torch.onnx could not export {model_dir} ({type(model).__name__}): {e}\n"
+                f"The directory itself still serves in PyTorch: transformers' {auto}"
+                f".from_pretrained(dir{trust}) loads it."
+            ) from e
         program.save(str(tmp / out.name), external_data=size > EXTERNAL_DATA_BYTES)
         diffs = validate_onnx(tmp / out.name, model)
         for f in tmp.iterdir():  # the graph, and its weights file if any
@@ -237,6 +329,28 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     log.info("exported %s to %s (max abs logit difference to PyTorch: %.2g padded, %.2g "
              "unpadded)", model_dir, out, diffs["padded"], diffs["unpadded"])
     return out
+
+
+def _check_exportable(model: nn.Module, model_dir: str | os.PathLike) -> None:
+    """Refuse, before tracing, a model whose forward branches on the batch size.
+
+    transformers' stock decoder classifiers (``LlamaForSequenceClassification``, ...) find
+    each sequence's last token from ``config.pad_token_id``; without one they accept only a
+    batch of one, which a graph with a dynamic batch axis cannot express.
+    """
+    from nas_prune.decoder import FAMILIES
+
+    config = model.config
+    if (config.model_type in FAMILIES and not is_causal_lm(model)
+            and config.pad_token_id is None):
+        raise OnnxExportError(
+            f"cannot export {model_dir} to ONNX: a stock {type(model).__name__} finds each "
+            "sequence's last token from config.pad_token_id, which is not set, so it accepts "
+            "only a batch of one. Set pad_token_id in its config.json to a token real text "
+            "never contains (e.g. the tokenizer's pad token) and export again (nas_prune's own "
+            "DecoderForSequenceClassification, exported for non-stock shapes, reads the last "
+            "token from the attention mask and needs no pad id)"
+        )
 
 
 def time_onnx(path: str | os.PathLike, batch_size: int, seq_len: int, threads: int = 1,

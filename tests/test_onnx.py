@@ -1,7 +1,9 @@
 """Tests for exports that serve (nas_prune.onnx_export): forward passes without data-dependent
 branches (a trace recorded on an unpadded batch is exact on a padded one), ONNX export of stock,
 non-uniform (remote-code) and GRAIN model directories checked by onnxruntime against PyTorch,
-onnxruntime timings, tokenizers that load without custom code, and clear errors."""
+decoders (stock Llama / Qwen2 and our DecoderForCausalLM causal LMs with per-position logits,
+decoder classifiers), onnxruntime timings, tokenizers that load without custom code, and clear
+errors."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from transformers import AutoTokenizer
 
 from nas_prune import onnx_export
 from nas_prune.baselines.grain_model import GrainForSequenceClassification, Masks
+from nas_prune.decoder import DecoderSubNetwork
+from nas_prune.decoder_loading import from_hf as decoder_from_hf
 from nas_prune.export import export_sub_network, save_model_dir
 from nas_prune.onnx_export import (
     OnnxExportError,
@@ -27,7 +31,12 @@ from nas_prune.onnx_export import (
     time_onnx,
     validate_onnx,
 )
+from nas_prune.space import DecoderMediumSpace
 from nas_prune.supernet import SubNetwork, from_hf
+from tests.test_decoder import LAYERS as DECODER_LAYERS
+from tests.test_decoder import VOCAB, make_hf
+from tests.test_decoder import make_batch as decoder_batch
+from tests.test_decoder_classification import LABELS, make_hf_classifier
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -196,6 +205,115 @@ def test_bad_model_dir_gives_a_clear_error(tmp_path):
     with pytest.raises(OnnxExportError, match=r"cannot load .* \(model_type 'no_such_model'\)"):
         export_onnx(unknown)
     assert issubclass(OnnxExportError, ValueError)  # the CLI's one-line user errors
+
+
+# ------------------------------------------------------------------------------ decoders
+
+_DECODER_MEDIUM = {"kv_heads_0": 2, "kv_heads_1": 0, "kv_heads_2": 1,
+                   "queries_per_kv_0": 1, "queries_per_kv_1": 2, "queries_per_kv_2": 2,
+                   "units_0": 20, "units_1": 48, "units_2": 0}
+"""A decoder_medium config: per-layer KV heads and queries, an MLP-only and an attention-only
+layer."""
+
+
+def _decoder_dir(kind: str, family: str, head: str, tmp_path: Path):
+    """(model directory, PyTorch reference: the supernet set to the sub-network) for a tiny
+    decoder causal LM ("lm") or classifier exported stock or as our class."""
+    hf = (make_hf(family, tied=family == "llama") if head == "lm"
+          else make_hf_classifier(family))
+    model = decoder_from_hf(hf).eval()
+    if kind == "stock":
+        sub = DecoderSubNetwork.uniform(DECODER_LAYERS, 2, 1, 2, 24)
+    else:
+        sub = DecoderMediumSpace.for_model(model.config).to_sub_network(_DECODER_MEDIUM)
+    out = export_sub_network(model, sub, tmp_path / f"{kind}_{family}_{head}")
+    assert json.loads((out / "nas_prune_subnetwork.json").read_text())["stock"] is (
+        kind == "stock")
+    model.set_sub_network(sub)
+    return out, model
+
+
+@pytest.mark.parametrize(("kind", "family", "head"), [
+    ("stock", "llama", "lm"), ("stock", "qwen2", "lm"), ("non_stock", "llama", "lm"),
+    ("stock", "llama", "classifier"), ("non_stock", "qwen2", "classifier"),
+])
+def test_decoder_export_onnx_matches_pytorch(kind, family, head, tmp_path):
+    """A causal LM exports per-position logits (batch, sequence, vocab), equal to PyTorch's at
+    every position of a right-padded batch (pad positions included: they attend to the real
+    tokens before them) and of an unpadded one; a classifier, logits (batch, labels) from the
+    last real token."""
+    import onnx
+
+    model_dir, reference = _decoder_dir(kind, family, head, tmp_path)
+    path = export_onnx(model_dir)
+    loaded = load_model(model_dir)
+    causal = head == "lm"
+    expected_class = (f"{family.capitalize()}For" if kind == "stock" else "DecoderFor") + (
+        "CausalLM" if causal else "SequenceClassification")
+    assert type(loaded).__name__ == expected_class
+    assert onnx_export.is_causal_lm(loaded) is causal
+
+    graph = onnx.load(str(path)).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*graph.input, *graph.output)}
+    assert [v.name for v in graph.input] == ["input_ids", "attention_mask"]
+    assert dims["input_ids"] == dims["attention_mask"] == ["batch", "sequence"]
+    assert dims["logits"] == (["batch", "sequence", VOCAB] if causal else ["batch", LABELS])
+
+    padded = decoder_batch()
+    padded.pop("labels")
+    unpadded = {k: v[:2, :7].clone() for k, v in decoder_batch(seed=1).items()
+                if k != "labels"}
+    assert not padded["attention_mask"].all() and unpadded["attention_mask"].all()
+    for name, batch in {"padded": padded, "unpadded": unpadded}.items():
+        with torch.no_grad():
+            expected = reference(**batch).logits
+        got = _ort_logits(path, batch)
+        assert got.shape == expected.shape
+        diff = (got - expected).abs().max().item()
+        assert diff < onnx_export.ATOL, f"{name}: max abs difference {diff}"
+    diffs = validate_onnx(path, loaded)
+    assert max(diffs.values()) < onnx_export.ATOL
+
+
+class _FixesBatch(torch.nn.Module):
+    def forward(self, input_ids, attention_mask):
+        return (input_ids * attention_mask).reshape(2, -1).float()  # the sample's batch size
+
+
+def test_capture_refuses_an_axis_the_code_fixes_to_the_sample_size():
+    """torch.onnx would quietly export batch = 2; capture says so instead."""
+    ids = torch.ones(2, 5, dtype=torch.long)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+    with pytest.raises(RuntimeError, match=r"strict=False\): the model's code fixes batch = 2"):
+        onnx_export.capture(_FixesBatch(), (ids, ids), dynamic)
+
+
+def test_stock_decoder_classifier_without_pad_id_is_refused(tmp_path):
+    """transformers' Llama classifier takes only a batch of one without a pad id, which no
+    graph with a dynamic batch can express: a clear error, no file."""
+    model_dir, _ = _decoder_dir("stock", "llama", "classifier", tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["pad_token_id"] = None
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OnnxExportError, match="pad_token_id.*not set.*Set pad_token_id"):
+        export_onnx(model_dir)
+    assert not (model_dir / "model.onnx").exists()
+
+
+def test_exporter_failure_says_what_works_instead(tmp_path, monkeypatch):
+    model_dir, _ = _decoder_dir("non_stock", "llama", "lm", tmp_path)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(OnnxExportError, match=r"(?s)could not export .*DecoderForCausalLM.*"
+                       r"unsupported operator.*AutoModelForCausalLM\.from_pretrained\(dir, "
+                       r"trust_remote_code=True\) loads it"):
+        export_onnx(model_dir)
+    assert not [f for f in os.listdir(model_dir) if f.startswith(".") or f.endswith(".onnx")]
 
 
 # ------------------------------------------------------------------------------ onnxruntime
