@@ -16,6 +16,17 @@ Every timed pass covers all batches; passes of all models are interleaved in a s
 within each repeat (so load from other processes spreads over all of them) and the median over
 the repeats is reported. Ratios are relative to the full network run through the supernet.
 FLOPs are `model.flops(sub, seq_len)` summed over the actual padded batches.
+
+With ``--decoder [smollm2|PATH]`` (issue 14) the same target is measured for a Llama-family
+decoder (default: the offline SmolLM2-135M, `nas_prune.models.resolve("smollm2")`), on one
+thread: `DECODER_CONFIGS`, decoder_small and decoder_medium sub-networks from the full network
+down to about 0.2 of its FLOPs, are timed as prefill (one forward pass over a batch of random
+prompts, no KV cache) through the supernet's sliced forward, in shuffled interleaved rounds,
+against the full network (time ratio / FLOPs ratio <= 1.3). Then `DECODE_CONFIGS` of them are
+exported (`export_sub_network`), loaded back (`nas_prune.models.load_pretrained(dir, "lm")`),
+checked against the supernet and timed with `nas_prune.profile.decoder_timings`: per-token
+greedy decode with the KV cache after a prompt, to show decode latency falling with size.
+The clock is the thread's CPU time when the machine is loaded (``--clock auto``).
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ from _common import (
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from nas_prune.export import export_sub_network
-from nas_prune.space import SmallSpace
+from nas_prune.space import DecoderMediumSpace, DecoderSmallSpace, SmallSpace
 from nas_prune.supernet import EncoderForSequenceClassification, SubNetwork, load_pretrained
 
 TARGET = 1.3
@@ -153,6 +164,213 @@ def fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+# ------------------------------------------------------------------------------ decoders
+
+DECODER_CONFIGS: dict[str, tuple[str, dict[str, int]]] = {
+    "full": ("decoder_small", {"num_layers": 30, "kv_heads": 3, "queries_per_kv": 3,
+                               "units": 1536}),
+    "layer-drop 22": ("decoder_small", {"num_layers": 22, "kv_heads": 3, "queries_per_kv": 3,
+                                        "units": 1536}),
+    "narrow 30": ("decoder_small", {"num_layers": 30, "kv_heads": 2, "queries_per_kv": 3,
+                                    "units": 1152}),
+    "hidden 384": ("decoder_small", {"num_layers": 30, "kv_heads": 3, "queries_per_kv": 3,
+                                     "units": 1536, "hidden": 384}),
+    "per-layer taper": ("decoder_medium", {
+        **{f"kv_heads_{i}": (3, 1, 0)[i % 3] for i in range(30)},
+        **{f"queries_per_kv_{i}": 2 for i in range(30)},
+        **{f"units_{i}": 1536 if i < 10 else 768 if i < 20 else 256 for i in range(30)}}),
+    "small 24": ("decoder_small", {"num_layers": 24, "kv_heads": 2, "queries_per_kv": 2,
+                                   "units": 768}),
+    "alternating blocks": ("decoder_medium", {
+        **{f"kv_heads_{i}": 2 * (i % 2 == 0) for i in range(30)},
+        **{f"queries_per_kv_{i}": 3 for i in range(30)},
+        **{f"units_{i}": 1024 * (i % 2) for i in range(30)}}),
+    "small 16": ("decoder_small", {"num_layers": 16, "kv_heads": 1, "queries_per_kv": 3,
+                                   "units": 512}),
+    "small 6": ("decoder_small", {"num_layers": 6, "kv_heads": 1, "queries_per_kv": 2,
+                                  "units": 256}),
+}
+"""Sub-networks of SmolLM2-135M (30 layers, 3 KV heads x 3 queries, MLP 1536, hidden 576) by
+label: (space, config). decoder_medium configs give every layer its own shape; "alternating
+blocks" keeps attention only in even layers and the MLP only in odd ones. Another decoder gets
+its own full network and the configs clipped to its shape (the per-layer ones only when it
+has 30 layers)."""
+
+DECODE_CONFIGS = ("full", "layer-drop 22", "per-layer taper", "small 24", "small 16",
+                  "small 6")
+"""Exported and timed for decode (stock Llama and our class, largest to smallest)."""
+
+
+CLOCK_NAMES = {"thread": "CPU time of the timing thread, which leaves out time other processes "
+               "hold the core", "wall": "wall clock"}
+
+
+def decoder_sub_networks(model) -> dict[str, tuple[str, object]]:
+    """label -> (space name, DecoderSubNetwork) of `DECODER_CONFIGS` for `model`; configs that
+    do not fit another decoder's shape are clipped to it (uniform) or left out (per layer)."""
+    c = model.config
+    spaces = {"decoder_small": DecoderSmallSpace.for_model(c, hidden=True),
+              "decoder_medium": DecoderMediumSpace.for_model(c)}
+    limits = {"num_layers": c.num_hidden_layers, "kv_heads": c.num_key_value_heads,
+              "queries_per_kv": c.queries_per_group, "units": c.intermediate_size,
+              "hidden": c.hidden_size}
+    subs = {}
+    for label, (space, config) in DECODER_CONFIGS.items():
+        if label == "full":
+            subs[label] = (space, model.full_sub_network)
+        elif space == "decoder_small":
+            config = {k: min(v, limits[k]) for k, v in config.items()}
+            subs[label] = (space, spaces[space].to_sub_network(
+                {"hidden": c.hidden_size, **config}))
+        elif len(config) == 3 * c.num_hidden_layers:
+            config = {k: min(v, limits[k.rsplit("_", 1)[0]]) for k, v in config.items()}
+            subs[label] = (space, spaces[space].to_sub_network(config))
+    return subs
+
+
+def describe(sub, hidden: int) -> str:
+    """Layers kept, mean KV heads x queries and MLP width over the kept blocks, hidden
+    channels (`hidden` when the sub-network keeps them all)."""
+    layers = sum(sub.layers)
+    attn = [(k, g) for k, g in zip(sub.kv_heads, sub.queries_per_kv, strict=True) if k]
+    mlp = [n for n in sub.units if n]
+    kv = statistics.mean(k for k, _ in attn) if attn else 0
+    q = statistics.mean(g for _, g in attn) if attn else 0
+    units = statistics.mean(mlp) if mlp else 0
+    return (f"{layers}L ({len(attn)} attn x {kv:.3g}KV x {q:.3g}Q, {len(mlp)} MLP x "
+            f"{units:.0f}), h {sub.hidden or hidden}")
+
+
+def decoder_main(args: argparse.Namespace) -> None:
+    """The decoder mode (issue 14): prefill time/FLOPs through the supernet, then exported
+    decode latency."""
+    from nas_prune.models import load_pretrained, resolve
+    from nas_prune.profile import decoder_timings, time_callable
+
+    quiet_transformers()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    clock = args.clock if args.clock != "auto" else (
+        "thread" if load_before[0] > 0.5 else "wall")
+    cpu = torch.device("cpu")
+    path = resolve(args.decoder)
+    model = load_pretrained(path, "lm").eval()
+    subs = decoder_sub_networks(model)
+    batch, prompt = args.prefill_batch, args.prompt_len
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt),
+                        generator=torch.Generator().manual_seed(args.seed))
+    full_flops, full_params = model.flops(None, prompt), model.num_params()
+
+    def prefill() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    samples: dict[str, list[float]] = {label: [] for label in subs}
+    for _, sub in subs.values():  # warm-up
+        model.set_sub_network(sub)
+        prefill()
+    order = list(subs)
+    for rep in range(args.repeats):
+        random.Random(args.seed * 1000 + rep).shuffle(order)
+        for label in order:
+            model.set_sub_network(subs[label][1])
+            samples[label].append(time_callable(prefill, cpu, 0, 1, clock).median_ms)
+    load_mid = os.getloadavg()
+
+    # exported: extract, save, load back as the profiler does, check, time decode
+    exported: dict[str, dict[str, object]] = {}
+    decode: dict[str, list[float]] = {}
+    prefill_exp: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_subnet_speed.") as tmp:
+        loaded = {}
+        for label in (lb for lb in DECODE_CONFIGS if lb in subs):
+            sub = subs[label][1]
+            out = export_sub_network(model, sub, Path(tmp) / label.replace(" ", "_"))
+            config = json.loads((out / "config.json").read_text())
+            small = load_pretrained(str(out), "lm").eval()
+            model.set_sub_network(sub)
+            with torch.no_grad():
+                diff = float((small(ids[:1]).logits - model(ids[:1]).logits).abs().max())
+            exported[label] = {"as": config["architectures"][0], "diff": diff,
+                               "params": small.num_params()}
+            loaded[label] = small
+        model.reset_super_network()
+        order = list(loaded)
+        for rep in range(args.repeats):
+            random.Random(args.seed * 1000 + 500 + rep).shuffle(order)
+            for label in order:
+                pre, dec = decoder_timings(loaded[label], 1, prompt, args.new_tokens, cpu,
+                                           warmup=1 if rep == 0 else 0, repeats=1,
+                                           clock=clock, seed=args.seed)
+                prefill_exp.setdefault(label, []).append(pre.median_ms)
+                decode.setdefault(label, []).append(dec.median_ms)
+    elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()
+
+    # ------------------------------------------------------------------------------ report
+    print(f"Command: `{command_line()}`\n")
+    print(f"Machine: {machine_summary([1])}\n")
+    print(f"Model: {path} ({model.config.family}, {model.config.num_hidden_layers} layers, "
+          f"{model.config.num_key_value_heads} KV heads x {model.config.queries_per_group} "
+          f"queries, MLP {model.config.intermediate_size}, hidden {model.config.hidden_size}, "
+          f"{full_params:,} parameters, {model.dtype}). Prefill: {batch} x {prompt} random "
+          f"tokens, no KV cache, {args.repeats} shuffled interleaved rounds after one warm-up "
+          f"pass each; medians. Clock: {clock} ({CLOCK_NAMES[clock]}). "
+          f"Load average (1 min) before / after prefill / at the end: {load_before[0]:.2f} / "
+          f"{load_mid[0]:.2f} / {load_after[0]:.2f}.\n")
+    full_ms = statistics.median(samples["full"])
+    headers = ["sub-network", "space", "shape", "params ratio", "FLOPs ratio", "prefill ms",
+               "time ratio", "time/FLOPs", f"target <= {TARGET}", "spread"]
+    rows, misses = [], []
+    for label, (space, sub) in subs.items():
+        times = samples[label]
+        median = statistics.median(times)
+        flops_ratio = model.flops(sub, prompt) / full_flops
+        score = median / full_ms / flops_ratio
+        if score > TARGET:
+            misses.append(f"{label} ({score:.2f}, {score / TARGET - 1:.0%} over)")
+        rows.append([label, space, describe(sub, model.config.hidden_size),
+                     fmt(model.num_params(sub) / full_params, 3),
+                     fmt(flops_ratio, 3), fmt(median, 1), fmt(median / full_ms, 3),
+                     fmt(score), "yes" if score <= TARGET else "NO",
+                     f"{(max(times) - min(times)) / median:.0%}"])
+    print("**Prefill through the supernet (sliced forward)**, relative to the full network "
+          f"({fmt(full_ms, 1)} ms); spread = (max - min) / median over the rounds\n")
+    print(markdown_table(headers, rows) + "\n")
+    print(f"Target (time ratio / FLOPs ratio <= {TARGET}): "
+          + (f"met by all {len(rows)} sub-networks." if not misses
+             else f"missed by {', '.join(misses)}.") + "\n")
+
+    full_decode = statistics.median(decode["full"]) if "full" in decode else None
+    headers = ["sub-network", "exported as", "params", "params ratio", "max abs logit diff",
+               "prefill ms (1 x prompt)", "decode ms/token", "decode ratio", "tokens/s"]
+    rows, by_size = [], []
+    for label, info in exported.items():
+        dec = statistics.median(decode[label])
+        by_size.append((info["params"], dec, label))
+        rows.append([label, info["as"], f"{info['params']:,}",
+                     fmt(info["params"] / full_params, 3), f"{info['diff']:.1e}",
+                     fmt(statistics.median(prefill_exp[label]), 1), fmt(dec, 2),
+                     fmt(dec / full_decode, 3) if full_decode else "-", fmt(1e3 / dec, 1)])
+    print(f"**Exported, loaded back and decoded** (greedy, KV cache, batch 1, {prompt}-token "
+          f"prompt, {args.new_tokens} new tokens; per-token medians over {args.repeats} "
+          "rounds; logit diff: exported vs supernet on one prompt)\n")
+    print(markdown_table(headers, rows) + "\n")
+    by_size.sort(reverse=True)
+    falling = all(a[1] > b[1] for a, b in zip(by_size, by_size[1:], strict=False))
+    print("Decode latency falls with size (largest to smallest): "
+          + ("yes" if falling else "NO") + ", "
+          + " > ".join(f"{label} {ms:.2f}" for _, ms, label in by_size) + " ms/token.\n")
+    print(f"Script run time: {elapsed:.0f} s.")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": command_line(), "machine": machine_summary([1]), "clock": clock,
+            "load": [load_before[0], load_mid[0], load_after[0]], "elapsed_s": elapsed,
+            "prefill_ms": samples, "exported_prefill_ms": prefill_exp,
+            "decode_ms_per_token": decode}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="pre-trained model dir (default: MiniLM)")
@@ -201,7 +419,18 @@ def main() -> None:
     parser.add_argument("--no-export", action="store_true", help="skip the exported models")
     parser.add_argument("--seed", type=int, default=0, help="sentence sample and pass order")
     parser.add_argument("--json", type=Path, default=None, help="also write raw times here")
+    decoder = parser.add_argument_group("decoder mode (issue 14)")
+    decoder.add_argument("--decoder", nargs="?", const="smollm2", default=None,
+                         help="time a decoder instead: smollm2 (default) or a checkpoint path")
+    decoder.add_argument("--prefill-batch", type=int, default=2, help="prompts per prefill")
+    decoder.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
+    decoder.add_argument("--new-tokens", type=int, default=16, help="decoded tokens per sample")
+    decoder.add_argument("--clock", choices=["auto", "wall", "thread"], default="auto",
+                         help="auto: the thread's CPU time if the 1-min load average is > 0.5")
     args = parser.parse_args()
+    if args.decoder:
+        decoder_main(args)
+        return
 
     quiet_transformers()
     torch.manual_seed(args.seed)
