@@ -25,6 +25,16 @@ def _bench(monkeypatch):
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shut_ray_down_after():
+    """The runs below start a local Ray in this process; later test modules start their own."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def test_tiny_decoder_benchmark_runs_and_resumes(tmp_path, capsys, monkeypatch):
     bench = _bench(monkeypatch)
     out = tmp_path / "bench"

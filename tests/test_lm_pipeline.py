@@ -41,6 +41,17 @@ def _document(rng: np.random.Generator) -> str:
     return " ".join(sentences)
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _shut_ray_down_after():
+    """The runs below start a local Ray in this process; later test modules start their own."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """40 documents, one text file each."""

@@ -18,7 +18,7 @@ from nas_prune.evaluate import evaluate
 from nas_prune.options import FinetuneOptions, SupernetOptions, TrainOptions
 from nas_prune.space import SmallSpace
 from nas_prune.strategies import StepContext, make_strategy
-from nas_prune.supernet import SubNetwork
+from nas_prune.supernet import EncoderForSequenceClassification, SubNetwork
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -234,13 +234,13 @@ def test_finished_run_is_not_silently_overwritten(teacher_dir, tiny_model_dir, t
 
 def _forward_counter(monkeypatch):
     calls = []
-    original = train.EncoderForSequenceClassification.forward
+    original = EncoderForSequenceClassification.forward
 
     def counting(self, *args, **kwargs):
         calls.append(self.sub_network)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(train.EncoderForSequenceClassification, "forward", counting)
+    monkeypatch.setattr(EncoderForSequenceClassification, "forward", counting)
     return calls
 
 
