@@ -672,7 +672,7 @@ class DecoderForSequenceClassification(DecoderModel):
         x, states = self.run_body(input_ids, attention_mask,
                                   output_hidden_states=output_hidden_states)
         last = last_token(input_ids, attention_mask, self.config.pad_token_id)
-        pooled = x[torch.arange(len(x), device=x.device), last]
+        pooled = x[torch.arange(x.shape[0], device=x.device), last]
         logits = F.linear(pooled, _take(self.score.weight, 1, self._hidden))
         loss = None
         if labels is not None:
