@@ -141,3 +141,26 @@ def tokenizer():
     from nas_prune import data
 
     return data.load_tokenizer(data.default_model_path())
+
+
+WORDS = ("the people of this nation want work and hope for every family we will build a "
+         "future where our children can grow strong free proud together").split()
+"""The vocabulary of the word-level test tokenizer and of the synthetic text corpora."""
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A word-level tokenizer over WORDS with pad, unknown and end-of-sequence tokens (tiny
+    decoders need a tiny vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nas_prune import data
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", ".", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = tmp_path_factory.mktemp("word_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(out)
+    return data.load_tokenizer(str(out))

@@ -14,18 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from nas_prune import compare, data
 from nas_prune.options import ProfileOptions
 from tests.conftest import randomise_
-from tests.test_lm_pipeline import WORDS, _document, _tiny_llama
+from tests.test_lm_pipeline import _document, _tiny_llama
 from tests.test_train import _synthetic_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -276,18 +274,6 @@ def test_paired_perplexity_test_finds_a_real_difference_and_not_a_null_one():
     assert null["low"] < 0 < null["high"]
     with pytest.raises(ValueError, match="same, non-empty set of blocks"):
         compare.paired_perplexity_test(b, b[:-1], tokens)
-
-
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory):
-    """A word-level tokenizer over WORDS with pad, unknown and end-of-sequence tokens."""
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", ".", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = tmp_path_factory.mktemp("word_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(out)
-    return data.load_tokenizer(str(out))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from nas_prune import cli, corpus, data, results
 from nas_prune.errors import DataError, OptionsError
@@ -25,10 +24,8 @@ from nas_prune.evaluate import evaluate
 from nas_prune.export import SUBNETWORK_FILE
 from nas_prune.options import TaskOptions
 from nas_prune.train import kd_loss, task_loss
+from tests.conftest import WORDS
 from tests.test_train import _synthetic_csv
-
-WORDS = ("the people of this nation want work and hope for every family we will build a "
-         "future where our children can grow strong free proud together").split()
 
 
 def _document(rng: np.random.Generator) -> str:
@@ -60,19 +57,6 @@ def corpus_dir(tmp_path_factory):
     for i in range(40):
         (root / f"doc{i:02d}.txt").write_text(_document(rng))
     return root
-
-
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory):
-    """A word-level tokenizer over WORDS with pad, unknown and end-of-sequence tokens."""
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", ".", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="</s>")
-    fast.save_pretrained(out)
-    return data.load_tokenizer(str(out))
 
 
 def _tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
