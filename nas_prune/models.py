@@ -107,7 +107,7 @@ def check_model(name_or_path: str | os.PathLike, task_kind: str) -> None:
 
 
 def load_pretrained(name_or_path: str | os.PathLike, task_kind: str = "classification",
-                    num_labels: int = 2, pooling: str = "cls", **hf_kwargs: Any) -> Any:
+                    num_labels: int = 2, pooling: str = "auto", **hf_kwargs: Any) -> Any:
     """A pre-trained model (hub name or local directory, transformers' or ours) as our
     supernet class: an encoder for classification, or a decoder with a classification head
     (`num_labels`) or its LM head (`task_kind` "lm"). `pooling` applies to encoders."""
