@@ -102,7 +102,18 @@ def _plot_panel(ax, df: pd.DataFrame, x: str, xlabel: str, dense: pd.Series | No
     ax.set_ylabel(f"validation {_error_name(df)}")
     if _error_name(df) == "perplexity":
         ax.set_yscale("log")
+        if dense is not None and df["error"].max() > PPL_RANGE * dense["error"]:
+            # sub-networks that lost the language (perplexity in the millions) would flatten
+            # the useful part of the front: they stay above the top edge
+            ax.set_ylim(0.7 * min(df["error"].min(), dense["error"]),
+                        PPL_RANGE * dense["error"])
+            ax.set_title(f"(perplexities above {PPL_RANGE:g}x the dense model's not shown)",
+                         fontsize=8)
     ax.grid(alpha=0.3)
+
+
+PPL_RANGE = 20.0
+"""Perplexity plots show up to this multiple of the dense model's perplexity."""
 
 
 def _error_name(df: pd.DataFrame) -> str:
