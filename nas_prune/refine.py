@@ -248,7 +248,15 @@ def refine(
     teacher = teacher.to(engine.device, next(module.parameters()).dtype).eval()
     student_layers = num_layers(module)
     mapping = layer_map(student_layers, num_layers(teacher)) if student_layers else []
-    hidden = opts.hidden_weight > 0 and bool(mapping)
+    # a sub-network that narrows the hidden size has states of another width than the
+    # teacher's: it distils the logits alone
+    comparable = (getattr(module.config, "hidden_size", None)
+                  == getattr(teacher.config, "hidden_size", None))
+    hidden = opts.hidden_weight > 0 and bool(mapping) and comparable
+    if opts.hidden_weight > 0 and not comparable:
+        log.info("refine %s: hidden-state distillation off (the sub-network keeps %s of the "
+                 "teacher's %s hidden channels): logits only", trial_id,
+                 module.config.hidden_size, teacher.config.hidden_size)
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
