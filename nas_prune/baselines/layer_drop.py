@@ -271,11 +271,9 @@ def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokeniz
     from nas_prune.baselines.llm_pruner import (
         calibration_batches,
         load_decoder_teacher,
-        recover,
-        validation_scores,
+        pruned_model_row,
     )
     from nas_prune.decoder import DecoderSubNetwork
-    from nas_prune.export import export_decoder
 
     started = time.perf_counter()
     teacher, meta = load_decoder_teacher(teacher_dir, task)
@@ -291,42 +289,25 @@ def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokeniz
     calibration_s = time.perf_counter() - started
     log.info("layer dropping (%s): block influence per layer %s", opts.criterion,
              [round(float(v), 4) for v in similarity.block_influence()])
-    full, dense, out, rows = teacher.full_sub_network, teacher.num_params(), Path(out_dir), []
+    full, out, rows = teacher.full_sub_network, Path(out_dir), []
     for k in opts.layers:
         dropped = layers_to_drop(similarity, k, opts.criterion)
         sub = DecoderSubNetwork(*([0 if i in dropped else v for i, v in enumerate(values)]
                                   for values in (full.kv_heads, full.queries_per_kv, full.units)))
-        small = teacher.extract_sub_network(sub)
         trial_id = f"layers-{k}"
         log.info("layer dropping: drop layers %s of %d%s", dropped, c.num_hidden_layers,
                  ", fine-tune" if opts.finetune else "")
-        steps, trained, train_s = 0, 0, 0.0
-        if opts.finetune:
-            steps, trained, train_s = recover(small, task, tokenizer, out / f".{trial_id}.train",
-                                              opts.train_options(), "layer_drop")
-        scores, eval_time = validation_scores(small, task, tokenizer, opts.batch_size)
-        params = teacher.num_params(sub)
-        export_decoder(small.eval(), small.full_sub_network, out / trial_id, tokenizer,
-                       metadata={"method": "layer_drop", "layers": k, "dropped": dropped,
-                                 "criterion": opts.criterion, "params_ratio": params / dense,
-                                 "task": task.spec.name, "teacher": str(teacher_dir),
-                                 "steps": steps, "valid": scores},
-                       seq_len=opts.max_length)
-        examples = blocks + trained
-        rows.append({
-            "method": "layer_drop", "task": task.spec.name,
-            "model": str(meta.get("base_model", "")), "seed": opts.seed, "trial_id": trial_id,
-            "config": {"num_layers": k, **{f"layer_{i}": int(i not in dropped)
-                                           for i in range(c.num_hidden_layers)}},
-            "fidelity": float(examples * opts.max_length), "fidelity_unit": "tokens",
-            "error": scores["error"], "metric_name": task.spec.metric,
-            "metric_value": scores["metric"], "params": params, "params_ratio": params / dense,
-            "flops": teacher.flops(sub, opts.max_length),
-            "wall_time_s": time.perf_counter() - started, "train_examples": examples,
-            "train_time_s": calibration_s + train_s, "eval_time_s": eval_time, "status": "ok",
-            "message": f"dropped layers {dropped} of {c.num_hidden_layers} by "
-                       f"{opts.criterion.replace('_', ' ')}, fine-tuned {steps} steps",
-        })
+        rows.append(pruned_model_row(
+            teacher, sub, trial_id, task, tokenizer, out, opts, method="layer_drop",
+            recovery=opts.finetune, meta=meta, teacher_dir=teacher_dir, started=started,
+            calibration=(blocks, calibration_s),
+            config={"num_layers": k, **{f"layer_{i}": int(i not in dropped)
+                                        for i in range(c.num_hidden_layers)}},
+            metadata={"layers": k, "dropped": dropped, "criterion": opts.criterion},
+            steps_key="steps",
+            message=lambda steps, dropped=dropped, n=c.num_hidden_layers: (
+                f"dropped layers {dropped} of {n} by "
+                f"{opts.criterion.replace('_', ' ')}, fine-tuned {steps} steps")))
         log.info("%s: perplexity %.3f, %.3f of the dense parameters", trial_id,
-                 scores["metric"], params / dense)
+                 rows[-1]["metric_value"], rows[-1]["params_ratio"])
     return rows

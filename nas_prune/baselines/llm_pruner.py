@@ -347,13 +347,51 @@ def sub_network_config(sub: Any) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------- run
+def pruned_model_row(teacher: Any, sub: Any, trial_id: str, task: data_lib.TaskData,
+                     tokenizer: Any, out_dir: Path, opts: Any, *, method: str, recovery: bool,
+                     meta: dict[str, Any], teacher_dir: str | os.PathLike, started: float,
+                     calibration: tuple[int, float], config: dict[str, int],
+                     metadata: dict[str, Any], steps_key: str,
+                     message: Any) -> dict[str, Any]:
+    """What both decoder baselines do with one pruned shape: extract `sub` from the teacher,
+    fine-tune it (`recover`) when `recovery`, score it on validation, save it to
+    ``out_dir/trial_id`` (export_decoder, with `metadata`, the recovery steps under
+    `steps_key`) and return its results row. `calibration` is (blocks, seconds) of the
+    importance measurement, charged to every row; `message(steps)` is the row's message."""
+    from nas_prune.export import export_decoder
+
+    small = teacher.extract_sub_network(sub)
+    steps, trained, train_s = 0, 0, 0.0
+    if recovery:
+        steps, trained, train_s = recover(small, task, tokenizer, out_dir / f".{trial_id}.train",
+                                          opts.train_options(), method)
+    scores, eval_time = validation_scores(small, task, tokenizer, opts.batch_size)
+    params, dense = teacher.num_params(sub), teacher.num_params()
+    export_decoder(small.eval(), small.full_sub_network, out_dir / trial_id, tokenizer,
+                   metadata={"method": method, **metadata, "params_ratio": params / dense,
+                             steps_key: steps, "task": task.spec.name,
+                             "teacher": str(teacher_dir), "valid": scores},
+                   seq_len=opts.max_length)
+    blocks, calibration_s = calibration
+    examples = blocks + trained
+    return {
+        "method": method, "task": task.spec.name,
+        "model": str(meta.get("base_model", "")), "seed": opts.seed, "trial_id": trial_id,
+        "config": config, "fidelity": float(examples * opts.max_length),
+        "fidelity_unit": "tokens", "error": scores["error"], "metric_name": task.spec.metric,
+        "metric_value": scores["metric"], "params": params, "params_ratio": params / dense,
+        "flops": teacher.flops(sub, opts.max_length),
+        "wall_time_s": time.perf_counter() - started, "train_examples": examples,
+        "train_time_s": calibration_s + train_s, "eval_time_s": eval_time, "status": "ok",
+        "message": message(steps),
+    }
+
+
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
     """Prune the dense decoder at `teacher_dir` to each of `opts.params_ratios`, optionally
     recover, save each model to ``out_dir/params-<target>/`` and return one row per model
     (validation perplexity)."""
-    from nas_prune.export import export_decoder
-
     started = time.perf_counter()
     if not task.spec.is_lm:
         raise BaselineError(f"llm_pruner prunes decoder language models; task "
@@ -368,42 +406,24 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     calibration_s = time.perf_counter() - started
     log.info("LLM-Pruner: Taylor importance on %d blocks in %.1f s; pruning layers %d..%d",
              blocks, calibration_s, layers.start, layers.stop - 1)
-    dense = teacher.num_params()
     out, rows = Path(out_dir), []
     for target in opts.params_ratios:
         ratio, sub = fit_ratio(teacher, target, layers, opts.attention_unit)
         trial_id = f"params-{target:g}"
-        small = teacher.extract_sub_network(sub)
-        steps, trained, train_s = 0, 0, 0.0
-        if opts.recovery_steps:
-            steps, trained, train_s = recover(small, task, tokenizer, out / f".{trial_id}.train",
-                                              opts.train_options(), "llm_pruner")
-        scores, eval_time = validation_scores(small, task, tokenizer, opts.batch_size)
-        params = teacher.num_params(sub)
-        export_decoder(small.eval(), small.full_sub_network, out / trial_id, tokenizer,
-                       metadata={"method": "llm_pruner", "params_ratio_target": target,
-                                 "pruning_ratio": float(ratio), "params_ratio": params / dense,
-                                 "first_layer": layers.start, "last_layer": layers.stop,
-                                 "attention_unit": opts.attention_unit,
-                                 "recovery_steps": steps, "task": task.spec.name,
-                                 "teacher": str(teacher_dir), "valid": scores},
-                       seq_len=opts.max_length)
-        examples = blocks + trained
-        rows.append({
-            "method": "llm_pruner", "task": task.spec.name,
-            "model": str(meta.get("base_model", "")), "seed": opts.seed, "trial_id": trial_id,
-            "config": {"params_pct": round(100 * target), **sub_network_config(sub)},
-            "fidelity": float(examples * opts.max_length), "fidelity_unit": "tokens",
-            "error": scores["error"], "metric_name": task.spec.metric,
-            "metric_value": scores["metric"], "params": params, "params_ratio": params / dense,
-            "flops": teacher.flops(sub, opts.max_length),
-            "wall_time_s": time.perf_counter() - started, "train_examples": examples,
-            "train_time_s": calibration_s + train_s, "eval_time_s": eval_time, "status": "ok",
-            "message": f"LLM-Pruner pruning ratio {float(ratio):.3f} of the "
-                       f"{opts.attention_unit.replace('_', ' ')}s and MLP neurons of layers "
-                       f"{layers.start}..{layers.stop - 1}, Taylor importance on {blocks} "
-                       f"blocks, {steps} recovery steps",
-        })
+        rows.append(pruned_model_row(
+            teacher, sub, trial_id, task, tokenizer, out, opts, method="llm_pruner",
+            recovery=bool(opts.recovery_steps), meta=meta, teacher_dir=teacher_dir,
+            started=started, calibration=(blocks, calibration_s),
+            config={"params_pct": round(100 * target), **sub_network_config(sub)},
+            metadata={"params_ratio_target": target, "pruning_ratio": float(ratio),
+                      "first_layer": layers.start, "last_layer": layers.stop,
+                      "attention_unit": opts.attention_unit},
+            steps_key="recovery_steps",
+            message=lambda steps, ratio=ratio: (
+                f"LLM-Pruner pruning ratio {float(ratio):.3f} of the "
+                f"{opts.attention_unit.replace('_', ' ')}s and MLP neurons of layers "
+                f"{layers.start}..{layers.stop - 1}, Taylor importance on {blocks} blocks, "
+                f"{steps} recovery steps")))
         log.info("%s: perplexity %.3f, %.3f of the dense parameters (target %.3f)", trial_id,
-                 scores["metric"], params / dense, target)
+                 rows[-1]["metric_value"], rows[-1]["params_ratio"], target)
     return rows
