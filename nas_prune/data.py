@@ -260,7 +260,7 @@ def load_task(
     if kind not in (None, *TASK_KINDS):
         raise DataError(f"kind must be one of {TASK_KINDS} (or None: from the data), got "
                         f"{kind!r}")
-    if kind == "lm" or (kind is None and corpus.is_text_source(task, data_files)):
+    if _task_kind(task, data_files, kind) == "lm":
         return _load_corpus(task, data_files, text_column, seed, valid_fraction, test_fraction,
                             max_examples, encoding)
 
@@ -288,10 +288,13 @@ def load_task(
 def task_kind(options: TaskOptions) -> str:
     """The kind of task `load_task(options)` loads ("classification" or "lm"), without
     loading it."""
-    if options.kind is not None:
-        return options.kind
-    return "lm" if corpus.is_text_source(os.fspath(options.task), options.data_files) \
-        else "classification"
+    return _task_kind(os.fspath(options.task), options.data_files, options.kind)
+
+
+def _task_kind(task: str, data_files: Any, kind: str | None) -> str:
+    if kind is not None:
+        return kind
+    return "lm" if corpus.is_text_source(task, data_files) else "classification"
 
 
 def _load_corpus(task: str, data_files: Any, text_column: str, seed: int,
