@@ -69,9 +69,10 @@ def options(args: argparse.Namespace) -> PipelineOptions:
     share = encoder_share(data.default_model_path())
     # PINS zeroes a fraction s of the encoder weights: ratio = 1 - s * share; GRAIN keeps a
     # fraction t of them: ratio = 1 - share + t * share
-    budgets = args.budgets
-    sparsities = sorted(round((1 - b) / share, 3) for b in budgets if (1 - b) / share < 1)
-    keeps = sorted(round((b - (1 - share)) / share, 3) for b in budgets if b > 1 - share)
+    # each baseline aims a little below the budget: its per-layer rounding may land above
+    aims = [b - args.baseline_margin for b in args.budgets]
+    sparsities = sorted(round((1 - b) / share, 3) for b in aims if (1 - b) / share < 1)
+    keeps = sorted(round((b - (1 - share)) / share, 3) for b in aims if b > 1 - share)
     epochs = args.baseline_epochs
     return replace(PipelineOptions(), {
         "data": task,
@@ -81,8 +82,9 @@ def options(args: argparse.Namespace) -> PipelineOptions:
         "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
                    "batch_size": 100},
         "profile": {"repeats": 5, "seq_len": 64},
-        "refine": {"examples": args.refine_examples, "max_length": 64},
-        "compare": {"budgets": list(budgets)},
+        "refine": {"examples": args.refine_examples, "max_length": 64,
+                   "select": args.refine_select},
+        "compare": {"budgets": list(args.budgets)},
         "baselines": args.baselines,
         "baseline_options": {
             "pins": {"sparsities": sparsities, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
@@ -105,11 +107,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100, help="search trials")
     parser.add_argument("--supernet-epochs", type=float, default=1.0)
     parser.add_argument("--refine-examples", type=int, default=3200,
-                        help="training examples each Pareto-optimal sub-network is refined on")
+                        help="training examples each refined sub-network is distilled on")
+    parser.add_argument("--refine-select", choices=["pareto", "budgets"], default="budgets",
+                        help="refine every Pareto-optimal sub-network, or per budget the "
+                        "validation-best within it (what the comparison can choose)")
     parser.add_argument("--baseline-epochs", type=float, default=1.0,
                         help="epochs of each baseline model (one model per budget)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
                         help="parameter budgets (fraction of the dense model)")
+    parser.add_argument("--baseline-margin", type=float, default=0.005,
+                        help="the baselines aim this far below each budget (their per-layer "
+                        "rounding can land a little above the aim)")
     parser.add_argument("--space", default="small", help="supernet space, e.g. small+hidden")
     parser.add_argument("--baselines", nargs="*", default=["pins", "grain", "layer_drop"],
                         help="baselines to run (none: --baselines with no value)")

@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-length", type=int, default=128, help="tokens per block")
     parser.add_argument("--strategy", default="full", choices=["kd", "full"],
                         help="supernet strategy (both distil from the full network)")
-    parser.add_argument("--steps", type=int, default=200, help="supernet training steps")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="supernet training steps (0: none; the supernet is the teacher "
+                        "with importance-sorted heads and neurons)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="blocks per step (supernet, recovery, refine)")
     parser.add_argument("--lr", type=float, default=5e-5,
@@ -84,8 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-steps", type=int, default=50,
                         help="recovery fine-tuning steps of each baseline model (0: one-shot)")
     parser.add_argument("--refine-blocks", type=int, default=0,
-                        help="blocks each Pareto-optimal sub-network is refined on by "
-                        "distillation (0: no refine)")
+                        help="blocks each refined sub-network is distilled on (0: no "
+                        "refine)")
+    parser.add_argument("--refine-select", choices=["pareto", "budgets"], default="budgets",
+                        help="refine every Pareto-optimal sub-network, or per budget the "
+                        "validation-best within it (the one the comparison chooses)")
     parser.add_argument("--test-blocks", type=int, default=128,
                         help="test blocks scored per model (0: the whole test split)")
     parser.add_argument("--eval-batch-size", type=int, default=8,
@@ -175,7 +180,8 @@ def options(args: argparse.Namespace, model: str) -> Any:
         "data": {"task": CORPUS},
         "finetune": {"epochs": 0, "max_length": length},
         "supernet": {"strategy": args.strategy, "space": "decoder_small",
-                     "max_steps": args.steps, "batch_size": batch, "lr": args.lr,
+                     **({"max_steps": args.steps} if args.steps else {"epochs": 0}),
+                     "batch_size": batch, "lr": args.lr,
                      "max_length": length, "rewire_batches": 4, "seed": args.seed,
                      "log_every": max(1, args.steps // 20)},
         "search": {"searcher": "local", "num_samples": args.trials,
@@ -184,9 +190,11 @@ def options(args: argparse.Namespace, model: str) -> Any:
         "profile": {"enabled": False, "seq_len": length, "warmup": 1,
                     "repeats": args.latency_repeats},
         "refine": {"enabled": args.refine_blocks > 0, "examples": args.refine_blocks or None,
+                   "select": args.refine_select,
                    "batch_size": batch, "lr": args.lr, "max_length": length,
                    "flops_seq_len": length, "log_every": 10},
-        "compare": {"budgets": list(args.budgets), "reference": "nas",
+        "compare": {"budgets": list(args.budgets),
+                    "reference": "nas+refine" if args.refine_blocks else "nas",
                     "batch_size": args.eval_batch_size},
     })
     return replace(opts, {"compare": {"max_test_examples": args.test_blocks or None}})
@@ -224,21 +232,23 @@ def bench_table(frame: Any, latency: list[dict[str, Any]], args: argparse.Namesp
 
     dense = frame[frame["method"] == "dense"].iloc[0]
     dense_ppl = float(dense["test_perplexity"])
+    reference = "NAS + refine" if args.refine_blocks else "NAS"
     n, tokens = int(dense["test_examples"]), int(dense["test_tokens"])
     lines = [
         f"Test perplexity (lower is better) on the same {n} test blocks of "
         f"{args.block_length} tokens ({tokens:,} predicted tokens, digest "
         f"{dense['test_digest']}) of `{CORPUS}`; 95% bootstrap intervals over blocks; each "
         "method's model at a budget is its lowest validation perplexity within the budget. "
-        "Δ log-ppl and p: paired against NAS at the same budget (bootstrap interval, sign-flip "
-        "permutation test over blocks). Cost: training blocks processed forward + backward and "
-        "seconds, everything included (NAS: supernet + search).",
+        f"Δ log-ppl and p: paired against {reference} at the same budget (bootstrap interval, "
+        "sign-flip permutation test over blocks). Cost: training blocks processed forward + "
+        "backward and seconds, everything included (NAS: supernet + search; NAS + refine: "
+        "that plus the model's refine).",
         "",
         f"Dense model: test perplexity {dense_ppl:,.3f} [{dense['test_low']:,.3f}, "
         f"{dense['test_high']:,.3f}].",
         "",
         "| budget | method | model | params ratio | test ppl [95% CI] | ratio to dense | "
-        "target | Δ log-ppl vs NAS [CI] | p | cost: blocks | cost: s |",
+        f"target | Δ log-ppl vs {reference} [CI] | p | cost: blocks | cost: s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in frame[frame["method"] != "dense"].iterrows():

@@ -180,8 +180,9 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                 ("profile", "experiment"), cmd_profile),
     "export": ("export the Pareto set (or --sub_network) as Hugging Face model directories",
                ("experiment",), cmd_export),
-    "refine": ("distil each Pareto-optimal sub-network from the teacher into OUT/export",
-               ("data", "search", "refine", "experiment"), cmd_refine),
+    "refine": ("distil each Pareto-optimal sub-network (or, with --refine.select budgets, "
+               "those the comparison can choose) from the teacher into OUT/export",
+               ("data", "search", "refine", "compare", "experiment"), cmd_refine),
     "compare": ("compare NAS, NAS + refine, the baselines and the dense model on the test "
                 "split into OUT/compare", ("data", "search", "compare", "profile", "baselines",
                                             "experiment"), cmd_compare),

@@ -106,16 +106,20 @@ def importance(model: DecoderModel, batches) -> DecoderImportance:
     )
 
 
-def rewire(model: DecoderModel, batches) -> DecoderImportance:
+def rewire(model: DecoderModel, batches, orders: dict | None = None) -> DecoderImportance:
     """Sort every layer's KV groups, the query heads inside each group, the MLP neurons and the
     hidden channels by decreasing importance (in place), so that prefix sub-networks keep the
-    most important units. Returns the importances in the new order."""
+    most important units. Returns the importances in the new order; `orders`, when given,
+    receives the hidden channels' permutation under "hidden" (new channel j = old channel
+    orders["hidden"][j])."""
     scores = importance(model, batches)
     kv_order = [torch.argsort(g, descending=True, stable=True) for g in scores.groups]
     query_order = [torch.argsort(q, dim=1, descending=True, stable=True) for q in scores.queries]
     unit_order = [torch.argsort(u, descending=True, stable=True) for u in scores.units]
     hidden_order = torch.argsort(scores.hidden, descending=True, stable=True)
     reorder(model, kv_order, query_order, unit_order, hidden_order)
+    if orders is not None:
+        orders["hidden"] = hidden_order.tolist()
     return DecoderImportance(
         queries=[q.gather(1, qo)[ko] for q, qo, ko in
                  zip(scores.queries, query_order, kv_order, strict=True)],

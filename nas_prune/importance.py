@@ -74,11 +74,13 @@ def hidden_importance(model: EncoderForSequenceClassification, batches) -> torch
     return (total / (tokens * len(blocks))).float()
 
 
-def rewire(model: EncoderForSequenceClassification, batches) -> tuple[list, list, torch.Tensor]:
+def rewire(model: EncoderForSequenceClassification, batches,
+           orders: dict | None = None) -> tuple[list, list, torch.Tensor]:
     """Sort every layer's heads and neurons, and the hidden channels, by decreasing importance
     (DynaBERT rewiring; `importance` and `hidden_importance` over `batches`), so that prefix
     sub-networks keep the most important units. Returns the importances (heads, neurons,
-    hidden channels) in the new order."""
+    hidden channels) in the new order; `orders`, when given, receives the hidden channels'
+    permutation under "hidden" (new channel j = old channel orders["hidden"][j])."""
     batches = list(batches)
     heads, units = importance(model, batches)
     hidden = hidden_importance(model, batches)
@@ -86,6 +88,8 @@ def rewire(model: EncoderForSequenceClassification, batches) -> tuple[list, list
     unit_order = [torch.argsort(u, descending=True, stable=True) for u in units]
     hidden_order = torch.argsort(hidden, descending=True, stable=True)
     model.reorder(head_order, unit_order, hidden_order)
+    if orders is not None:
+        orders["hidden"] = hidden_order.tolist()
     return (
         [h[o] for h, o in zip(heads, head_order, strict=True)],
         [u[o] for u, o in zip(units, unit_order, strict=True)],

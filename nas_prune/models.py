@@ -153,16 +153,20 @@ def load_config(path: str | os.PathLike) -> Any:
     return EncoderConfig.from_pretrained(str(path))
 
 
-def rewire(model: Any, batches: list[dict]) -> None:
-    """Sort the model's heads, neurons (and hidden channels) by importance on `batches`."""
+def rewire(model: Any, batches: list[dict]) -> list[int]:
+    """Sort the model's heads, neurons and hidden channels by importance on `batches`; returns
+    the hidden channels' permutation (new channel j = old channel order[j]): the rewired
+    model's hidden states are the original's with their channels in this order."""
+    orders: dict[str, list[int]] = {}
     if model.config.model_type == "nas_prune_decoder":
         from nas_prune.decoder_importance import rewire as rewire_decoder
 
-        rewire_decoder(model, batches)
+        rewire_decoder(model, batches, orders)
     else:
         from nas_prune.importance import rewire as rewire_encoder
 
-        rewire_encoder(model, batches)
+        rewire_encoder(model, batches, orders)
+    return orders["hidden"]
 
 
 def dense_config(model: Any) -> dict[str, int]:

@@ -170,7 +170,12 @@ class FinetuneOptions(TrainOptions):
 
 @dataclass
 class SupernetOptions(TrainOptions):
-    """How to train the weight-sharing supernet from the fine-tuned teacher."""
+    """How to train the weight-sharing supernet from the fine-tuned teacher. `epochs` 0 trains
+    nothing: the supernet is the teacher with its heads and neurons sorted by importance
+    (`rewire`), so the search scores importance-pruned sub-networks of the teacher itself (the
+    one-shot setting of Minitron and LLM-Pruner, to be followed by `refine`)."""
+
+    epochs_may_be_zero: ClassVar[bool] = True
 
     strategy: str = "full"
     """One of nas_prune.registry.STRATEGIES: standard, random, random_linear, sandwich, kd, full."""
@@ -196,6 +201,10 @@ class SupernetOptions(TrainOptions):
                                 f"{self.num_random}")
         if self.temperature <= 0:
             raise TrainingError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_steps is None and self.epochs == 0 and not self.rewire:
+            raise TrainingError("supernet: epochs 0 (no training) keeps the teacher as the "
+                                "supernet only with rewire true (importance-sorted heads and "
+                                "neurons); set rewire true or epochs > 0")
 
 
 # --------------------------------------------------------------------------------- latency
@@ -342,6 +351,10 @@ class SearchOptions:
             raise SearchError(f"reduction_factor must be > 1, got {self.reduction_factor}")
 
 
+REFINE_SELECTIONS = ("pareto", "budgets")
+"""RefineOptions.select: which Pareto-optimal sub-networks the pipeline refines."""
+
+
 @dataclass
 class RefineOptions:
     """How to refine each Pareto-optimal sub-network by distillation from the teacher (logits
@@ -349,6 +362,14 @@ class RefineOptions:
 
     enabled: bool = True
     """Pipeline: refine the Pareto set (false skips the stage; exports are then unrefined)."""
+
+    select: str = "pareto"
+    """Which Pareto-optimal sub-networks the pipeline refines: "pareto" (all of them) or
+    "budgets" (for each of `compare.budgets`, the `per_budget` ones with the lowest validation
+    error within the budget on `compare.axis`: what the comparison can choose, at a fraction
+    of the cost)."""
+    per_budget: int = 1
+    """With select "budgets": sub-networks refined per budget."""
 
     examples: int | None = None
     """Training examples the student processes (forward + backward), rounded up to whole
@@ -385,15 +406,20 @@ class RefineOptions:
     flops_seq_len: int = 128
     """Sequence length at which the row's FLOPs are counted (the search's default)."""
 
-    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every"})
-    """Options that may change when an interrupted or finished refine is picked up again."""
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every",
+                                                       "select", "per_budget"})
+    """Options that may change when an interrupted or finished refine is picked up again
+    (they say which models are refined, not how)."""
 
     def __post_init__(self) -> None:
         for name in ("examples", "batch_size", "log_every", "checkpoint_every",
-                     "flops_seq_len"):
+                     "flops_seq_len", "per_budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"refine: {name} must be >= 1, got {value}")
+        if self.select not in REFINE_SELECTIONS:
+            raise TrainingError(f"refine: select must be one of {', '.join(REFINE_SELECTIONS)}, "
+                                f"got {self.select!r}")
         if self.lr <= 0:
             raise TrainingError(f"refine: lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -419,7 +445,7 @@ class RefineOptions:
                                 f"{self.precision!r}")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The options that decide the refined model (all but RESUME_FREE)."""
+        """The options that decide the refined model (all but RESUME_FREE and `enabled`)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in self.RESUME_FREE and k != "enabled"}
 

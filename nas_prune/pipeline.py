@@ -275,6 +275,8 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
     meta = check_supernet(supernet_dir)
     teacher = Path(teacher or meta.get("teacher") or run.teacher)
     front = pareto_set(run, opts)
+    if opts.refine.select == "budgets":
+        front = _near_budgets(run, opts, front)
     store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
     stored = store.evaluations()
     done = set(stored["trial_id"]) if not stored.empty else set()
@@ -293,6 +295,29 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
             store.append_evaluations([{k: v for k, v in result.items()
                                        if k not in ("teacher_examples", "model_dir")}])
     return store.evaluations()
+
+
+def _near_budgets(run: RunDir, opts: PipelineOptions, front: pd.DataFrame) -> pd.DataFrame:
+    """The Pareto-optimal rows refine.select "budgets" refines: per compare budget, the
+    validation-best `refine.per_budget` within it on the compare axis (on the latency axis, the
+    profile stage's latency of each config)."""
+    from nas_prune.refine import near_budgets
+
+    axis = opts.compare.axis
+    if axis == "latency_ms":
+        front = _attach_latency(front, results_lib.load(run.results, table="latency"))
+        if "latency_ms" not in front or front["latency_ms"].isna().all():
+            raise OptionsError("refine: select budgets on the latency_ms axis needs the "
+                               "profile stage's latency of the Pareto set; run `nas-prune "
+                               "profile` first, or set refine.select pareto")
+    chosen = near_budgets(front, opts.compare.budgets, axis, opts.refine.per_budget)
+    if chosen.empty:
+        log.warning("refine: no Pareto-optimal sub-network fits any of the budgets %s on %s; "
+                    "nothing to refine", opts.compare.budgets, axis)
+    else:
+        log.info("refine: %d of %d Pareto-optimal sub-networks fit the budgets %s on %s",
+                 len(chosen), len(front), opts.compare.budgets, axis)
+    return chosen
 
 
 def compare(run: RunDir, opts: PipelineOptions) -> Path:

@@ -38,10 +38,11 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -124,6 +125,26 @@ def layer_outputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------ the stage
+def near_budgets(front: pd.DataFrame, budgets: Sequence[float], axis: str = "params_ratio",
+                 per_budget: int = 1) -> pd.DataFrame:
+    """The rows of `front` a comparison at `budgets` can choose (RefineOptions.select
+    "budgets"): for each budget, the `per_budget` rows with the lowest validation ``error``
+    whose `axis` value is at most the budget (ties: the smaller axis value, then the trial id,
+    as nas_prune.compare.match_budgets breaks them); each row once, in `front`'s order. Rows
+    without an error or an `axis` value are never chosen."""
+    if per_budget < 1:
+        raise ValueError(f"per_budget must be >= 1, got {per_budget}")
+    if axis not in front:
+        return front.iloc[:0]
+    usable = front.dropna(subset=["error", axis])
+    keep: set[str] = set()
+    for budget in budgets:
+        fits = usable[usable[axis] <= float(budget)]
+        fits = fits.sort_values(["error", axis, "trial_id"], kind="stable")
+        keep.update(fits["trial_id"].head(per_budget))
+    return front[front["trial_id"].isin(keep)]
+
+
 def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],
                  opts: RefineOptions) -> dict[str, Any] | None:
     """The row of a finished refine of `config` with `opts` in `out_dir`, None when there is
@@ -252,11 +273,21 @@ def refine(
     # teacher's: it distils the logits alone
     comparable = (getattr(module.config, "hidden_size", None)
                   == getattr(teacher.config, "hidden_size", None))
-    hidden = opts.hidden_weight > 0 and bool(mapping) and comparable
+    # rewiring sorted the supernet's hidden channels: the teacher's states are compared in
+    # the same order; a supernet saved before the order was recorded cannot be matched
+    order = meta.get("hidden_order")
+    rewired = meta.get("options", {}).get("rewire", False) and meta.get("strategy") != "standard"
+    known = order is not None or not rewired
+    hidden = opts.hidden_weight > 0 and bool(mapping) and comparable and known
     if opts.hidden_weight > 0 and not comparable:
         log.info("refine %s: hidden-state distillation off (the sub-network keeps %s of the "
                  "teacher's %s hidden channels): logits only", trial_id,
                  module.config.hidden_size, teacher.config.hidden_size)
+    elif opts.hidden_weight > 0 and not known:
+        log.warning("refine %s: hidden-state distillation off: the supernet %s was rewired "
+                    "before its channel order was recorded (retrain it to use it): logits "
+                    "only", trial_id, supernet_dir)
+    channels = None if order is None else torch.tensor(order, device=engine.device)
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
@@ -286,7 +317,8 @@ def refine(
                                  opts.alpha)
         if hidden:
             student_list = [student_states[j] for j in range(len(mapping))]
-            teacher_list = [teacher_states[i] for i in mapping]
+            teacher_list = [teacher_states[i] if channels is None
+                            else teacher_states[i].index_select(-1, channels) for i in mapping]
             loss = loss + opts.hidden_weight * hidden_mse(student_list, teacher_list,
                                                           batch.get("attention_mask"))
         engine.backward(loss)

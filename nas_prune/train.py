@@ -176,7 +176,12 @@ def train(
             f"{len(task.train)} training examples are too few for batch size "
             f"{opts.batch_size} x {world} workers x {opts.gradient_accumulation} accumulation"
         )
-    total = opts.max_steps or max(1, math.ceil(opts.epochs * per_epoch))
+    total = opts.max_steps or (0 if opts.epochs == 0 else max(1, math.ceil(opts.epochs
+                                                                            * per_epoch)))
+    if total == 0 and not isinstance(opts, SupernetOptions):
+        raise TrainingError("epochs 0 trains nothing; fine-tuning needs epochs > 0 (a "
+                            "pre-trained causal LM is taken as the teacher as is by the "
+                            "pipeline's finetune.epochs 0)")
 
     resume = _resumable(out, opts, total)
     torch.manual_seed(opts.seed + rank)  # dropout; a resumed run restores the saved state
@@ -184,8 +189,12 @@ def train(
         rewire_loader = data_lib.make_loader(task.train, tokenizer, opts.batch_size,
                                              shuffle=True, seed=opts.seed + 1)
         chosen = [b for _, b in zip(range(opts.rewire_batches), rewire_loader, strict=False)]
-        rewire(model, chosen)
+        meta = {**(meta or {}), "hidden_order": rewire(model, chosen)}
         log.info("rewired heads and neurons by importance on %d batches", len(chosen))
+    elif resume is not None and "hidden_order" in resume:
+        meta = {**(meta or {}), "hidden_order": resume["hidden_order"]}
+    if total == 0:  # supernet epochs 0: the (rewired) teacher is the supernet, untrained
+        return _save_untrained(model, task, tokenizer, out, opts, space_name, meta, start_time)
     model.train()
     engine, ds_config = make_engine(model, opts, total, strategy.passes_per_step)
     step = 0
@@ -302,6 +311,32 @@ def train(
         seconds=time.perf_counter() - start_time,
         examples_per_second=examples / max(1e-9, elapsed),
     )
+
+
+def _save_untrained(model: torch.nn.Module, task: data_lib.TaskData, tokenizer: Any, out: Path,
+                    opts: TrainOptions, space_name: str | None, meta: dict[str, Any] | None,
+                    start_time: float) -> TrainResult:
+    """Supernet `epochs` 0: save `model` (the rewired teacher) as a finished supernet that
+    cost no training, with its validation score."""
+    rank = torch.distributed.get_rank()
+    valid = None
+    if rank == 0:
+        model.eval()
+        valid = evaluate(model, data_lib.make_loader(task.valid, tokenizer, opts.batch_size),
+                         task.spec)
+        save_checkpoint(out, model, tokenizer, {
+            **(meta or {}), "strategy": opts.strategy, "space": space_name or opts.space,
+            "task_kind": task.spec.kind, "family": getattr(model.config, "family", None),
+            "options": dataclasses.asdict(opts), "total_steps": 0, "steps_done": 0,
+            "num_labels": model.config.num_labels,
+            "world_size": torch.distributed.get_world_size(), "train_examples": 0,
+            "train_seconds": time.perf_counter() - start_time, "finished": True,
+            "valid": valid, "losses": []})
+        log.info("supernet: the importance-rewired teacher, untrained (epochs 0); validation "
+                 "%s %.4f", task.spec.metric, valid["metric"])
+    torch.distributed.barrier()
+    return TrainResult(checkpoint=out, steps=0, losses=[], valid=valid,
+                       seconds=time.perf_counter() - start_time, examples_per_second=0.0)
 
 
 def _prune_old_tags(ds_dir: Path, keep: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nas_prune import cli, corpus, data, results
+from nas_prune import cli, corpus, data, report, results
 from nas_prune.errors import DataError, OptionsError
 from nas_prune.evaluate import evaluate
 from nas_prune.export import SUBNETWORK_FILE
@@ -308,15 +308,23 @@ def test_decoder_classification_run_end_to_end(tmp_path, tiny_llama_dir, word_to
         "--search.searcher", "random", "--search.valid_examples", "48",
         "--search.batch_size", "16", "--profile.seq_len", "16", "--profile.repeats", "2",
         "--refine.examples", "32", "--refine.batch_size", "16", "--refine.max_length", "16",
-        "--compare.budgets", "[0.9999]"])
+        "--refine.select", "budgets", "--compare.budgets", "[0.9999]"])
     assert code == 0
     frame = results.load(out / "results")
     assert set(frame["family"].dropna()) == {"llama"}
     assert set(frame["task_kind"]) == {"classification"}
     assert (frame.loc[frame["method"] == "nas", "space"] == "decoder_small").all()
+    # refine.select budgets: only the validation-best Pareto-optimal sub-network within the
+    # one budget was refined; the rest of the Pareto set is exported unrefined
+    front = report.front(report.final_rows(frame[frame["method"] == "nas"]),
+                         ["error", "params_ratio"])
+    fits = front[front["params_ratio"] <= 0.9999].sort_values(["error", "params_ratio"])
     refined = frame[frame["method"] == "nas+refine"]
+    assert list(refined["trial_id"]) == [fits["trial_id"].iloc[0]]
     exported = sorted((out / "export").iterdir())
-    assert sorted(refined["trial_id"]) == sorted(d.name for d in exported)
+    assert sorted(d.name for d in exported) == sorted(front["trial_id"])
+    info = json.loads((out / "export" / fits["trial_id"].iloc[0] / SUBNETWORK_FILE).read_text())
+    assert "refine" in info
     ids = torch.tensor([word_tokenizer("the people want hope")["input_ids"]])
     fresh = _fresh(exported[0], "classification", ids)
     assert fresh["class"] == "LlamaForSequenceClassification"

@@ -5,10 +5,14 @@ the saved model."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification
 
 from nas_prune import baselines, data, train
 from nas_prune.checkpoint import load_checkpoint, read_meta, save_checkpoint
@@ -21,6 +25,7 @@ from nas_prune.refine import (
     distillation_loss,
     layer_map,
     layer_outputs,
+    near_budgets,
     refine,
 )
 from nas_prune.space import make_space
@@ -43,6 +48,30 @@ def test_options_say_what_to_change():
         RefineOptions(hidden_weight=-1)
     with pytest.raises(TrainingError, match="temperature must be > 0"):
         RefineOptions(temperature=0)
+    with pytest.raises(TrainingError, match="select must be one of pareto, budgets"):
+        RefineOptions(select="best")
+    with pytest.raises(TrainingError, match="per_budget must be >= 1"):
+        RefineOptions(per_budget=0)
+
+
+def test_which_models_select_budgets_refines():
+    front = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d", "e", "f"],
+        "params_ratio": [0.50, 0.55, 0.60, 0.62, 0.75, 0.90],
+        "error": [0.40, 0.30, 0.28, 0.28, 0.20, 0.15],
+        "latency_ms": [1.0, 2.0, None, 3.0, 4.0, 5.0],
+    })
+    # per budget the validation-best within it; a tie (c, d) goes to the smaller model
+    assert list(near_budgets(front, [0.58, 0.63, 0.77])["trial_id"]) == ["b", "c", "e"]
+    assert list(near_budgets(front, [0.63], per_budget=3)["trial_id"]) == ["b", "c", "d"]
+    # two budgets that choose the same model refine it once; nothing fits 0.4
+    assert list(near_budgets(front, [0.4, 0.6, 0.61])["trial_id"]) == ["c"]
+    # on the latency axis a model without a latency is never chosen
+    assert list(near_budgets(front, [3.5], "latency_ms")["trial_id"]) == ["d"]
+    assert near_budgets(front.drop(columns="latency_ms"), [3.5], "latency_ms").empty
+    # the options that choose which models are refined do not decide a refined model
+    assert RefineOptions(select="budgets", per_budget=2).fingerprint() == \
+        RefineOptions().fingerprint()
 
 
 def test_layers_map_uniformly_and_the_last_matches_the_last():
@@ -215,3 +244,39 @@ def test_hidden_states_are_the_layer_outputs(teacher_dir, task, tokenizer):
         logits = model.head(states[1], batch["attention_mask"])
         torch.testing.assert_close(logits, model(**batch).logits)
     assert read_meta(teacher_dir)["kind"] == "teacher"
+
+
+def test_hidden_states_are_matched_in_the_rewired_channel_order(tmp_path, task, tokenizer,
+                                                                 caplog):
+    """Rewiring sorts the supernet's hidden channels, so the full sub-network of an untrained
+    (epochs 0) supernet computes the teacher's function with its channels permuted. Without
+    dropout its first distillation loss (logits and hidden states) is zero only if the
+    teacher's states are compared in the supernet's channel order."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    teacher_dir = tmp_path / "teacher"
+    train.finetune(str(tmp_path / "bert"), task, teacher_dir,
+                   FinetuneOptions(max_steps=4, batch_size=16, lr=3e-3, log_every=100))
+    supernet_dir = tmp_path / "supernet"
+    train.train_supernet(teacher_dir, task, supernet_dir,
+                         SupernetOptions(epochs=0, batch_size=16, rewire_batches=2))
+    order = read_meta(supernet_dir)["hidden_order"]
+    assert sorted(order) == list(range(32)) and order != list(range(32))
+    full = {"num_layers": 2, "num_heads": 4, "num_units": 48}
+
+    def first_loss(weight: float) -> float:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nas_prune.refine"):
+            refine(supernet_dir, teacher_dir, full, "small", task, tokenizer,
+                   tmp_path / f"refined-{weight}",
+                   RefineOptions(examples=16, batch_size=16, alpha=1.0, hidden_weight=weight,
+                                 log_every=1))
+        (loss,) = re.findall(r"step 1/1 +loss ([0-9.e+-]+)", caplog.text)
+        return float(loss)
+
+    assert first_loss(0.0) < 1e-6  # the logits are the teacher's
+    assert first_loss(1.0) < 1e-6  # and so are the states, channel for channel

@@ -285,6 +285,34 @@ def test_supernet_resume_repeats_and_loses_no_step(teacher_dir, task, tmp_path):
     assert any(not torch.equal(a[k], teacher[k]) for k in a)
 
 
+def test_supernet_epochs_zero_is_the_rewired_teacher_untrained(teacher_dir, tiny_model_dir,
+                                                                task, tokenizer, tmp_path):
+    result = train.train_supernet(teacher_dir[0], task, tmp_path / "sn",
+                                  SupernetOptions(epochs=0, batch_size=16, rewire_batches=2))
+    assert result.steps == 0 and result.losses == []
+    meta = json.loads((tmp_path / "sn" / "nas_prune.json").read_text())
+    assert meta["kind"] == "supernet" and meta["finished"]
+    assert meta["train_examples"] == 0 and meta["total_steps"] == 0
+    supernet, _ = load_checkpoint(tmp_path / "sn")
+    teacher, _ = load_checkpoint(teacher_dir[0])
+    # rewiring permutes heads and neurons: the same function, other weights
+    batch = next(iter(data.make_loader(task.valid, tokenizer, 32)))
+    with torch.no_grad():
+        assert torch.allclose(supernet.eval()(**batch).logits, teacher.eval()(**batch).logits,
+                              atol=1e-5)
+    a, b = supernet.state_dict(), teacher.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert meta["valid"]["metric"] == pytest.approx(
+        evaluate(teacher, data.make_loader(task.valid, tokenizer, 16), task.spec)["metric"])
+    # without rewiring there is nothing to make of the teacher; fine-tuning always trains
+    with pytest.raises(TrainingError, match="epochs 0 .* rewire true"):
+        SupernetOptions(epochs=0, rewire=False)
+    with pytest.raises(TrainingError, match="epochs 0 trains nothing"):
+        train.finetune(tiny_model_dir, task, tmp_path / "ft",
+                       FinetuneOptions(epochs=0, batch_size=16))
+    assert not (tmp_path / "ft" / "nas_prune.json").exists()
+
+
 def test_resume_with_other_options_is_rejected(teacher_dir, task, tmp_path):
     opts = SupernetOptions(strategy="random", max_steps=4, batch_size=16, rewire=False)
     train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts, stop_after=1)
