@@ -344,7 +344,8 @@ _TOKENIZER_LOADER = """
 import sys
 sys.modules["nas_prune"] = None
 from transformers import AutoTokenizer
-trust = {"trust_remote_code": True} if sys.argv[2] == "trust" else {}
+trust = {"trust": {"trust_remote_code": True}, "no": {"trust_remote_code": False}}.get(
+    sys.argv[2], {})
 print(AutoTokenizer.from_pretrained(sys.argv[1], **trust)("the movie was fine")["input_ids"])
 """
 
@@ -359,8 +360,9 @@ _AUTO_CONFIG_PROMPT = pytest.mark.xfail(
 
 @pytest.mark.parametrize(
     ("sub", "trust"),
-    [(STOCK, False), (NON_STOCK, True), pytest.param(NON_STOCK, False, marks=_AUTO_CONFIG_PROMPT)],
-    ids=["stock", "non_stock-trust_remote_code", "non_stock"],
+    [(STOCK, "-"), (NON_STOCK, "trust"), (NON_STOCK, "no"),
+     pytest.param(NON_STOCK, "-", marks=_AUTO_CONFIG_PROMPT)],
+    ids=["stock", "non_stock-trust_remote_code", "non_stock-no_remote_code", "non_stock"],
 )
 def test_exported_tokenizer_loads_in_a_fresh_process_without_a_trust_prompt(
     sub, trust, tmp_path, make_hf_bert
@@ -376,7 +378,7 @@ def test_exported_tokenizer_loads_in_a_fresh_process_without_a_trust_prompt(
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
                TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(
-        [sys.executable, "-c", _TOKENIZER_LOADER, str(out), "trust" if trust else "-"],
+        [sys.executable, "-c", _TOKENIZER_LOADER, str(out), trust],
         env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=120, check=False,
     )
