@@ -387,9 +387,12 @@ class RefineOptions:
     """Temperature T of the logit distillation (the KL term is scaled by T^2)."""
     alpha: float = 0.5
     """Weight of the logit-distillation term; 1 - alpha weighs the task loss on the labels."""
-    hidden_weight: float = 1.0
+    hidden_weight: float | None = None
     """Weight of the hidden-state MSE (student layers mapped uniformly onto teacher layers);
-    0 turns it off."""
+    0 turns it off. None: 1.0 for encoders (TinyBERT), 0 for decoders, whose unnormalised
+    residual streams make the raw MSE swamp the logit term (SmolLM2 at 0.74 of the parameters,
+    320 blocks: validation perplexity 78.9 with weight 1, 63.6 logits only, as Minitron
+    distils)."""
     max_length: int = 128
     """Tokens per example after truncation (the caller tokenises with it)."""
     seed: int = 0
@@ -432,7 +435,7 @@ class RefineOptions:
         if not 0 <= self.alpha <= 1:
             raise TrainingError(f"refine: alpha must be in [0, 1] (1: distillation only, 0: "
                                 f"labels only), got {self.alpha}")
-        if self.hidden_weight < 0:
+        if self.hidden_weight is not None and self.hidden_weight < 0:
             raise TrainingError(f"refine: hidden_weight must be >= 0 (0 turns the hidden-state "
                                 f"loss off), got {self.hidden_weight}")
         if self.max_length < 2:

@@ -15,8 +15,10 @@ layers uniformly onto teacher layers. `refine` does this for one sub-network of 
        + hidden_weight * MSE(student layer j, teacher layer g(j)),
 
    g(j) = ceil((j + 1) * L_teacher / L_student) - 1 (the last student layer matches the last
-   teacher layer), the MSE over real tokens; for regression MSE to the teacher's output
-   replaces the KL term;
+   teacher layer), the MSE over real tokens, the teacher's channels in the supernet's rewired
+   order; for regression MSE to the teacher's output replaces the KL term. Decoders distil
+   the logits alone by default (Minitron; their unnormalised residual streams make the raw MSE
+   swamp the logit term), as does a sub-network whose hidden size is narrowed;
 3. it is scored on the validation split (the split every method chooses on) and saved with
    ``nas_prune.export.export_sub_network`` (a stock BERT/RoBERTa directory when its shape allows,
    else our encoder with its remote code), the result row inside its
@@ -99,6 +101,14 @@ def forward_with_states(model: Any, module: torch.nn.Module, inputs: dict[str, t
         return out, states
     out = model(**inputs, output_hidden_states=True)
     return out, dict(enumerate(out.hidden_states[1:]))
+
+
+def hidden_weight(opts: RefineOptions, module: torch.nn.Module) -> float:
+    """The weight of the hidden-state term for `module`: `opts.hidden_weight`, or when None,
+    1 for our encoder and 0 (logits only) for our decoder (RefineOptions.hidden_weight)."""
+    if opts.hidden_weight is not None:
+        return float(opts.hidden_weight)
+    return 1.0 if hasattr(module, "layers") else 0.0
 
 
 def num_layers(module: torch.nn.Module) -> int:
@@ -278,12 +288,13 @@ def refine(
     order = meta.get("hidden_order")
     rewired = meta.get("options", {}).get("rewire", False) and meta.get("strategy") != "standard"
     known = order is not None or not rewired
-    hidden = opts.hidden_weight > 0 and bool(mapping) and comparable and known
-    if opts.hidden_weight > 0 and not comparable:
+    weight = hidden_weight(opts, module)
+    hidden = weight > 0 and bool(mapping) and comparable and known
+    if weight > 0 and not comparable:
         log.info("refine %s: hidden-state distillation off (the sub-network keeps %s of the "
                  "teacher's %s hidden channels): logits only", trial_id,
                  module.config.hidden_size, teacher.config.hidden_size)
-    elif opts.hidden_weight > 0 and not known:
+    elif weight > 0 and not known:
         log.warning("refine %s: hidden-state distillation off: the supernet %s was rewired "
                     "before its channel order was recorded (retrain it to use it): logits "
                     "only", trial_id, supernet_dir)
@@ -319,8 +330,8 @@ def refine(
             student_list = [student_states[j] for j in range(len(mapping))]
             teacher_list = [teacher_states[i] if channels is None
                             else teacher_states[i].index_select(-1, channels) for i in mapping]
-            loss = loss + opts.hidden_weight * hidden_mse(student_list, teacher_list,
-                                                          batch.get("attention_mask"))
+            loss = loss + weight * hidden_mse(student_list, teacher_list,
+                                              batch.get("attention_mask"))
         engine.backward(loss)
         engine.step()
         step += 1

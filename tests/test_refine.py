@@ -23,6 +23,7 @@ from nas_prune.options import FinetuneOptions, RefineOptions, SupernetOptions
 from nas_prune.refine import (
     COST_KEYS,
     distillation_loss,
+    hidden_weight,
     layer_map,
     layer_outputs,
     near_budgets,
@@ -72,6 +73,22 @@ def test_which_models_select_budgets_refines():
     # the options that choose which models are refined do not decide a refined model
     assert RefineOptions(select="budgets", per_budget=2).fingerprint() == \
         RefineOptions().fingerprint()
+
+
+def test_hidden_states_are_distilled_by_default_for_encoders_only(make_hf_bert):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nas_prune.decoder_loading import from_hf as decoder_from_hf
+    from nas_prune.supernet import from_hf
+
+    encoder = from_hf(make_hf_bert())
+    decoder = decoder_from_hf(LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)))
+    assert hidden_weight(RefineOptions(), encoder) == 1.0
+    assert hidden_weight(RefineOptions(), decoder) == 0.0  # logits only, as Minitron
+    assert hidden_weight(RefineOptions(hidden_weight=0.5), decoder) == 0.5
+    assert hidden_weight(RefineOptions(hidden_weight=0.0), encoder) == 0.0
 
 
 def test_layers_map_uniformly_and_the_last_matches_the_last():
