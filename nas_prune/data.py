@@ -639,7 +639,10 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise DataError(f"tokenizer directory {str(path)!r} does not exist; pass a model "
                         "directory or Hub name (default: nas_prune.data.default_model_path())")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+        # the supported families' tokenizers are stock: never ask about a checkpoint's custom
+        # model code (AutoTokenizer reads its config through AutoConfig first)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path,
+                                                  trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load a tokenizer from {name_or_path!r}: {err}. Pass a local "
                         "model directory (offline default: nas_prune.data.default_model_path())"

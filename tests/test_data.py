@@ -333,6 +333,32 @@ def test_load_tokenizer_missing_directory(tmp_path):
         data.load_tokenizer(str(tmp_path / "no_model"))
 
 
+def test_load_tokenizer_of_our_checkpoint_asks_nothing(tmp_path, tokenizer, make_hf_bert):
+    """Our checkpoints' config.json names our model code (auto_map); in a process that has not
+    imported that code, loading the (stock) tokenizer must not stop at transformers' "Do you
+    wish to run the custom code?" prompt."""
+    import os
+    import subprocess
+    import sys
+
+    from nas_prune.checkpoint import save_checkpoint
+    from nas_prune.supernet import from_hf
+
+    model = from_hf(make_hf_bert(vocab_size=tokenizer.vocab_size))
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"kind": "supernet"})
+    assert "auto_map" in json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    code = ("import sys; from nas_prune import data; "
+            "print(data.load_tokenizer(sys.argv[1])('a fine film')['input_ids'])")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "custom code" not in result.stdout + result.stderr
+    assert result.stdout.strip() == str(tokenizer("a fine film")["input_ids"])
+
+
 def test_make_loader_needs_tokenized_data(rotten, tokenizer):
     with pytest.raises(DataError, match="tokenize"):
         data.make_loader(rotten.test, tokenizer, batch_size=4)
