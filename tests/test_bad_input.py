@@ -97,18 +97,25 @@ def test_ctrl_c_says_to_rerun_and_the_rerun_resumes(supernet, tmp_path):  # noqa
     config.write_text(json.dumps({"data": {"task": task.task},
                                   "search": {"searcher": "local", "num_samples": 40,
                                              "batch_size": 16, "num_workers": 1}}))
-    args = [sys.executable, "-m", "nas_prune.cli", "search", "--out", str(tmp_path),
-            "--supernet", str(root / "supernet"), "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    store = results.ResultStore(tmp_path / "results", "nas-local-fifo-seed0")
-    deadline = time.time() + 240
-    while time.time() < deadline and len(store.finished_trials()) < 3:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    for attempt in range(3):
+        out = tmp_path / f"attempt{attempt}"
+        args = [sys.executable, "-m", "nas_prune.cli", "search", "--out", str(out),
+                "--supernet", str(root / "supernet"), "--config", str(config)]
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        store = results.ResultStore(out / "results", "nas-local-fifo-seed0")
+        deadline = time.time() + 240
+        while time.time() < deadline and len(store.finished_trials()) < 3 \
+                and proc.poll() is None:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        # on a loaded machine Ray Tune can hand over all 40 results in one burst, so the
+        # search may finish before the interrupt arrives: then interrupt a fresh one
+        if not (proc.returncode == 0 and "trials 40/40 done" in err):
+            break
     assert proc.returncode == 130, err[-3000:]
     assert "run the same command again to continue" in err
     assert "Tuner.restore" not in err
