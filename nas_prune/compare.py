@@ -394,9 +394,9 @@ def _check_axis(axis: str) -> None:
 
 
 def match_budgets(rows: pd.DataFrame, budgets: Sequence[float],
-                  axis: str = "params_ratio") -> pd.DataFrame:
+                  axis: str = "params_ratio", top: int = 1) -> pd.DataFrame:
     """For each budget and method, the candidate with the lowest *validation* error among
-    those whose `axis` value is at most the budget.
+    those whose `axis` value is at most the budget (the `top` lowest, best first).
 
     Args:
         rows: candidates, with at least ``method``, ``error`` (validation) and `axis`; rows
@@ -423,8 +423,9 @@ def match_budgets(rows: pd.DataFrame, budgets: Sequence[float],
     for budget in sorted(float(b) for b in budgets):
         fits = usable[usable[axis] <= budget]
         for _method, group in fits.groupby("method", sort=True):
-            best = group.sort_values(["error", axis, "_name"], kind="stable").iloc[0]
-            chosen.append({**best.drop("_name").to_dict(), "budget": budget})
+            ranked = group.sort_values(["error", axis, "_name"], kind="stable")
+            for _, best in ranked.head(top).iterrows():
+                chosen.append({**best.drop("_name").to_dict(), "budget": budget})
     columns = [*(c for c in rows.columns if c != "budget"), "budget"]
     return pd.DataFrame(chosen, columns=columns)
 

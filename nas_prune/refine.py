@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from nas_prune import data as data_lib
+from nas_prune.compare import match_budgets
 from nas_prune.errors import TrainingError
 from nas_prune.options import RefineOptions
 from nas_prune.train import hidden_mse, next_token_pairs
@@ -137,22 +138,16 @@ def layer_outputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 # ------------------------------------------------------------------------------ the stage
 def near_budgets(front: pd.DataFrame, budgets: Sequence[float], axis: str = "params_ratio",
                  per_budget: int = 1) -> pd.DataFrame:
-    """The rows of `front` a comparison at `budgets` can choose (RefineOptions.select
-    "budgets"): for each budget, the `per_budget` rows with the lowest validation ``error``
-    whose `axis` value is at most the budget (ties: the smaller axis value, then the trial id,
-    as nas_prune.compare.match_budgets breaks them); each row once, in `front`'s order. Rows
-    without an error or an `axis` value are never chosen."""
+    """The rows of `front` (one method's candidates) a comparison at `budgets` can choose
+    (RefineOptions.select "budgets"): for each budget, the `per_budget` rows
+    nas_prune.compare.match_budgets ranks first within it; each row once, in `front`'s order.
+    Rows without an error or an `axis` value are never chosen."""
     if per_budget < 1:
         raise ValueError(f"per_budget must be >= 1, got {per_budget}")
     if axis not in front:
         return front.iloc[:0]
-    usable = front.dropna(subset=["error", axis])
-    keep: set[str] = set()
-    for budget in budgets:
-        fits = usable[usable[axis] <= float(budget)]
-        fits = fits.sort_values(["error", axis, "trial_id"], kind="stable")
-        keep.update(fits["trial_id"].head(per_budget))
-    return front[front["trial_id"].isin(keep)]
+    chosen = match_budgets(front, budgets, axis, top=per_budget)
+    return front[front["trial_id"].isin(set(chosen["trial_id"]))]
 
 
 def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],

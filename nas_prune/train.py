@@ -193,8 +193,19 @@ def train(
         log.info("rewired heads and neurons by importance on %d batches", len(chosen))
     elif resume is not None and "hidden_order" in resume:
         meta = {**(meta or {}), "hidden_order": resume["hidden_order"]}
+    base_meta = {
+        **(meta or {}),
+        "strategy": opts.strategy,
+        "space": space_name or opts.space,
+        "task_kind": task.spec.kind,
+        "family": getattr(model.config, "family", None),
+        "options": dataclasses.asdict(opts),
+        "total_steps": total,
+        "num_labels": model.config.num_labels,
+        "world_size": world,
+    }
     if total == 0:  # supernet epochs 0: the (rewired) teacher is the supernet, untrained
-        return _save_untrained(model, task, tokenizer, out, opts, space_name, meta, start_time)
+        return _save_untrained(model, task, tokenizer, out, opts, base_meta, start_time)
     model.train()
     engine, ds_config = make_engine(model, opts, total, strategy.passes_per_step)
     step = 0
@@ -208,17 +219,6 @@ def train(
     stream = batches(epoch_loader, step * opts.gradient_accumulation, rank, world)
     losses: list[float] = []
     examples, t0, first_step = 0, time.perf_counter(), step
-    base_meta = {
-        **(meta or {}),
-        "strategy": opts.strategy,
-        "space": space_name or opts.space,
-        "task_kind": task.spec.kind,
-        "family": getattr(model.config, "family", None),
-        "options": dataclasses.asdict(opts),
-        "total_steps": total,
-        "num_labels": model.config.num_labels,
-        "world_size": world,
-    }
 
     zero3 = zero_stage(ds_config) == 3
 
@@ -314,22 +314,17 @@ def train(
 
 
 def _save_untrained(model: torch.nn.Module, task: data_lib.TaskData, tokenizer: Any, out: Path,
-                    opts: TrainOptions, space_name: str | None, meta: dict[str, Any] | None,
+                    opts: TrainOptions, base_meta: dict[str, Any],
                     start_time: float) -> TrainResult:
     """Supernet `epochs` 0: save `model` (the rewired teacher) as a finished supernet that
     cost no training, with its validation score."""
-    rank = torch.distributed.get_rank()
     valid = None
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         model.eval()
         valid = evaluate(model, data_lib.make_loader(task.valid, tokenizer, opts.batch_size),
                          task.spec)
         save_checkpoint(out, model, tokenizer, {
-            **(meta or {}), "strategy": opts.strategy, "space": space_name or opts.space,
-            "task_kind": task.spec.kind, "family": getattr(model.config, "family", None),
-            "options": dataclasses.asdict(opts), "total_steps": 0, "steps_done": 0,
-            "num_labels": model.config.num_labels,
-            "world_size": torch.distributed.get_world_size(), "train_examples": 0,
+            **base_meta, "steps_done": 0, "train_examples": 0,
             "train_seconds": time.perf_counter() - start_time, "finished": True,
             "valid": valid, "losses": []})
         log.info("supernet: the importance-rewired teacher, untrained (epochs 0); validation "

@@ -57,7 +57,7 @@ def test_options_say_what_to_change():
 
 def test_which_models_select_budgets_refines():
     front = pd.DataFrame({
-        "trial_id": ["a", "b", "c", "d", "e", "f"],
+        "method": "nas", "trial_id": ["a", "b", "c", "d", "e", "f"],
         "params_ratio": [0.50, 0.55, 0.60, 0.62, 0.75, 0.90],
         "error": [0.40, 0.30, 0.28, 0.28, 0.20, 0.15],
         "latency_ms": [1.0, 2.0, None, 3.0, 4.0, 5.0],
