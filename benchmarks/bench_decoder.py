@@ -4,7 +4,11 @@ corpus, NAS against LLM-Pruner and layer dropping on the test split (nas_prune.c
 Stages (nas_prune.pipeline stage functions; re-running the same command in the same --out
 resumes, finished stages are skipped):
 
-1. the pre-trained model is adopted as the teacher (no fine-tuning), and the decoder supernet
+1. the pre-trained model is adopted as the teacher (no fine-tuning), or with --teacher-steps
+   fine-tuned on the corpus's training blocks first ("teacher correction", Sreenivas et al.
+   2024, "LLM Pruning and Distillation in Practice: The Minitron Approach": a teacher that has
+   not seen the distillation data distils worse); every method then starts from that teacher
+   and the dense row is it; the decoder supernet
    (space decoder_small) is trained from it with a distilling strategy (--strategy, default
    ``full``: sandwich + in-place distillation);
 2. the search scores --trials sub-networks on --valid-blocks validation blocks;
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5],
                         help="parameter budgets (fraction of the dense model's parameters)")
     parser.add_argument("--block-length", type=int, default=128, help="tokens per block")
+    parser.add_argument("--teacher-steps", type=int, default=0,
+                        help="fine-tune the pre-trained model on the corpus for this many "
+                        "steps of --batch-size blocks before anything else (0: adopt it as is)")
     parser.add_argument("--strategy", default="full", choices=["kd", "full"],
                         help="supernet strategy (both distil from the full network)")
     parser.add_argument("--steps", type=int, default=200,
@@ -178,7 +185,9 @@ def options(args: argparse.Namespace, model: str) -> Any:
     opts = replace(PipelineOptions(), {
         "model": model,
         "data": {"task": CORPUS},
-        "finetune": {"epochs": 0, "max_length": length},
+        "finetune": ({"max_steps": args.teacher_steps, "batch_size": batch, "lr": args.lr,
+                      "log_every": max(1, args.teacher_steps // 20)}
+                     if args.teacher_steps else {"epochs": 0}) | {"max_length": length},
         "supernet": {"strategy": args.strategy, "space": "decoder_small",
                      **({"max_steps": args.steps} if args.steps else {"epochs": 0}),
                      "batch_size": batch, "lr": args.lr,
@@ -245,7 +254,10 @@ def bench_table(frame: Any, latency: list[dict[str, Any]], args: argparse.Namesp
         "that plus the model's refine).",
         "",
         f"Dense model: test perplexity {dense_ppl:,.3f} [{dense['test_low']:,.3f}, "
-        f"{dense['test_high']:,.3f}].",
+        f"{dense['test_high']:,.3f}]"
+        + (f" (the pre-trained model fine-tuned {args.teacher_steps} steps of "
+           f"{args.batch_size} blocks on the corpus first, the teacher every method starts "
+           "from; that cost is charged to none of them)." if args.teacher_steps else "."),
         "",
         "| budget | method | model | params ratio | test ppl [95% CI] | ratio to dense | "
         f"target | Δ log-ppl vs {reference} [CI] | p | cost: blocks | cost: s |",

@@ -64,3 +64,29 @@ def test_tiny_decoder_benchmark_runs_and_resumes(tmp_path, capsys, monkeypatch):
     assert again["supernet"] < 1 and again["baselines"] < 1
     assert pd.read_csv(out / "compare" / "comparison.csv")["test_perplexity"].tolist() == \
         pytest.approx(frame["test_perplexity"].tolist())
+
+
+def test_teacher_steps_fine_tune_the_teacher_on_the_corpus(tmp_path, monkeypatch):
+    """--teacher-steps N: the teacher every method starts from is the pre-trained model
+    fine-tuned N steps on the corpus (teacher correction), not the pre-trained model as is."""
+    import torch
+
+    from nas_prune import pipeline
+    from nas_prune.checkpoint import load_checkpoint
+    from nas_prune.models import load_pretrained
+    from nas_prune.rundir import RunDir
+
+    bench = _bench(monkeypatch)
+    args = bench.parse_args(["--tiny", "--out", str(tmp_path / "bench"), "--teacher-steps", "4"])
+    model = bench.tiny_model(tmp_path / "tiny_model")
+    teacher_dir = pipeline.finetune(RunDir(args.out), bench.options(args, model))
+    teacher, meta = load_checkpoint(teacher_dir)
+    assert meta["finished"] and meta["steps_done"] == 4
+    before = load_pretrained(model, "lm").state_dict()
+    changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the teacher's weights are the pre-trained ones: nothing was fine-tuned"
+
+    adopted = bench.parse_args(["--tiny", "--out", str(tmp_path / "as_is")])
+    _, meta = load_checkpoint(pipeline.finetune(RunDir(adopted.out),
+                                                bench.options(adopted, model)))
+    assert meta["steps_done"] == 0 and meta["strategy"] == "none"
