@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -84,16 +84,6 @@ def deepspeed_config(
             "type": "AdamW",
             "params": {"lr": opts.lr, "weight_decay": opts.weight_decay, "torch_adam": True},
         },
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": opts.lr,
-                "warmup_num_steps": max(1, int(opts.warmup_ratio * total_steps)),
-                "total_num_steps": max(2, total_steps),
-                "warmup_type": "linear",
-            },
-        },
         "zero_optimization": {"stage": opts.zero_stage},
         "bf16": {"enabled": bf16},
     }
@@ -121,6 +111,23 @@ def deepspeed_config(
     if not use_gpu:
         config["optimizer"].setdefault("params", {})["torch_adam"] = True
     return config
+
+
+def lr_factor(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The learning rate of optimizer step k (0-based) as a fraction of the peak: a linear
+    warm-up over the first w = int(warmup_ratio x total_steps) steps, (k + 1) / (w + 1), then
+    a linear decay, (total_steps - k) / (total_steps - w). No step has learning rate 0, so even
+    a one-step run updates the weights. (DeepSpeed's WarmupDecayLR, used before, makes at least
+    two warm-up steps and runs the first two at learning rate 0: a two-step refine or recovery
+    changed nothing.)"""
+    warm = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return factor
 
 
 def zero_stage(config: Mapping[str, Any]) -> int:
@@ -182,10 +189,14 @@ def make_engine(model: torch.nn.Module, opts: TrainOptions, total_steps: int,
                               torch.cuda.is_available())
     if zero_stage(config) == 3:
         _register_sliced_parameters(model)
+    factor = lr_factor(total_steps, opts.warmup_ratio)
     with quiet_deepspeed():
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=config,
+            # a user's own "scheduler" in opts.deepspeed replaces ours
+            lr_scheduler=None if "scheduler" in config else (
+                lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)),
         )
     if world == 1 and not zero_stage(config):
         engine.enable_backward_allreduce = False  # reducing over one rank only copies gradients

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 from nas_prune import data, train
 from nas_prune.checkpoint import load_checkpoint
-from nas_prune.engine import deepspeed_config
+from nas_prune.engine import deepspeed_config, lr_factor, make_engine
 from nas_prune.errors import CheckpointError, TrainingError
 from nas_prune.evaluate import evaluate
 from nas_prune.options import FinetuneOptions, SupernetOptions, TrainOptions
@@ -171,6 +171,32 @@ def test_deepspeed_config_accumulates_every_pass():
     assert config["bf16"]["enabled"] is False
     gpu = deepspeed_config(opts, strategy.passes_per_step, 10, 1, use_gpu=True)
     assert gpu["bf16"]["enabled"] is True
+
+
+def test_lr_schedule_warms_up_and_decays_without_a_zero_step():
+    factor = lr_factor(10, 0.3)  # 3 warm-up steps
+    assert [round(factor(k), 4) for k in range(10)] == [
+        0.25, 0.5, 0.75, 1.0, 0.8571, 0.7143, 0.5714, 0.4286, 0.2857, 0.1429]
+    assert lr_factor(1, 0.1)(0) == 1.0 and lr_factor(2, 0.5)(0) == 0.5
+
+
+def test_the_engine_follows_the_schedule_and_one_step_updates(tiny_model_dir):
+    """Each optimizer step runs at lr x lr_factor(step): with DeepSpeed's WarmupDecayLR the
+    first two ran at 0, so a run of one or two steps changed nothing."""
+    model = EncoderForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = TrainOptions(lr=1e-3, warmup_ratio=0.5)
+    engine, _ = make_engine(model, opts, total_steps=4)
+    batch = {"input_ids": torch.randint(5, 50, (4, 8)), "labels": torch.tensor([0, 1, 0, 1])}
+    lrs = []
+    for _ in range(4):
+        lrs.append(engine.optimizer.param_groups[0]["lr"])
+        engine.backward(engine(**batch).loss)
+        engine.step()
+        if len(lrs) == 1:
+            assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert lrs == pytest.approx([1e-3 * lr_factor(4, 0.5)(k) for k in range(4)])
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 5e-4])
 
 
 def test_bf16_on_cpu_is_rejected():
@@ -378,5 +404,6 @@ def test_zero3_equals_zero0(teacher_dir, task, tmp_path):
     teacher = _state(teacher_dir[0])
     assert results[3][0] == pytest.approx(results[0][0], rel=1e-5)
     assert any(not torch.equal(results[3][1][k], teacher[k]) for k in teacher)
-    for k in teacher:
-        torch.testing.assert_close(results[3][1][k], results[0][1][k], rtol=1e-5, atol=1e-6)
+    for k in teacher:  # atol: Adam divides by sqrt(v), so a gradient near 0 whose last bits
+        # differ between the stages' reduction orders moves its weight by up to ~1e-6 more
+        torch.testing.assert_close(results[3][1][k], results[0][1][k], rtol=1e-5, atol=1e-5)
