@@ -181,7 +181,8 @@ class SupernetOptions(TrainOptions):
     """One of nas_prune.registry.STRATEGIES: standard, random, random_linear, sandwich, kd, full."""
     space: str = "small"
     """Search space random sub-networks are drawn from: small, medium, layer, large;
-    small+hidden or medium+hidden also vary the hidden (embedding) size."""
+    small+hidden or medium+hidden also vary the hidden (embedding) size. Decoders:
+    decoder_small, decoder_medium (what small and medium mean for them), decoder_middle."""
     num_random: int | None = None
     """Random sub-networks per step (None: the strategy's default, 1 or 2)."""
     temperature: float = 1.0

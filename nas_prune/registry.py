@@ -32,6 +32,7 @@ SPACES: dict[str, str] = {
     "large": "nas_prune.space:LargeSpace",
     "decoder_small": "nas_prune.space:DecoderSmallSpace",
     "decoder_medium": "nas_prune.space:DecoderMediumSpace",
+    "decoder_middle": "nas_prune.space:DecoderMiddleSpace",
 }
 """Search spaces over sub-networks. `small` and `medium` also come with the hidden size as a
 dimension: the name with HIDDEN_SUFFIX, e.g. ``small+hidden``."""
@@ -73,9 +74,11 @@ def check_space(name: str, error: type[NasPruneError] = NasPruneError) -> str:
     """`name` if it names a space (with or without HIDDEN_SUFFIX), else `error`."""
     base = name.removesuffix(HIDDEN_SUFFIX)
     check(SPACES, base, "space", error)
-    if name != base and base not in ("small", "medium", "decoder_small", "decoder_medium"):
+    if name != base and base not in ("small", "medium", "decoder_small", "decoder_medium",
+                                     "decoder_middle"):
         raise error(f"the {base} space has no hidden dimension; use small{HIDDEN_SUFFIX} or "
-                    f"medium{HIDDEN_SUFFIX} (decoder_small, decoder_medium likewise)")
+                    f"medium{HIDDEN_SUFFIX} (decoder_small, decoder_medium, decoder_middle "
+                    "likewise)")
     return name
 
 

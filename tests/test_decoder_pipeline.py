@@ -30,7 +30,7 @@ from nas_prune.export import (
     to_stock_decoder,
 )
 from nas_prune.profile import decoder_latency
-from nas_prune.space import DecoderMediumSpace, DecoderSmallSpace
+from nas_prune.space import DecoderMediumSpace, DecoderMiddleSpace, DecoderSmallSpace
 from nas_prune.supernet import IllegalSubNetworkError
 from tests.test_decoder import (  # the same tiny transformers causal LMs
     ATOL,
@@ -40,7 +40,7 @@ from tests.test_decoder import (  # the same tiny transformers causal LMs
     make_hf,
 )
 
-SPACES = [DecoderSmallSpace, DecoderMediumSpace]
+SPACES = [DecoderSmallSpace, DecoderMediumSpace, DecoderMiddleSpace]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,29 @@ def test_medium_space_removes_blocks_and_layers(supernet):
     assert sub.layers == (True, True, False)
     with pytest.raises(IllegalSubNetworkError, match="queries_per_kv_0=0 is outside"):
         space.to_sub_network(config | {"queries_per_kv_0": 0})
+
+
+def test_middle_space_prunes_the_middle_layers_and_keeps_the_ends_whole():
+    space = DecoderMiddleSpace(num_layers=8, num_kv_heads=4, queries_per_group=2, num_units=64)
+    assert _ranges(space) == {"kv_heads": (1, 4), "queries_per_kv": (1, 2), "units": (1, 64),
+                              "whole_first": (0, 2), "whole_last": (0, 2)}
+    sub = space.to_sub_network({"kv_heads": 3, "queries_per_kv": 1, "units": 16,
+                                "whole_first": 2, "whole_last": 1})
+    assert sub.kv_heads == (4, 4, 3, 3, 3, 3, 3, 4)
+    assert sub.queries_per_kv == (2, 2, 1, 1, 1, 1, 1, 2)
+    assert sub.units == (64, 64, 16, 16, 16, 16, 16, 64) and sub.hidden is None
+    every = space.to_sub_network(space.smallest())
+    assert every == DecoderSubNetwork.uniform(8, 8, 1, 1, 1)  # no whole ends: every layer cut
+    # a layer kept whole costs parameters: more whole layers, more parameters
+    model = DecoderForCausalLM(DecoderConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=8,
+                                             num_attention_heads=8, num_key_value_heads=4,
+                                             head_dim=4, intermediate_size=64))
+    params = [model.num_params(space.to_sub_network(space.smallest() | {"whole_first": k}))
+              for k in range(3)]
+    assert params[0] < params[1] < params[2]
+    one_layer = DecoderMiddleSpace(num_layers=1, num_kv_heads=2, queries_per_group=1,
+                                   num_units=8)
+    assert _ranges(one_layer)["whole_first"] == (0, 1)
 
 
 # ------------------------------------------------------------------------------ export

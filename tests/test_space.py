@@ -72,7 +72,8 @@ def test_large_space_dims():
 
 def test_spaces_registry_and_make_space(supernet):
     encoders = {"small", "medium", "layer", "large"}
-    assert set(registry.SPACES) == encoders | {"decoder_small", "decoder_medium"}
+    assert set(registry.SPACES) == encoders | {"decoder_small", "decoder_medium",
+                                               "decoder_middle"}
     for name in registry.SPACES:
         cls = registry.load(registry.SPACES, name, "search space")
         assert cls.name == name
