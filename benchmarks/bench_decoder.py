@@ -8,9 +8,9 @@ resumes, finished stages are skipped):
    fine-tuned on the corpus's training blocks first ("teacher correction", Sreenivas et al.
    2024, "LLM Pruning and Distillation in Practice: The Minitron Approach": a teacher that has
    not seen the distillation data distils worse); every method then starts from that teacher
-   and the dense row is it; the decoder supernet
-   (space decoder_small) is trained from it with a distilling strategy (--strategy, default
-   ``full``: sandwich + in-place distillation);
+   and the dense row is it; the decoder supernet (space --space, default decoder_small) is
+   trained from it with a distilling strategy (--strategy, default ``full``: sandwich +
+   in-place distillation);
 2. the search scores --trials sub-networks on --valid-blocks validation blocks;
 3. the baselines run on the same teacher and blocks: LLM-Pruner at the budgets (its
    ``params_ratios``) and layer dropping (ShortGPT block influence) keeping, per budget, the
@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=0,
                         help="fine-tune the pre-trained model on the corpus for this many "
                         "steps of --batch-size blocks before anything else (0: adopt it as is)")
+    parser.add_argument("--space", default="decoder_small",
+                        choices=["decoder_small", "decoder_medium", "decoder_middle"],
+                        help="search space of the supernet and the search")
     parser.add_argument("--strategy", default="full", choices=["kd", "full"],
                         help="supernet strategy (both distil from the full network)")
     parser.add_argument("--steps", type=int, default=200,
@@ -188,7 +191,7 @@ def options(args: argparse.Namespace, model: str) -> Any:
         "finetune": ({"max_steps": args.teacher_steps, "batch_size": batch, "lr": args.lr,
                       "log_every": max(1, args.teacher_steps // 20)}
                      if args.teacher_steps else {"epochs": 0}) | {"max_length": length},
-        "supernet": {"strategy": args.strategy, "space": "decoder_small",
+        "supernet": {"strategy": args.strategy, "space": args.space,
                      **({"max_steps": args.steps} if args.steps else {"epochs": 0}),
                      "batch_size": batch, "lr": args.lr,
                      "max_length": length, "rewire_batches": 4, "seed": args.seed,
