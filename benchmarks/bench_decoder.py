@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-5,
                         help="peak learning rate (supernet, recovery, refine)")
     parser.add_argument("--trials", type=int, default=60, help="search trials")
+    parser.add_argument("--budget-samples", type=int, default=0,
+                        help="first trials drawn per budget among configs just below it "
+                        "(search.budgets; 0: the searcher alone)")
     parser.add_argument("--valid-blocks", type=int, default=64,
                         help="validation blocks each trial is scored on")
     parser.add_argument("--baseline-steps", type=int, default=50,
@@ -198,7 +201,9 @@ def options(args: argparse.Namespace, model: str) -> Any:
                      "log_every": max(1, args.steps // 20)},
         "search": {"searcher": "local", "num_samples": args.trials,
                    "valid_examples": args.valid_blocks, "batch_size": args.eval_batch_size,
-                   "flops_seq_len": length, "seed": args.seed},
+                   "flops_seq_len": length, "seed": args.seed,
+                   **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
+                      if args.budget_samples else {})},
         "profile": {"enabled": False, "seq_len": length, "warmup": 1,
                     "repeats": args.latency_repeats},
         "refine": {"enabled": args.refine_blocks > 0, "examples": args.refine_blocks or None,

@@ -131,6 +131,24 @@ def load_saved(path: str | os.PathLike, meta: dict[str, Any]) -> Any:
     return load_encoder(str(path), num_labels=meta.get("num_labels", 2))
 
 
+def cost_model(path: str | os.PathLike, meta: dict[str, Any]) -> Any:
+    """A nas_prune checkpoint's model class built on torch's meta device: no weights are read
+    or allocated, yet its exact `num_params(sub)` and `flops(sub)` (arithmetic on the config)
+    answer for any sub-network, as the loaded model's would."""
+    import torch
+
+    config = load_config(path)
+    if is_decoder(path):
+        from nas_prune.decoder import DecoderForCausalLM, DecoderForSequenceClassification
+
+        lm = meta.get("task_kind") == "lm" or "DecoderForCausalLM" in _architectures(path)
+        cls = DecoderForCausalLM if lm else DecoderForSequenceClassification
+    else:
+        from nas_prune.supernet import EncoderForSequenceClassification as cls
+    with torch.device("meta"):
+        return cls(config)
+
+
 def _load_decoder(path: str, num_labels: int | None, **hf_kwargs: Any) -> Any:
     from nas_prune.decoder_loading import load_pretrained_decoder
 

@@ -307,6 +307,15 @@ class SearchOptions:
     """Sequence length at which the FLOPs objective is counted."""
     time_budget_s: float | None = None
     """Stop starting trials after this many seconds."""
+    budgets: list[float] = field(default_factory=list)
+    """Params ratios at which models are wanted (e.g. compare.budgets): the first trials are
+    `budget_samples` configs per budget drawn uniformly among those with params_ratio in
+    (budget - budget_band, budget], so the front has candidates there however the searcher
+    moves. Empty: the searcher alone decides."""
+    budget_samples: int = 8
+    """With `budgets`: configs drawn per budget."""
+    budget_band: float = 0.03
+    """With `budgets`: width of the params-ratio band below each budget the draws come from."""
     latency: str = "predicted"
     """For latency:<hardware> objectives: "predicted" (lookup table measured once per hardware
     type, Kwon et al.) or "measured" (each sub-network timed by the profiler actor there), with
@@ -350,6 +359,11 @@ class SearchOptions:
             raise SearchError(f"grace_period {self.grace_period} exceeds max_t {self.max_t}")
         if self.reduction_factor <= 1:
             raise SearchError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise SearchError(f"budgets are params ratios in (0, 1], got {self.budgets}")
+        _at_least(self, 1, ("budget_samples",), SearchError)
+        if not 0 < self.budget_band < 1:
+            raise SearchError(f"budget_band must be in (0, 1), got {self.budget_band}")
 
 
 REFINE_SELECTIONS = ("pareto", "budgets")

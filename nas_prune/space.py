@@ -53,7 +53,7 @@ a multiple of its query head count (transformers' LlamaConfig requires it; Qwen2
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -242,6 +242,23 @@ class SearchSpace:
         sizes = np.array([d.size for d in self.dims])
         values = lows + steps * rng.integers(0, sizes)
         return {d.name: int(v) for d, v in zip(self.dims, values, strict=True)}
+
+    def sample_within(self, rng: np.random.Generator, size: Callable[[Config], float],
+                      low: float, high: float, n: int, tries: int = 20_000) -> list[Config]:
+        """Up to `n` configs of distinct sub-networks, drawn uniformly from the space, whose
+        `size` (e.g. params ratio) lies in (low, high]: rejection sampling, so fewer when
+        `tries` draws find fewer. A search that must deliver a model at a budget starts from
+        these: with 60 trials, local search on decoder_middle found nothing good at 0.5 of the
+        parameters (best one-shot validation perplexity 695) where configs filled to the
+        budget reach 212 (benchmarks/README.md)."""
+        found: dict[Any, Config] = {}
+        for _ in range(tries):
+            if len(found) >= n:
+                break
+            config = self.sample(rng)
+            if low < size(config) <= high:
+                found.setdefault(self.to_sub_network(config), config)
+        return list(found.values())
 
     def mutate(self, config: Mapping[str, int], rng: np.random.Generator) -> Config:
         """`config` with exactly one dimension re-sampled to a different value (local search)."""

@@ -100,6 +100,37 @@ def test_every_searcher_is_seeded(name):
     assert run(5) != run(6)
 
 
+@pytest.mark.parametrize("name", list(registry.SEARCHERS))
+def test_initial_configs_are_suggested_first_then_the_searchers_own(name):
+    initial = [{"num_layers": 1, "num_heads": 3, "num_units": 7},
+               {"num_layers": 2, "num_heads": 2, "num_units": 30}]
+    searcher = make_searcher(name, SPACE, ["error", "params"], "min", seed=0,
+                             max_fidelity=10, initial=initial)
+    configs = []
+    for i in range(6):
+        config = searcher.suggest(str(i))
+        configs.append(config)
+        searcher.on_trial_complete(str(i), {"error": 1 / (1 + sum(config.values())),
+                                            "params": sum(config.values()), "fidelity": 10})
+    assert configs[:2] == initial
+    assert all(c not in initial for c in configs[2:])  # each sub-network once
+    if name == "local":  # then its own start: largest, smallest, middle
+        assert configs[2:5] == [SPACE.largest(), SPACE.smallest(), SPACE.middle()]
+
+
+def test_sample_within_draws_distinct_sub_networks_inside_the_band():
+    def size(config):
+        return sum(config.values()) / 54
+
+    rng = np.random.default_rng(0)
+    drawn = SPACE.sample_within(rng, size, 0.4, 0.5, n=10)
+    assert len(drawn) == 10
+    assert all(0.4 < size(c) <= 0.5 for c in drawn)
+    assert len({SPACE.to_sub_network(c) for c in drawn}) == 10
+    # a band nothing falls in gives nothing (after `tries` draws), not an endless loop
+    assert SPACE.sample_within(rng, size, 1.5, 2.0, n=3, tries=200) == []
+
+
 def test_local_search_starts_largest_smallest_middle_then_mutates_archive():
     s = LocalSearcher(SPACE, ["error", "params"], seed=0, max_fidelity=10)
     first = [s.suggest(str(i)) for i in range(3)]
@@ -212,6 +243,35 @@ def test_search_writes_every_result_to_parquet(supernet, ray_local, tmp_path, se
     if scheduler == "moasha":
         # rung results are rows too: fidelity grows over a trial's rows
         assert (frame.groupby("trial_id")["fidelity"].nunique() > 1).any()
+
+
+def test_search_draws_its_first_trials_at_the_budgets(supernet, ray_local, tmp_path):
+    """search.budgets: the first budget_samples trials per budget lie just below it (sizes
+    from the checkpoint's model class on the meta device, checked here against the trials'
+    own params_ratio), interleaved over budgets. (The tiny model's embeddings are most of
+    it: its sub-networks span params ratios 0.985 to 1.)"""
+    root, csv = supernet
+    opts = SearchOptions(searcher="local", num_samples=7, batch_size=16, num_workers=1,
+                         objectives=["error", "params_ratio"], budgets=[0.99, 0.997],
+                         budget_samples=2, budget_band=0.003)
+    frame = run_search(root / "supernet", csv, tmp_path / "results", "exp", opts,
+                       storage_path=tmp_path / "tune")
+    # one trial at a time: the order of their results is the order of the suggestions
+    ratios = frame.sort_values("timestamp").groupby("trial_id", sort=False)["params_ratio"]
+    ratios = ratios.first()
+    assert len(ratios) == 7
+    first = ratios.to_numpy()[:4]
+    assert (0.987 < first[[0, 2]]).all() and (first[[0, 2]] <= 0.99).all()
+    assert (0.994 < first[[1, 3]]).all() and (first[[1, 3]] <= 0.997).all()
+    # then local search's own start: the largest sub-network
+    assert ratios.to_numpy()[4] == 1.0
+
+
+def test_search_budgets_must_be_ratios():
+    with pytest.raises(SearchError, match=r"params ratios in \(0, 1\]"):
+        SearchOptions(budgets=[0.5, 1.5])
+    with pytest.raises(SearchError, match="budget_band"):
+        SearchOptions(budgets=[0.5], budget_band=0)
 
 
 def test_evaluator_is_loaded_once_per_process_and_scores_growing_prefixes(supernet):

@@ -17,6 +17,7 @@ therefore exactly the complete evaluations.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -295,8 +296,13 @@ def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experimen
         log.info("resuming search %s from %s", experiment, exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
+        initial = _budget_configs(opts, space, setup.checkpoint, meta)
+        if not recorded.empty:  # those already evaluated are not suggested again
+            done = {space.to_sub_network(json.loads(c)) for c in recorded["config"]}
+            initial = [c for c in initial if space.to_sub_network(c) not in done]
         searcher = make_searcher(opts.searcher, space, opts.objectives, "min", opts.seed,
-                                 fidelity_attr=FIDELITY, max_fidelity=max_fidelity)
+                                 fidelity_attr=FIDELITY, max_fidelity=max_fidelity,
+                                 initial=initial)
         num_samples = opts.num_samples
         if not recorded.empty:  # interrupted before Tune saved any state: keep what we have
             finished = recorded["trial_id"].nunique()
@@ -324,6 +330,37 @@ def _fit(setup: TrialSetup, space, meta: dict, task_data, results_dir, experimen
     if frame.empty and grid.errors:
         raise SearchError(f"every trial failed; the first error: {grid.errors[0]}")
     return frame
+
+
+def _budget_configs(opts: SearchOptions, space, checkpoint: str, meta: dict) -> list[dict]:
+    """`opts.budget_samples` configs per budget of `opts.budgets`, drawn uniformly (seeded)
+    among those whose params ratio lies in (budget - budget_band, budget], interleaved so
+    every budget gets its first draws early; sizes come from the checkpoint's model class on
+    the meta device (nothing loaded)."""
+    if not opts.budgets:
+        return []
+    from nas_prune.models import cost_model
+
+    model = cost_model(checkpoint, meta)
+    full = model.num_params()
+
+    def ratio(config: dict) -> float:
+        return model.num_params(space.to_sub_network(config)) / full
+
+    rng = np.random.default_rng([opts.seed, 1])
+    drawn = []
+    for budget in opts.budgets:
+        configs = space.sample_within(rng, ratio, budget - opts.budget_band, budget,
+                                      opts.budget_samples)
+        if len(configs) < opts.budget_samples:
+            log.warning("search: only %d sub-networks of the %s space have a params ratio in "
+                        "(%.3f, %.3f]; widen search.budget_band to draw more", len(configs),
+                        space.name, budget - opts.budget_band, budget)
+        drawn.append(configs)
+    initial = [c for group in itertools.zip_longest(*drawn) for c in group if c is not None]
+    log.info("search: the first %d trials are drawn at the budgets %s (params ratio, band "
+             "%.3f)", len(initial), opts.budgets, opts.budget_band)
+    return initial
 
 
 class RungHistory:

@@ -11,8 +11,10 @@
 * `nsga2`: Optuna's NSGA-II sampler through Ray's `OptunaSearch`, never suggesting a
   sub-network twice (`NSGA2Searcher`).
 
-All are seeded: the same seed, space and results give the same suggestions. Every searcher
-minimises each objective after the sign flip of its mode, done once in the constructor.
+Each takes `initial` configs to suggest first (the driver passes `SearchSpace.sample_within`
+draws at `SearchOptions.budgets`). All are seeded: the same seed, space and results give the
+same suggestions. Every searcher minimises each objective after the sign flip of its mode,
+done once in the constructor.
 Only results at full fidelity (the last report of a trial that was not stopped early) enter the
 archives, so the searchers combine with MO-ASHA's early stopping.
 """
@@ -26,7 +28,7 @@ import pickle
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,9 @@ class MultiObjectiveSearcher(Searcher):
         seed: seed of every random choice.
         fidelity_attr: result key holding the fidelity (e.g. validation examples seen).
         max_fidelity: fidelity of a complete evaluation; lower ones are not archived.
+        initial: configs suggested first, in order, before the searcher's own (e.g.
+            `SearchSpace.sample_within` draws at the user's budgets); their results feed the
+            archive or population like any other.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class MultiObjectiveSearcher(Searcher):
         seed: int = 0,
         fidelity_attr: str = "fidelity",
         max_fidelity: float | None = None,
+        initial: Sequence[Mapping[str, int]] = (),
     ):
         self._signs = pareto.mode_signs(modes, len(objectives))
         modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
@@ -75,15 +81,17 @@ class MultiObjectiveSearcher(Searcher):
         self.rng = np.random.default_rng(seed)
         self.configs: dict[str, dict[str, int]] = {}
         self.seen: set = set()
+        self.queued: deque = deque(space.validate(c) for c in initial)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the space and objectives were given to the constructor
 
     def suggest(self, trial_id: str) -> dict[str, int] | None:
         """The next config; one that selects an already suggested sub-network (e.g. any
-        width with 0 layers) is drawn again, up to `max_retries` times."""
+        width with 0 layers) is drawn again, up to `max_retries` times. The `initial` configs
+        come first."""
         for _ in range(self.max_retries):
-            config = self._next_config()
+            config = self.queued.popleft() if self.queued else self._next_config()
             key = self.space.to_sub_network(config)
             if key not in self.seen:
                 break
@@ -236,6 +244,7 @@ class NSGA2Searcher(OptunaSearch):
         modes: "min"/"max" per objective (or one for all).
         seed: seed of the sampler and of the fallback draws.
         population_size: NSGA-II's population size per generation.
+        initial: configs enqueued in the study, so they are its first trials.
     """
 
     max_retries = 50
@@ -244,7 +253,7 @@ class NSGA2Searcher(OptunaSearch):
     """Uniform draws for an unseen config before walking the space in order."""
 
     def __init__(self, space: SearchSpace, objectives, modes="min", seed=0,
-                 population_size: int = 20, **_):
+                 population_size: int = 20, initial: Sequence[Mapping[str, int]] = (), **_):
         modes = list(modes) if not isinstance(modes, str) else [modes] * len(objectives)
         pareto.mode_signs(modes, len(objectives))  # checks them
         sampler = _PicklableNSGAII(population_size=population_size, seed=seed)
@@ -258,6 +267,8 @@ class NSGA2Searcher(OptunaSearch):
         """Sub-network -> id of the Tune trial evaluating it."""
         self.waiting: dict[str, list] = {}
         """Tune trial id -> Optuna trials of the same sub-network, told when it completes."""
+        for config in initial:
+            self._ot_study.enqueue_trial(space.validate(config))
 
     def suggest(self, trial_id: str) -> dict[str, int] | str | None:
         """The next config whose sub-network has not been handed out; `FINISHED` when the
