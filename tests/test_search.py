@@ -72,6 +72,17 @@ def _complete(searcher, trial_id, config, error):
     searcher.on_trial_complete(trial_id, {"error": error, "params": params, "fidelity": 10})
 
 
+def _drive(searcher, n: int) -> list[dict]:
+    """`n` suggestions, each completed at full fidelity with an error that falls with size."""
+    configs = []
+    for i in range(n):
+        config = searcher.suggest(str(i))
+        configs.append(config)
+        searcher.on_trial_complete(str(i), {"error": 1 / (1 + sum(config.values())),
+                                            "params": sum(config.values()), "fidelity": 10})
+    return configs
+
+
 def test_random_searcher_is_seeded():
     a = RandomSearcher(SPACE, ["error", "params"], seed=3)
     b = RandomSearcher(SPACE, ["error", "params"], seed=3)
@@ -88,13 +99,7 @@ def test_every_searcher_is_seeded(name):
     def run(seed: int) -> list[dict]:
         searcher = make_searcher(name, SPACE, ["error", "params"], "min", seed=seed,
                                  max_fidelity=10)
-        configs = []
-        for i in range(12):
-            config = searcher.suggest(str(i))
-            configs.append(config)
-            searcher.on_trial_complete(str(i), {"error": 1 / (1 + sum(config.values())),
-                                                "params": sum(config.values()), "fidelity": 10})
-        return configs
+        return _drive(searcher, 12)
 
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -106,12 +111,7 @@ def test_initial_configs_are_suggested_first_then_the_searchers_own(name):
                {"num_layers": 2, "num_heads": 2, "num_units": 30}]
     searcher = make_searcher(name, SPACE, ["error", "params"], "min", seed=0,
                              max_fidelity=10, initial=initial)
-    configs = []
-    for i in range(6):
-        config = searcher.suggest(str(i))
-        configs.append(config)
-        searcher.on_trial_complete(str(i), {"error": 1 / (1 + sum(config.values())),
-                                            "params": sum(config.values()), "fidelity": 10})
+    configs = _drive(searcher, 6)
     assert configs[:2] == initial
     assert all(c not in initial for c in configs[2:])  # each sub-network once
     if name == "local":  # then its own start: largest, smallest, middle
