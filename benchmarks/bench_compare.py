@@ -80,7 +80,9 @@ def options(args: argparse.Namespace) -> PipelineOptions:
         "supernet": {"strategy": "full", "epochs": args.supernet_epochs, "batch_size": 32,
                      "lr": 1e-4, "max_length": 64, "space": args.space},
         "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
-                   "batch_size": 100},
+                   "batch_size": 100,
+                   **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
+                      if args.budget_samples else {})},
         "profile": {"repeats": 5, "seq_len": 64},
         "refine": {"examples": args.refine_examples, "max_length": 64,
                    "select": args.refine_select},
@@ -119,6 +121,9 @@ def main() -> None:
                         help="the baselines aim this far below each budget (their per-layer "
                         "rounding can land a little above the aim)")
     parser.add_argument("--space", default="small", help="supernet space, e.g. small+hidden")
+    parser.add_argument("--budget-samples", type=int, default=0,
+                        help="first trials drawn per budget among configs just below it "
+                        "(search.budgets; 0: the searcher alone)")
     parser.add_argument("--baselines", nargs="*", default=["pins", "grain", "layer_drop"],
                         help="baselines to run (none: --baselines with no value)")
     args = parser.parse_args()
