@@ -78,7 +78,8 @@ def options(args: argparse.Namespace) -> PipelineOptions:
         "data": task,
         "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
         "supernet": {"strategy": "full", "epochs": args.supernet_epochs, "batch_size": 32,
-                     "lr": 1e-4, "max_length": 64, "space": args.space},
+                     "lr": 1e-4, "max_length": 64, "space": args.space,
+                     **({"budgets": list(args.budgets)} if args.supernet_budgets else {})},
         "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
                    "batch_size": 100,
                    **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
@@ -124,6 +125,9 @@ def main() -> None:
     parser.add_argument("--budget-samples", type=int, default=0,
                         help="first trials drawn per budget among configs just below it "
                         "(search.budgets; 0: the searcher alone)")
+    parser.add_argument("--supernet-budgets", action="store_true",
+                        help="supernet.budgets: random sub-networks of supernet training drawn "
+                        "just below the budgets")
     parser.add_argument("--baselines", nargs="*", default=["pins", "grain", "layer_drop"],
                         help="baselines to run (none: --baselines with no value)")
     args = parser.parse_args()

@@ -191,10 +191,24 @@ class SupernetOptions(TrainOptions):
     """Sort heads and neurons by importance before supernet training (DynaBERT)."""
     rewire_batches: int = 8
     """Training batches used to measure importance for rewiring."""
+    budgets: list[float] = field(default_factory=list)
+    """Params ratios at which models are wanted (e.g. compare.budgets): each random
+    sub-network of a step is drawn uniformly among those with params ratio in
+    (budget - budget_band, budget] for a budget picked at random (AttentiveNAS-style
+    constraint-aware sampling, Wang et al. 2021), so training goes to the sub-networks the
+    user will deploy; empty: uniformly from the whole space."""
+    budget_band: float = 0.03
+    """With `budgets`: width of the params-ratio band below each budget."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         registry.check(registry.STRATEGIES, self.strategy, "strategy", TrainingError)
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise TrainingError(f"supernet: budgets are params ratios in (0, 1], got "
+                                f"{self.budgets}")
+        if not 0 < self.budget_band < 1:
+            raise TrainingError(f"supernet: budget_band must be in (0, 1), got "
+                                f"{self.budget_band}")
         registry.check_space(self.space, TrainingError)
         _at_least(self, 1, ("rewire_batches",), TrainingError)
         if self.num_random is not None and self.num_random < 1:

@@ -16,6 +16,7 @@ A strategy only plans: it returns the step's `Pass`es; nas_prune.train runs them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,9 @@ class StepContext:
     rng: np.random.Generator
     step: int
     total_steps: int
+    sample: Callable[[np.random.Generator], SubNetwork] | None = None
+    """Draws the step's random sub-networks (nas_prune.train.budget_sampler); None: uniformly
+    from `space`."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class Strategy:
         raise NotImplementedError
 
     def _random(self, ctx: StepContext) -> SubNetwork:
+        if ctx.sample is not None:
+            return ctx.sample(ctx.rng)
         return ctx.space.to_sub_network(ctx.space.sample(ctx.rng))
 
 

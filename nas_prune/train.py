@@ -130,6 +130,36 @@ def batches(make_epoch_loader: Callable[[int], Any], start: int, rank: int, worl
         epoch, skip = epoch + 1, 0
 
 
+def budget_sampler(model: Any, space: Any, budgets: list[float], band: float, seed: int,
+                   pool: int = 512) -> Callable[[np.random.Generator], Any]:
+    """Random sub-networks at the user's budgets (SupernetOptions.budgets): a budget uniformly,
+    then a sub-network uniformly from a pool of up to `pool` distinct ones of `space` whose
+    params ratio lies in (budget - band, budget] (drawn once, seeded, so a resumed run draws
+    the same). A budget no sub-network of the space fits is an error before training."""
+    full = model.num_params()
+
+    def ratio(config: dict[str, int]) -> float:
+        return model.num_params(space.to_sub_network(config)) / full
+
+    rng = np.random.default_rng([seed, 2])
+    pools = []
+    for budget in budgets:
+        configs = space.sample_within(rng, ratio, budget - band, budget, pool, tries=50_000)
+        if not configs:
+            raise TrainingError(f"supernet: no sub-network of the {space.name} space found with "
+                                f"a params ratio in ({budget - band:.3f}, {budget:.3f}]; widen "
+                                "supernet.budget_band or change supernet.budgets")
+        pools.append([space.to_sub_network(c) for c in configs])
+    log.info("supernet: random sub-networks drawn at the budgets %s (band %.3f; %s distinct "
+             "each)", budgets, band, [len(p) for p in pools])
+
+    def sample(step_rng: np.random.Generator) -> Any:
+        chosen = pools[int(step_rng.integers(len(pools)))]
+        return chosen[int(step_rng.integers(len(chosen)))]
+
+    return sample
+
+
 def train(
     model: Any,
     task: data_lib.TaskData,
@@ -165,6 +195,8 @@ def train(
     # standard training samples no sub-networks (and may train an extracted, smaller model)
     space_name = None if opts.strategy == "standard" else family_space(model.config, opts.space)
     space = None if space_name is None else make_space(space_name, model.config)
+    sample = (budget_sampler(model, space, opts.budgets, opts.budget_band, opts.seed)
+              if space is not None and getattr(opts, "budgets", None) else None)
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
@@ -251,7 +283,7 @@ def train(
 
     module = engine.module
     while step < total:
-        ctx = StepContext(space, np.random.default_rng([opts.seed, step]), step, total)
+        ctx = StepContext(space, np.random.default_rng([opts.seed, step]), step, total, sample)
         step_loss = 0.0
         for _ in range(opts.gradient_accumulation):
             _, batch = next(stream)

@@ -16,7 +16,7 @@ from nas_prune.engine import deepspeed_config, lr_factor, make_engine
 from nas_prune.errors import CheckpointError, TrainingError
 from nas_prune.evaluate import evaluate
 from nas_prune.options import FinetuneOptions, SupernetOptions, TrainOptions
-from nas_prune.space import SmallSpace
+from nas_prune.space import SmallSpace, make_space
 from nas_prune.strategies import StepContext, make_strategy
 from nas_prune.supernet import EncoderForSequenceClassification, SubNetwork
 
@@ -281,6 +281,34 @@ def test_num_random_changes_training(teacher_dir, task, tmp_path, monkeypatch, s
     train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts,
                          on_step=lambda s, _: steps.append((s, len(calls))))
     assert [n for _, n in steps] == [forwards, 2 * forwards]
+
+
+def test_supernet_budgets_draw_random_subnetworks_at_the_budgets(teacher_dir, task, tmp_path,
+                                                                 monkeypatch):
+    model, _ = load_checkpoint(teacher_dir[0])
+    full, space = model.num_params(), make_space("small", model.config)
+    low = model.num_params(space.to_sub_network(space.smallest())) / full
+    budget, band = low + 0.6 * (1 - low), 0.15 * (1 - low)
+    calls = _forward_counter(monkeypatch)
+    opts = SupernetOptions(strategy="sandwich", num_random=2, max_steps=4, batch_size=16,
+                           rewire=False, budgets=[budget], budget_band=band)
+    train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts)
+    randoms = [sub for step in range(4) for sub in calls[4 * step + 1: 4 * step + 3]]
+    ratios = [model.num_params(sub) / full for sub in randoms]
+    assert len(ratios) == 8 and all(budget - band < r <= budget for r in ratios), ratios
+    assert len(set(randoms)) > 1  # drawn, not one fixed sub-network
+
+
+def test_supernet_budget_no_subnetwork_fits_fails_before_training(teacher_dir, task, tmp_path,
+                                                                  monkeypatch):
+    calls = _forward_counter(monkeypatch)
+    opts = SupernetOptions(strategy="sandwich", max_steps=2, batch_size=16, rewire=False,
+                           budgets=[0.05], budget_band=0.01)
+    with pytest.raises(TrainingError, match="no sub-network of the small space.*budget_band"):
+        train.train_supernet(teacher_dir[0], task, tmp_path / "sn", opts)
+    assert calls == []
+    with pytest.raises(TrainingError, match="budgets are params ratios"):
+        SupernetOptions(budgets=[1.5])
 
 
 def _state(path):
