@@ -77,7 +77,8 @@ def options(args: argparse.Namespace) -> PipelineOptions:
     return replace(PipelineOptions(), {
         "data": task,
         "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
-        "supernet": {"strategy": "full", "epochs": args.supernet_epochs, "batch_size": 32,
+        "supernet": {"strategy": "full", "num_random": args.supernet_random,
+                     "epochs": args.supernet_epochs, "batch_size": 32,
                      "lr": 1e-4, "max_length": 64, "space": args.space,
                      **({"budgets": list(args.budgets)} if args.supernet_budgets else {})},
         "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
@@ -85,9 +86,10 @@ def options(args: argparse.Namespace) -> PipelineOptions:
                    **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
                       if args.budget_samples else {})},
         "profile": {"repeats": 5, "seq_len": 64},
-        "refine": {"examples": args.refine_examples, "max_length": 64,
+        "refine": {"examples": args.refine_examples, "lr": args.refine_lr, "max_length": 64,
                    "select": args.refine_select},
-        "compare": {"budgets": list(args.budgets)},
+        "compare": ({"budgets": list(args.latency_budgets), "axis": "latency_ms"}
+                    if args.latency_budgets else {"budgets": list(args.budgets)}),
         "baselines": args.baselines,
         "baseline_options": {
             "pins": {"sparsities": sparsities, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
@@ -109,8 +111,13 @@ def main() -> None:
                         help="cap on each split (default: all data)")
     parser.add_argument("--trials", type=int, default=100, help="search trials")
     parser.add_argument("--supernet-epochs", type=float, default=1.0)
+    parser.add_argument("--supernet-random", type=int, default=2,
+                        help="random sub-networks per supernet step (the `full` sandwich: "
+                        "passes = this + 2)")
     parser.add_argument("--refine-examples", type=int, default=3200,
                         help="training examples each refined sub-network is distilled on")
+    parser.add_argument("--refine-lr", type=float, default=5e-5,
+                        help="peak learning rate of refine")
     parser.add_argument("--refine-select", choices=["pareto", "budgets"], default="budgets",
                         help="refine every Pareto-optimal sub-network, or per budget the "
                         "validation-best within it (what the comparison can choose)")
@@ -118,6 +125,9 @@ def main() -> None:
                         help="epochs of each baseline model (one model per budget)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
                         help="parameter budgets (fraction of the dense model)")
+    parser.add_argument("--latency-budgets", type=float, nargs="+", default=None,
+                        help="compare (and refine) on the latency axis at these milliseconds "
+                        "instead; the baselines still aim at --budgets")
     parser.add_argument("--baseline-margin", type=float, default=0.005,
                         help="the baselines aim this far below each budget (their per-layer "
                         "rounding can land a little above the aim)")

@@ -112,6 +112,14 @@ def hidden_weight(opts: RefineOptions, module: torch.nn.Module) -> float:
     return 1.0 if hasattr(module, "layers") else 0.0
 
 
+def learning_rate(opts: RefineOptions, module: torch.nn.Module) -> float:
+    """The peak learning rate for `module`: `opts.lr`, or when None, 2e-4 for our encoder and
+    5e-5 for our decoder (RefineOptions.lr)."""
+    if opts.lr is not None:
+        return float(opts.lr)
+    return 2e-4 if hasattr(module, "layers") else 5e-5
+
+
 def num_layers(module: torch.nn.Module) -> int:
     """Layers of our encoder or decoder."""
     return len(module.layers) if hasattr(module, "layers") else len(module.model.layers)
@@ -253,7 +261,7 @@ def refine(
     before = evaluate(student, valid_loader, task.spec) if resume is None else resume["before"]
 
     train_opts = TrainOptions(
-        max_steps=total, batch_size=opts.batch_size, lr=opts.lr,
+        max_steps=total, batch_size=opts.batch_size, lr=learning_rate(opts, student),
         weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
         max_length=opts.max_length, seed=opts.seed, log_every=opts.log_every,
         zero_stage=opts.zero_stage, precision=opts.precision,

@@ -26,6 +26,7 @@ from nas_prune.refine import (
     hidden_weight,
     layer_map,
     layer_outputs,
+    learning_rate,
     near_budgets,
     refine,
 )
@@ -89,6 +90,10 @@ def test_hidden_states_are_distilled_by_default_for_encoders_only(make_hf_bert):
     assert hidden_weight(RefineOptions(), decoder) == 0.0  # logits only, as Minitron
     assert hidden_weight(RefineOptions(hidden_weight=0.5), decoder) == 0.5
     assert hidden_weight(RefineOptions(hidden_weight=0.0), encoder) == 0.0
+    # the learning rate defaults per family too (measured on MiniLM; the decoder's as before)
+    assert learning_rate(RefineOptions(), encoder) == 2e-4
+    assert learning_rate(RefineOptions(), decoder) == 5e-5
+    assert learning_rate(RefineOptions(lr=1e-3), decoder) == 1e-3
 
 
 def test_layers_map_uniformly_and_the_last_matches_the_last():
