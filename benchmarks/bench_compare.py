@@ -81,7 +81,8 @@ def options(args: argparse.Namespace) -> PipelineOptions:
                      "epochs": args.supernet_epochs, "batch_size": 32,
                      "lr": 1e-4, "max_length": 64, "space": args.space,
                      **({"budgets": list(args.budgets)} if args.supernet_budgets else {})},
-        "search": {"searcher": "local", "num_samples": args.trials, "valid_examples": 1000,
+        "search": {"searcher": "local", "num_samples": args.trials,
+                   "valid_examples": args.valid_examples,
                    "batch_size": 100,
                    **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
                       if args.budget_samples else {})},
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=None,
                         help="cap on each split (default: all data)")
     parser.add_argument("--trials", type=int, default=100, help="search trials")
+    parser.add_argument("--valid-examples", type=int, default=1000,
+                        help="validation examples each trial is scored on (the search's choice)")
     parser.add_argument("--supernet-epochs", type=float, default=1.0)
     parser.add_argument("--supernet-random", type=int, default=2,
                         help="random sub-networks per supernet step (the `full` sandwich: "

@@ -481,9 +481,11 @@ def compare(
         reference: the method every other is tested against at each budget (default:
             ``nas+refine`` when among the candidates, else ``nas``).
         latency: ``nas_prune.options.ProfileOptions`` of the latency measurements.
-        measure_latency: measure the latency of the models here, all with the same settings
-            (every candidate and the dense model when `axis` is ``latency_ms``, else the
-            chosen ones); False keeps the candidates' own ``latency_ms``.
+        measure_latency: measure the latency of the models here, all by the profiler actors
+            that time NAS sub-networks (nas_prune.profile.profile_saved), on every hardware
+            type of `latency` with the same settings (every candidate and the dense model
+            when `axis` is ``latency_ms``, else the chosen ones); False keeps the
+            candidates' own ``latency_ms``.
         n_bootstrap: resamples of each test figure's interval.
         n_paired: resamples of each paired difference's interval (and, for perplexity, random
             sign patterns of its permutation test).
@@ -500,11 +502,13 @@ def compare(
         ``method``, ``trial_id``, ``model_dir``, ``valid_error`` (the choice criterion),
         ``test_accuracy`` (language modelling: ``test_perplexity``), ``test_low``,
         ``test_high``, ``test_examples`` (and ``test_tokens``), ``test_digest``,
-        ``params_ratio``, ``latency_ms`` (and ``decode_ms``), ``hardware``,
-        ``cost_examples``, ``cost_time_s``, ``train_examples``, ``train_time_s`` (the model's
-        own part), ``reference``, ``diff_vs_reference`` (language modelling: in
-        log-perplexity), ``diff_low``, ``diff_high``, ``p_value``, ``significant``. The
-        table's ``attrs`` hold ``axis``, ``metric``, ``level``, ``alpha`` and ``seed``.
+        ``params_ratio``, ``latency_ms`` (and ``decode_ms``) and ``hardware`` of the first
+        hardware type, ``cost_examples``, ``cost_time_s``, ``train_examples``,
+        ``train_time_s`` (the model's own part), ``reference``, ``diff_vs_reference``
+        (language modelling: in log-perplexity), ``diff_low``, ``diff_high``, ``p_value``,
+        ``significant``; with `measure_latency`, ``latency_ms[<hardware>]`` for every
+        hardware type. The table's ``attrs`` hold ``axis``, ``metric``, ``level``,
+        ``alpha`` and ``seed``.
     """
     _check_axis(axis)
     if "model_dir" not in candidates:
@@ -522,18 +526,32 @@ def compare(
     frame["model_dir"] = [str(p) for p in frame["model_dir"]]
     frame["trial_id"] = [Path(d).name if t is None or pd.isna(t) else t
                          for t, d in zip(frame["trial_id"], frame["model_dir"], strict=True)]
-    lat_cache: dict[str, dict[str, Any]] = {}
+    lat_cache: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def time_all(model_dirs: Sequence[str]) -> None:
+        """Time the models not yet timed, all at once, by the profiler actors on every
+        hardware type (the runtime that times NAS sub-networks)."""
+        todo = [d for d in dict.fromkeys(model_dirs) if d not in lat_cache]
+        for model_dir in todo:
+            _check_saved(model_dir)
+        if todo:
+            from nas_prune.profile import profile_saved
+
+            lat_cache.update(profile_saved(todo, latency))
 
     def timed(model_dir: str) -> dict[str, Any]:
-        if model_dir not in lat_cache:
-            from nas_prune.baselines import measure_latency as measure
+        """The first hardware type's latency (the axis), and every type's in its column."""
+        by_hardware = lat_cache[model_dir]
+        hardware, first = next(iter(by_hardware.items()))
+        out = {"latency_ms": first["median_ms"], "hardware": hardware,
+               **{latency_column(hw): r["median_ms"] for hw, r in by_hardware.items()}}
+        if "decode_ms" in first:
+            out["decode_ms"] = first["decode_ms"]
+        return out
 
-            _check_saved(model_dir)
-
-            lat_cache[model_dir] = measure(model_dir, latency)
-        return lat_cache[model_dir]
-
+    dense_dir = str(dense_dir)
     if axis == "latency_ms" and measure_latency:
+        time_all([*frame["model_dir"], dense_dir])
         measured = [timed(d) for d in frame["model_dir"]]
         frame["latency_ms"] = [m["latency_ms"] for m in measured]
         frame["hardware"] = [m["hardware"] for m in measured]
@@ -580,7 +598,8 @@ def compare(
             return paired_perplexity_test(a[:, 0], b[:, 0], a[:, 1], n_paired, seed, level)
         return paired_test(a, b, n_paired, seed, level)
 
-    dense_dir = str(dense_dir)
+    if measure_latency:
+        time_all([dense_dir, *chosen["model_dir"]])
     dense = {"budget": float("nan"), "method": "dense", "trial_id": "dense",
              "model_dir": dense_dir, "valid_error": float("nan"), **figure(dense_dir),
              "params_ratio": 1.0, "cost_examples": float("nan"), "cost_time_s": float("nan"),
@@ -600,7 +619,7 @@ def compare(
                "reference": reference}
         if lm and "decode_ms" in row:
             out["decode_ms"] = row["decode_ms"]
-        if measure_latency and axis != "latency_ms":
+        if measure_latency:
             out.update(timed(row["model_dir"]))
         ref = chosen[(chosen["budget"] == row["budget"]) & (chosen["method"] == reference)]
         if reference is not None and row["method"] != reference and not ref.empty:
@@ -609,12 +628,18 @@ def compare(
                         "diff_high": test["high"], "p_value": test["p_value"],
                         "significant": bool(test["p_value"] < alpha)})
         table.append(out)
-    result = pd.DataFrame(table, columns=_columns(lm))
+    per_hardware = sorted({k for row in table for k in row if k.startswith("latency_ms[")})
+    result = pd.DataFrame(table, columns=_columns(lm) + per_hardware)
     result.attrs.update({"axis": axis, "metric": metric, "level": level, "alpha": alpha,
                          "seed": seed})
     log.info("compared %d methods at %d budgets on %d test %s", len(methods),
              len(set(chosen["budget"])), dense["test_examples"], "blocks" if lm else "examples")
     return result
+
+
+def latency_column(hardware: str) -> str:
+    """The comparison table's column of the latency on one hardware type."""
+    return f"latency_ms[{hardware}]"
 
 
 def _columns(lm: bool) -> list[str]:
@@ -731,8 +756,9 @@ def comparison_markdown(frame: pd.DataFrame, costs: pd.DataFrame | None = None) 
 
 def plot_comparison(frame: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     """The test figure (accuracy, or perplexity on a log axis) with interval bars of each
-    method's chosen model against its value on the budget axis; the dense model as a line with
-    its interval as a band, the budgets as dotted lines."""
+    method's chosen model against its value on the budget axis, and against its measured
+    latency on each hardware type (one panel per type); the dense model as a line with its
+    interval as a band, the budgets as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -741,30 +767,40 @@ def plot_comparison(frame: pd.DataFrame, out_png: str | os.PathLike) -> Path:
     axis = frame.attrs.get("axis", "params_ratio")
     metric = frame.attrs.get("metric", "accuracy")
     column = f"test_{metric}"
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    known = frame["hardware"].dropna() if "hardware" in frame else pd.Series(dtype=object)
+    first = known.iloc[0] if not known.empty else None
+    panels = [(axis, AXES[axis] if axis != "latency_ms" or first is None
+               else f"latency on {first} (ms, median)")]
+    for name in sorted(c for c in frame.columns if c.startswith("latency_ms[")):
+        hardware = name[len("latency_ms["):-1]
+        if frame[name].notna().any() and not (axis == "latency_ms" and hardware == first):
+            panels.append((name, f"latency on {hardware} (ms, median)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     dense = frame[frame["method"] == "dense"]
-    if not dense.empty:
-        d = dense.iloc[0]
-        ax.axhline(d[column], color="k", lw=1, label="dense model")
-        ax.axhspan(d["test_low"], d["test_high"], color="k", alpha=0.08)
     picked = frame[frame["method"] != "dense"]
-    for budget in sorted(set(picked["budget"])):
-        ax.axvline(budget, color="grey", ls=":", lw=0.8)
-    for i, (method, group) in enumerate(picked.groupby("method", sort=True)):
-        group = group.drop_duplicates("model_dir").sort_values(axis)
-        value = group[column].to_numpy(float)
-        bars = np.vstack([value - group["test_low"].to_numpy(float),
-                          group["test_high"].to_numpy(float) - value])
-        ax.errorbar(group[axis].to_numpy(float), value, yerr=bars, fmt="o-", capsize=3,
-                    color=f"C{i % 10}", label=method)
-    ax.set_xlabel(AXES[axis])
-    if metric == "perplexity":
-        ax.set_yscale("log")
-        ax.set_ylabel("test perplexity (lower is better)")
-    else:
-        ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right" if metric == "perplexity" else "lower right")
+    for ax, (x, label) in zip(axes[0], panels, strict=True):
+        if not dense.empty:
+            d = dense.iloc[0]
+            ax.axhline(d[column], color="k", lw=1, label="dense model")
+            ax.axhspan(d["test_low"], d["test_high"], color="k", alpha=0.08)
+        if x == axis:
+            for budget in sorted(set(picked["budget"])):
+                ax.axvline(budget, color="grey", ls=":", lw=0.8)
+        for i, (method, group) in enumerate(picked.groupby("method", sort=True)):
+            group = group.drop_duplicates("model_dir").dropna(subset=[x]).sort_values(x)
+            value = group[column].to_numpy(float)
+            bars = np.vstack([value - group["test_low"].to_numpy(float),
+                              group["test_high"].to_numpy(float) - value])
+            ax.errorbar(group[x].to_numpy(float), value, yerr=bars, fmt="o-", capsize=3,
+                        color=f"C{i % 10}", label=method)
+        ax.set_xlabel(label)
+        if metric == "perplexity":
+            ax.set_yscale("log")
+            ax.set_ylabel("test perplexity (lower is better)")
+        else:
+            ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="upper right" if metric == "perplexity" else "lower right")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -266,7 +266,9 @@ class Profiler:
     `settings.batch_size` x `settings.seq_len` prompt tokens, then `DECODE_TOKENS` decode
     steps; a classifier (encoder or decoder) by one forward pass over such a batch."""
 
-    def __init__(self, checkpoint: str, space: str, hardware: str, settings: ProfileOptions):
+    def __init__(self, checkpoint: str | None, space: str | None, hardware: str,
+                 settings: ProfileOptions):
+        """`checkpoint` None: an actor that times saved models only (`measure_saved`)."""
         from nas_prune.checkpoint import load_checkpoint
         from nas_prune.space import make_space
 
@@ -287,24 +289,32 @@ class Profiler:
                                "on a CPU type, or the wall clock")
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
         torch.set_num_threads(settings.threads)
+        self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                            else _cpu_name())
+        self.model = self.space = None
+        self.decoder = self.generative = False
+        """Whether the supernet generates text: prefill and decode are timed (else one forward
+        pass)."""
+        if checkpoint is None:
+            return
         model, _ = load_checkpoint(checkpoint)
         self.decoder = is_decoder(model.config)
         self.generative = _is_causal_lm(model)
-        """Whether it generates text: prefill and decode are timed (else one forward pass)."""
-        if self.decoder and hardware == ONNX_CPU:
-            raise ProfileError(f"{ONNX_CPU} times encoders only; profile a decoder on the cpu "
-                               "type or a GPU type")
+        self._check_runtime(self.decoder)
         self.model = model.to(self.device, self.dtype).eval()
         self.space = make_space(space, model.config)
-        self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                            else _cpu_name())
+
+    def _check_runtime(self, decoder: bool) -> None:
+        if decoder and self.hardware == ONNX_CPU:
+            raise ProfileError(f"{ONNX_CPU} times encoders only; profile a decoder on the cpu "
+                               "type or a GPU type")
+
+    def _inputs(self, vocab: int) -> dict[str, torch.Tensor]:
+        """The timed batch: seeded random token ids below `vocab`, no padding."""
         g = torch.Generator().manual_seed(0)
-        vocab = model.config.vocab_size
-        shape = (settings.batch_size, settings.seq_len)
-        self.inputs = {
-            "input_ids": torch.randint(5, vocab, shape, generator=g).to(self.device),
-            "attention_mask": torch.ones(shape, dtype=torch.long, device=self.device),
-        }
+        shape = (self.settings.batch_size, self.settings.seq_len)
+        return {"input_ids": torch.randint(5, vocab, shape, generator=g).to(self.device),
+                "attention_mask": torch.ones(shape, dtype=torch.long, device=self.device)}
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -327,15 +337,43 @@ class Profiler:
             row.update(decode_ms=decode.median_ms, decode_p90_ms=decode.p90_ms)
         return row
 
-    def _timings(self, small) -> tuple[Timing, Timing | None]:
-        """Time one extracted model with this profiler's runtime: (forward pass or prefill,
-        per-token decode or None for an encoder)."""
+    @torch.no_grad()
+    def measure_saved(self, model_dir: str) -> dict[str, Any]:
+        """Latency of the model saved in `model_dir` (an export, a baseline's model, the dense
+        teacher) as it is stored, timed exactly as `measure` times sub-networks: same device,
+        dtype, batch shape, clock and runtime (onnxruntime on the cpu-onnxruntime type)."""
+        from nas_prune.models import is_decoder as saved_is_decoder
+
+        if saved_is_decoder(model_dir):
+            from nas_prune.decoder_loading import load_pretrained_decoder
+
+            self._check_runtime(True)
+            model = load_pretrained_decoder(str(model_dir))
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            import nas_prune.supernet  # noqa: F401  registers our encoder with the Auto classes
+
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), trust_remote_code=True)
+        model = model.to(self.device, self.dtype).eval()
+        generative = _is_causal_lm(model)
+        prefill, decode = self._timings(model, generative)
+        row = {**asdict(prefill), **self._context(generative), "model_dir": str(model_dir)}
+        if decode is not None:
+            row.update(decode_ms=decode.median_ms, decode_p90_ms=decode.p90_ms)
+        return row
+
+    def _timings(self, small, generative: bool | None = None) -> tuple[Timing, Timing | None]:
+        """Time one extracted (or saved) model with this profiler's runtime: (forward pass or
+        prefill, per-token decode or None for an encoder)."""
         s = self.settings
-        if self.generative:
+        if self.generative if generative is None else generative:
             return decoder_timings(small, s.batch_size, s.seq_len, DECODE_TOKENS, self.device,
                                    s.warmup, s.repeats, self.clock)
         if self.hardware != ONNX_CPU:
-            return time_callable(lambda: small(**self.inputs), self.device, s.warmup, s.repeats,
+            inputs = self._inputs(small.config.vocab_size)
+            return time_callable(lambda: small(**inputs), self.device, s.warmup, s.repeats,
                                  self.clock), None
         import tempfile
 
@@ -355,11 +393,11 @@ class Profiler:
             times["decode"] = decode.median_ms
         return times
 
-    def _context(self) -> dict[str, Any]:
+    def _context(self, generative: bool | None = None) -> dict[str, Any]:
         context = {"hardware": self.hardware, "device_name": self.device_name,
                    "dtype": self.dtype_name, "batch_size": self.settings.batch_size,
                    "seq_len": self.settings.seq_len}
-        if self.generative:
+        if self.generative if generative is None else generative:
             context["new_tokens"] = DECODE_TOKENS
         return context
 
@@ -619,8 +657,8 @@ def _actor_class():
     return ray.remote(Profiler)
 
 
-def start_pool(checkpoint: str, space: str, hardware: Hardware, settings: ProfileOptions,
-               size: int = 1, name: str | None = None):
+def start_pool(checkpoint: str | None, space: str | None, hardware: Hardware,
+               settings: ProfileOptions, size: int = 1, name: str | None = None):
     """`size` profiler actors pinned to `hardware` (one, named `name`, when a name is given,
     so that trials can find it with `ray.get_actor`)."""
     actor = _actor_class()
@@ -687,6 +725,33 @@ def profile_configs(
         for actor in pool:
             ray.kill(actor)
     return rows
+
+
+def profile_saved(model_dirs: Sequence[str | os.PathLike],
+                  settings: ProfileOptions | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Time the saved models in `model_dirs` (exports, baselines' models, the teacher) on every
+    hardware type of `settings.hardware` (as `profile_configs`), each by a profiler actor
+    pinned to that type, the same runtime that times NAS sub-networks (`Profiler.measure_saved`).
+    Returns ``{model_dir: {hardware: row}}``, the hardware types in `resolve_hardware`'s order
+    (the first is the one a single latency column reports)."""
+    import ray
+
+    settings = settings or ProfileOptions()
+    if not ray.is_initialized():
+        ray.init()
+    dirs = list(dict.fromkeys(str(d) for d in model_dirs))
+    measured: dict[str, dict[str, dict[str, Any]]] = {d: {} for d in dirs}
+    for hw in resolve_hardware(settings.hardware, discover_hardware()):
+        pool = start_pool(None, None, hw, settings)
+        try:
+            for d, row in zip(dirs, ray.get([pool[0].measure_saved.remote(d) for d in dirs]),
+                              strict=True):
+                measured[d][hw.name] = row
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+        log.info("timed %d saved models on %s", len(dirs), hw.name)
+    return measured
 
 
 def measure_tables(checkpoint: str | os.PathLike, space: str,

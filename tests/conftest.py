@@ -39,6 +39,18 @@ def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_running():
+    """Latency measurements start a local Ray in the test process when none runs
+    (nas_prune.profile.profile_saved); later modules start their own, so it stops here."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def make_hf_bert():
     """Factory: a tiny random `BertForSequenceClassification` in eval mode."""

@@ -6,6 +6,7 @@ tiny saved Llamas on the token blocks of a synthetic corpus."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,17 +205,31 @@ def test_comparison_of_saved_models_on_the_same_test_examples(model_dirs, task, 
     assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == len(frame)
 
 
-def test_latency_budgets_are_measured_here_for_every_candidate(model_dirs, task, tokenizer):
+def test_latency_budgets_are_measured_here_for_every_candidate(model_dirs, task, tokenizer,
+                                                               tmp_path):
+    pytest.importorskip("onnxruntime")
     candidates = pd.DataFrame({
         "method": ["nas", "pins"], "model_dir": [model_dirs["a"], model_dirs["b"]],
         "params_ratio": [0.5, 0.5], "error": [0.2, 0.3],
         "latency_ms": [1e9, 1e9],  # stale numbers from elsewhere are replaced
     })
+    # every model timed by the profiler actors on every hardware type asked for
+    latency = dataclasses.replace(FAST_LATENCY, hardware=["cpu", "cpu-onnxruntime"])
     frame = compare.compare(candidates, model_dirs["dense"], task, tokenizer, [1e6],
-                            axis="latency_ms", latency=FAST_LATENCY, n_bootstrap=50,
+                            axis="latency_ms", latency=latency, n_bootstrap=50,
                             n_paired=50)
     assert list(frame["method"]) == ["dense", "nas", "pins"]
-    assert (frame["latency_ms"] < 1e6).all()
+    assert (frame["latency_ms"] < 1e6).all() and (frame["hardware"] == "cpu").all()
+    assert frame["latency_ms"].tolist() == frame["latency_ms[cpu]"].tolist()
+    assert (frame["latency_ms[cpu-onnxruntime]"] > 0).all()
+    # the plot: the budget axis (cpu latency) and one more panel for the other type
+    png = compare.plot_comparison(frame, tmp_path / "cmp.png")
+    one = compare.plot_comparison(frame.drop(columns=["latency_ms[cpu-onnxruntime]"]),
+                                  tmp_path / "one.png")
+    import matplotlib.image
+
+    assert (matplotlib.image.imread(png).shape[1]
+            > 1.8 * matplotlib.image.imread(one).shape[1])
     assert list(frame["trial_id"]) == ["dense", "a", "b"]  # named after their directories
     with pytest.raises(ValueError, match="no candidate fits"):
         compare.compare(candidates, model_dirs["dense"], task, tokenizer, [0.0],

@@ -402,6 +402,37 @@ def test_onnxruntime_rows_beside_pytorch_rows(cluster, checkpoint):
             == [r["params"] for r in by_type[prof.ONNX_CPU]])
 
 
+def test_saved_models_are_timed_by_the_actors_of_every_type(cluster, checkpoint, tmp_path,
+                                                            tokenizer, monkeypatch):
+    """Baselines' models, exports and the teacher are timed where and as NAS sub-networks
+    are: by a profiler actor pinned to each hardware type, with the same settings (what makes
+    the comparison's latency axis comparable); onnxruntime where asked."""
+    pytest.importorskip("onnxruntime")
+    stock = save_tiny_bert(tmp_path / "stock", tokenizer, seed=1)  # a plain HF directory
+    placed = []
+    original = prof.start_pool
+
+    def recording_start_pool(*args, **kwargs):
+        pool = original(*args, **kwargs)
+        placed.append((args[2].name, ray.get([a.describe.remote() for a in pool])))
+        return pool
+
+    monkeypatch.setattr(prof, "start_pool", recording_start_pool)
+    settings = dataclasses.replace(SETTINGS, hardware=["typeA", "typeB", prof.ONNX_CPU])
+    timed = prof.profile_saved([checkpoint, stock, checkpoint], settings)
+    assert list(timed) == [checkpoint, stock]  # each directory once
+    for model_dir, by_type in timed.items():
+        assert list(by_type) == ["typeA", "typeB", prof.ONNX_CPU]
+        for hw, row in by_type.items():
+            assert row["hardware"] == hw and row["model_dir"] == model_dir
+            assert row["dtype"] == "fp32" and (row["batch_size"], row["seq_len"]) == (1, 16)
+            assert row["repeats"] == SETTINGS.repeats and 0 < row["median_ms"] <= row["p90_ms"]
+    for name, (actor,) in placed:
+        assert actor["hardware"] == name and actor["pid"] != os.getpid()
+        if name in cluster:
+            assert actor["node_id"] == cluster[name]
+
+
 def test_measure_tables_predict_measured_latency(profiled, checkpoint):
     # more repeats than the measurements: each table entry is one median, the prediction a sum
     tables = measure_tables(checkpoint, "small",

@@ -97,56 +97,25 @@ def experiment_name(method: str, opts: Any) -> str:
 
 
 def measure_latency(model_dir: str | os.PathLike, settings: Any = None) -> dict[str, Any]:
-    """Latency of the model saved in `model_dir` as it is stored, on this process's device:
-    random token ids of `settings.seq_len` tokens, batch `settings.batch_size`,
-    `settings.threads` CPU threads, warm-up then the median of `settings.repeats` runs
-    (nas_prune.profile.time_callable). An encoder loads through the transformers Auto
-    classes; a causal LM through our decoder, timed as the profiler times NAS sub-networks
-    (`decoder_timings`: prefill, then per-token decode with the KV cache).
+    """Latency of the model saved in `model_dir` as it is stored, timed by the profiler actors
+    that time NAS sub-networks (nas_prune.profile.profile_saved: same hardware types, batch
+    shape, dtype, clock and runtime), on every hardware type of `settings.hardware`.
 
     Returns:
-        ``{"latency_ms": median (prefill for a causal LM), "hardware": "cpu" or the CUDA
-        device name}``, and ``decode_ms`` for a causal LM.
+        ``{"latency_ms": median (prefill for a causal LM), "hardware": <type>}`` on the first
+        hardware type (``nas-prune compare`` reports every type), and ``decode_ms`` for a
+        causal LM.
     """
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    import nas_prune.supernet  # noqa: F401  registers our encoder with the Auto classes
-    from nas_prune.models import is_decoder
     from nas_prune.options import ProfileOptions
-    from nas_prune.profile import DECODE_TOKENS, decoder_timings, time_callable
+    from nas_prune.profile import profile_saved
 
     settings = settings or ProfileOptions()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        if is_decoder(model_dir):
-            from nas_prune.decoder import DecoderForCausalLM
-            from nas_prune.decoder_loading import load_pretrained_decoder
-
-            model = load_pretrained_decoder(str(model_dir)).to(device).eval()
-            if isinstance(model, DecoderForCausalLM):
-                prefill, decode = decoder_timings(
-                    model, settings.batch_size, settings.seq_len, DECODE_TOKENS, device,
-                    settings.warmup, settings.repeats, settings.clock)
-                return {"latency_ms": prefill.median_ms, "decode_ms": decode.median_ms,
-                        "hardware": hardware}
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), trust_remote_code=True).to(device).eval()
-        g = torch.Generator().manual_seed(0)
-        shape = (settings.batch_size, settings.seq_len)
-        inputs = {"input_ids": torch.randint(5, model.config.vocab_size, shape, generator=g
-                                             ).to(device),
-                  "attention_mask": torch.ones(shape, dtype=torch.long, device=device)}
-        with torch.no_grad():
-            timing = time_callable(lambda: model(**inputs), device, settings.warmup,
-                                   settings.repeats)
-    finally:
-        torch.set_num_threads(threads)
-    return {"latency_ms": timing.median_ms, "hardware": hardware}
+    timed = profile_saved([model_dir], settings)[str(model_dir)]
+    hardware, row = next(iter(timed.items()))
+    out = {"latency_ms": row["median_ms"], "hardware": hardware}
+    if "decode_ms" in row:
+        out["decode_ms"] = row["decode_ms"]
+    return out
 
 
 def check_rows(rows: Sequence[Mapping[str, Any]], method: str,
