@@ -301,11 +301,12 @@ def _near_budgets(run: RunDir, opts: PipelineOptions, front: pd.DataFrame) -> pd
     """The Pareto-optimal rows refine.select "budgets" refines: per compare budget, the
     validation-best `refine.per_budget` within it on the compare axis (on the latency axis, the
     profile stage's latency of each config)."""
+    from nas_prune import report as report_lib
     from nas_prune.refine import near_budgets
 
     axis = opts.compare.axis
     if axis == "latency_ms":
-        front = _attach_latency(front, results_lib.load(run.results, table="latency"))
+        front = report_lib.attach_latency(front, results_lib.load(run.results, table="latency"))
         if "latency_ms" not in front or front["latency_ms"].isna().all():
             raise OptionsError("refine: select budgets on the latency_ms axis needs the "
                                "profile stage's latency of the Pareto set; run `nas-prune "
@@ -379,7 +380,7 @@ def report(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | None 
         raise OptionsError(f"no results under {run.results}; run `nas-prune search` first")
     rows = report_lib.final_rows(frame)
     latency = results_lib.load(run.results, table="latency")
-    rows = _attach_latency(rows, latency)
+    rows = report_lib.attach_latency(rows, latency)
     dense = rows[rows["method"] == "dense"]
     out = report_lib.write_report(rows, run.report, objectives, latency=latency,
                                   dense=dense.iloc[-1] if not dense.empty else None)
@@ -432,30 +433,6 @@ def export(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
             export_onnx(target)
         exported.append(target)
     return exported
-
-
-def _attach_latency(frame: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
-    """Set `latency_ms` / `decode_ms` (decoders) / `hardware` (first hardware type measured)
-    of the rows whose config was profiled; rows measured elsewhere (baselines time their saved
-    models) keep theirs."""
-    if latency.empty or frame.empty:
-        return frame
-    hardware = latency["hardware"].iloc[0]
-    lat = latency[latency["hardware"] == hardware].drop_duplicates("config_hash", keep="last")
-    frame = frame.copy()
-    hashes = [results_lib.config_hash(json.loads(c)) for c in frame["config"]]
-    measured = [h in set(lat["config_hash"]) for h in hashes]
-    columns = [("latency_ms", "median_ms"), ("decode_ms", "decode_ms")]  # decode: decoders
-    for column, source in columns:
-        if source not in lat:
-            continue
-        by_hash = dict(zip(lat["config_hash"], lat[source], strict=True))
-        old = frame[column] if column in frame else [None] * len(frame)
-        frame[column] = [by_hash[h] if m else v
-                         for h, m, v in zip(hashes, measured, old, strict=True)]
-    old_hw = frame["hardware"] if "hardware" in frame else [None] * len(frame)
-    frame["hardware"] = [hardware if m else v for m, v in zip(measured, old_hw, strict=True)]
-    return frame
 
 
 # --------------------------------------------------------------------------- everything

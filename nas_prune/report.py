@@ -122,29 +122,78 @@ def _error_name(df: pd.DataFrame) -> str:
     return "perplexity" if names == {"perplexity"} else "error"
 
 
+def attach_latency(frame: pd.DataFrame, latency: pd.DataFrame,
+                   hardware: str | None = None) -> pd.DataFrame:
+    """Set `latency_ms` / `decode_ms` (decoders) / `hardware` of the rows whose config was
+    profiled on `hardware` (default: the first hardware type of the latency table); rows
+    measured elsewhere (baselines' saved models, timed by the same actors) keep theirs."""
+    if latency.empty or frame.empty:
+        return frame
+    from nas_prune.results import config_hash
+
+    hardware = hardware or latency["hardware"].iloc[0]
+    lat = latency[latency["hardware"] == hardware].drop_duplicates("config_hash", keep="last")
+    frame = frame.copy()
+    hashes = [config_hash(json.loads(c)) if isinstance(c, str) else None
+              for c in frame["config"]] if "config" in frame else [None] * len(frame)
+    profiled = set(lat["config_hash"])
+    measured = [h in profiled for h in hashes]
+    columns = [("latency_ms", "median_ms"), ("decode_ms", "decode_ms")]  # decode: decoders
+    for column, source in columns:
+        if source not in lat:
+            continue
+        by_hash = dict(zip(lat["config_hash"], lat[source], strict=True))
+        old = frame[column] if column in frame else [None] * len(frame)
+        frame[column] = [by_hash[h] if m else v
+                         for h, m, v in zip(hashes, measured, old, strict=True)]
+    old_hw = frame["hardware"] if "hardware" in frame else [None] * len(frame)
+    frame["hardware"] = [hardware if m else v for m, v in zip(measured, old_hw, strict=True)]
+    return frame
+
+
+def latency_on(frame: pd.DataFrame, latency: pd.DataFrame | None, hardware: str) -> pd.DataFrame:
+    """`frame` with the latency columns of `hardware` alone: profiled configs from the latency
+    table, other rows where they were measured on that type, NaN elsewhere."""
+    if latency is not None and not latency.empty:
+        frame = attach_latency(frame, latency, hardware)
+    frame = frame.copy()
+    on = frame["hardware"] == hardware if "hardware" in frame else False
+    for column in ("latency_ms", "decode_ms"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").where(on)
+    return frame
+
+
 def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, dense: pd.Series | None = None,
                 latency: pd.DataFrame | None = None) -> Path:
-    """Error vs parameter ratio, and vs measured latency when there is any, in one PNG."""
+    """Error vs parameter ratio, and vs measured latency on each hardware type measured (one
+    panel per type; a decoder's per-token decode latency in a panel of its own), in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("params_ratio", "parameters (fraction of the dense model)")]
-    if "latency_ms" in df and df["latency_ms"].notna().any():
-        if latency is not None and not latency.empty:
-            hardware = latency["hardware"].iloc[0]
-        else:  # only baselines, which time their saved models themselves
-            hardware = df.loc[df["latency_ms"].notna(), "hardware"].iloc[0]
-        decoder = "decode_ms" in df and df["decode_ms"].notna().any()
+    panels = [("params_ratio", "parameters (fraction of the dense model)", df, dense)]
+    types = [] if latency is None or latency.empty else list(dict.fromkeys(latency["hardware"]))
+    if "hardware" in df:  # baselines and the dense model time their saved models themselves
+        types += [h for h in dict.fromkeys(df["hardware"].dropna()) if h not in types]
+    for hardware in types:
+        on = latency_on(df, latency, hardware)
+        if "latency_ms" not in on or on["latency_ms"].isna().all():
+            continue
+        dense_on = None
+        if dense is not None:
+            dense_on = latency_on(dense.to_frame().T, None, hardware).iloc[0]
+        decoder = "decode_ms" in on and on["decode_ms"].notna().any()
         panels.append(("latency_ms", f"{'prefill ' if decoder else ''}latency on {hardware} "
-                                     "(ms, median)"))
+                                     "(ms, median)", on, dense_on))
         if decoder:
-            panels.append(("decode_ms", f"decode latency per token on {hardware} (ms)"))
+            panels.append(("decode_ms", f"decode latency per token on {hardware} (ms)", on,
+                           dense_on))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     styles = _styles(df)
-    for ax, (x, label) in zip(axes[0], panels, strict=True):
-        _plot_panel(ax, df, x, label, dense, styles)
+    for ax, (x, label, frame, dense_point) in zip(axes[0], panels, strict=True):
+        _plot_panel(ax, frame, x, label, dense_point, styles)
     axes[0][0].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"nas_prune: {_error_name(df)} vs. size and latency")
     fig.tight_layout()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-from nas_prune import baselines, cli, data, pipeline, registry, results, train
+from nas_prune import baselines, cli, data, pipeline, registry, report, results, train
 from nas_prune.baselines import BaselineError, layer_drop
 from nas_prune.checkpoint import load_checkpoint
 from nas_prune.options import FinetuneOptions, PipelineOptions, replace
@@ -56,8 +56,36 @@ def test_baseline_rows_keep_their_own_latency():
                           "latency_ms": [None, 7.0], "hardware": [None, "cpu"]})
     latency = pd.DataFrame({"hardware": ["cpu"], "median_ms": [3.0],
                             "config_hash": [results.config_hash({"num_layers": 1})]})
-    out = pipeline._attach_latency(frame, latency)
+    out = report.attach_latency(frame, latency)
     assert out["latency_ms"].tolist() == [3.0, 7.0]
+
+
+def test_report_draws_one_latency_panel_per_hardware_type(tmp_path):
+    """NAS configs profiled on two types and a baseline timed on the first: each type has its
+    panel, with the NAS points on both and the baseline where it was measured."""
+    configs = [{"num_layers": n} for n in (1, 2, 3)]
+    frame = pd.DataFrame({
+        "method": ["nas"] * 3 + ["pins"], "experiment": ["e"] * 3 + ["pins"],
+        "status": ["ok"] * 4, "trial_id": ["a", "b", "c", "p"],
+        "config": [json.dumps(c) for c in configs] + [json.dumps({"sparsity": 0.5})],
+        "error": [0.3, 0.2, 0.1, 0.25], "params_ratio": [0.6, 0.8, 1.0, 0.7],
+        "latency_ms": [None, None, None, 4.0], "hardware": [None, None, None, "cpu"]})
+    latency = pd.DataFrame({
+        "hardware": ["cpu"] * 3 + ["typeB"] * 3,
+        "median_ms": [1.0, 2.0, 3.0, 10.0, 20.0, 30.0],
+        "config_hash": [results.config_hash(c) for c in configs] * 2})
+    on_b = report.latency_on(frame, latency, "typeB")
+    assert on_b["latency_ms"].tolist()[:3] == [10.0, 20.0, 30.0]
+    assert pd.isna(on_b["latency_ms"].iloc[3])  # the baseline was timed on cpu only
+    on_cpu = report.latency_on(frame, latency, "cpu")
+    assert on_cpu["latency_ms"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    import matplotlib.image
+
+    both = report.plot_pareto(frame, tmp_path / "both.png", latency=latency)
+    one = report.plot_pareto(frame, tmp_path / "one.png",
+                             latency=latency[latency["hardware"] == "cpu"])
+    width = {p: matplotlib.image.imread(p).shape[1] for p in (both, one)}
+    assert width[both] > 1.3 * width[one]  # three panels against two
 
 
 # ------------------------------------------------------------------------------ fixtures
