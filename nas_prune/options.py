@@ -248,7 +248,9 @@ class ProfileOptions:
     needs threads=1 on a CPU type). Latency objectives of a search use it; the profile stage,
     whose rows are cached in the results store, always times wall-clock."""
     enabled: bool = True
-    """Pipeline: measure the Pareto set's latency after the search (false skips the stage)."""
+    """Pipeline: measure the Pareto set's latency after the search, and the compared models'
+    (every method's, by the same actors on every hardware type) in the comparison; false
+    skips both."""
 
     def __post_init__(self) -> None:
         if self.clock not in ("wall", "thread"):

@@ -324,7 +324,9 @@ def _near_budgets(run: RunDir, opts: PipelineOptions, front: pd.DataFrame) -> pd
 def compare(run: RunDir, opts: PipelineOptions) -> Path:
     """The comparison on the test split (nas_prune.compare): the Pareto set unrefined and
     refined, every baseline model and the dense teacher, budgets matched on validation,
-    bootstrap intervals, paired tests and counted cost; written to ``run.compare``. A
+    bootstrap intervals, paired tests and counted cost, the compared models' latency timed
+    by the profiler actors on every hardware type (unless profile.enabled is false); written
+    to ``run.compare``. A
     language-modelling task is compared by test perplexity over the supernet's token blocks;
     ``compare.max_test_examples`` caps the test examples (blocks) scored."""
     from nas_prune import compare as compare_lib
@@ -361,7 +363,7 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
     c = opts.compare
     frame = compare_lib.compare(
         table, teacher, task, tokenizer, c.budgets, c.axis, reference=c.reference,
-        latency=opts.profile, measure_latency=c.axis == "latency_ms",
+        latency=opts.profile, measure_latency=c.axis == "latency_ms" or opts.profile.enabled,
         n_bootstrap=c.n_bootstrap, n_paired=c.n_paired, seed=c.seed, level=c.level,
         alpha=c.alpha, batch_size=c.batch_size,
         max_test_examples=c.max_test_examples)
