@@ -161,7 +161,10 @@ def near_budgets(front: pd.DataFrame, budgets: Sequence[float], axis: str = "par
 def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],
                  opts: RefineOptions) -> dict[str, Any] | None:
     """The row of a finished refine of `config` with `opts` in `out_dir`, None when there is
-    none; TrainingError when `out_dir` holds another model or another refine."""
+    none (an unrefined export of the same config, which the refine replaces, counts as none:
+    the pipeline exports the whole Pareto set, and a later refine, e.g. at other budgets,
+    refines some of those exports); TrainingError when `out_dir` holds another model or
+    another refine."""
     from nas_prune.export import SUBNETWORK_FILE
 
     out = Path(out_dir)
@@ -170,9 +173,11 @@ def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],
     info_file = out / SUBNETWORK_FILE
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     done = info.get("refine")
+    if done is None and info.get("config") == dict(config):
+        return None
     if done is None:
-        raise TrainingError(f"{out} exists and holds no refined sub-network; choose another "
-                            "output directory")
+        raise TrainingError(f"{out} exists and holds no refined sub-network of this config; "
+                            "choose another output directory")
     if done["config"] != dict(config) or done["options"] != opts.fingerprint():
         raise TrainingError(f"{out} already holds a refine of another config or with other "
                             "options; choose another output directory")

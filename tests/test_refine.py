@@ -231,6 +231,32 @@ def test_a_finished_refine_is_skipped(refined, supernet_dir, teacher_dir, task, 
                RefineOptions(**FAST))
 
 
+def test_a_refine_replaces_the_unrefined_export_of_its_config(refined, supernet_dir,
+                                                              teacher_dir, task, tokenizer,
+                                                              tmp_path):
+    """The pipeline exports the whole Pareto set; a later refine (e.g. at other budgets) of one
+    of those sub-networks writes over its unrefined export, and over nothing else."""
+    from nas_prune.export import export_sub_network
+    from nas_prune.space import make_space
+
+    model, _ = load_checkpoint(supernet_dir)
+    space = make_space("small", model.config)
+    out = tmp_path / "t1"
+    export_sub_network(model, space.to_sub_network(CONFIG), out, tokenizer,
+                       metadata={"config": CONFIG})
+    row = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, out,
+                 RefineOptions(**FAST))
+    assert row["method"] == "nas+refine" and row["params"] == refined[1]["params"]
+    assert json.loads((out / SUBNETWORK_FILE).read_text())["refine"]["row"] == row
+    other = {**CONFIG, "num_units": 12}
+    mine = tmp_path / "t2"
+    export_sub_network(model, space.to_sub_network(other), mine, tokenizer,
+                       metadata={"config": other})
+    with pytest.raises(TrainingError, match="holds no refined sub-network of this config"):
+        refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, mine,
+               RefineOptions(**FAST))
+
+
 def test_an_interrupted_refine_resumes_where_it_stopped(supernet_dir, teacher_dir, task,
                                                         tokenizer, tmp_path):
     opts = RefineOptions(examples=16 * 6, batch_size=16, lr=3e-3, checkpoint_every=2,
