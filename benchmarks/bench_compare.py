@@ -119,8 +119,8 @@ def main() -> None:
                         "passes = this + 2)")
     parser.add_argument("--refine-examples", type=int, default=3200,
                         help="training examples each refined sub-network is distilled on")
-    parser.add_argument("--refine-lr", type=float, default=5e-5,
-                        help="peak learning rate of refine")
+    parser.add_argument("--refine-lr", type=float, default=None,
+                        help="peak learning rate of refine (default: RefineOptions.lr's)")
     parser.add_argument("--refine-select", choices=["pareto", "budgets"], default="budgets",
                         help="refine every Pareto-optimal sub-network, or per budget the "
                         "validation-best within it (what the comparison can choose)")

@@ -260,6 +260,15 @@ class SearchSpace:
                 found.setdefault(self.to_sub_network(config), config)
         return list(found.values())
 
+    def sample_below(self, rng: np.random.Generator, model: Any, budget: float, band: float,
+                     n: int, tries: int = 20_000) -> list[Config]:
+        """`sample_within` on the params ratio of `model` (anything with ``num_params(sub)``,
+        e.g. the supernet or its meta-device twin): configs with ratio in
+        (budget - band, budget]."""
+        full = model.num_params()
+        return self.sample_within(rng, lambda c: model.num_params(self.to_sub_network(c)) / full,
+                                  budget - band, budget, n, tries)
+
     def mutate(self, config: Mapping[str, int], rng: np.random.Generator) -> Config:
         """`config` with exactly one dimension re-sampled to a different value (local search)."""
         config = self.validate(config)

@@ -136,15 +136,10 @@ def budget_sampler(model: Any, space: Any, budgets: list[float], band: float, se
     then a sub-network uniformly from a pool of up to `pool` distinct ones of `space` whose
     params ratio lies in (budget - band, budget] (drawn once, seeded, so a resumed run draws
     the same). A budget no sub-network of the space fits is an error before training."""
-    full = model.num_params()
-
-    def ratio(config: dict[str, int]) -> float:
-        return model.num_params(space.to_sub_network(config)) / full
-
     rng = np.random.default_rng([seed, 2])
     pools = []
     for budget in budgets:
-        configs = space.sample_within(rng, ratio, budget - band, budget, pool, tries=50_000)
+        configs = space.sample_below(rng, model, budget, band, pool, tries=50_000)
         if not configs:
             raise TrainingError(f"supernet: no sub-network of the {space.name} space found with "
                                 f"a params ratio in ({budget - band:.3f}, {budget:.3f}]; widen "

@@ -86,11 +86,8 @@ def cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def profiled(cluster, checkpoint, tmp_path_factory):
-    """One profile_configs run on every hardware type, recording each pool's actors."""
-    root = tmp_path_factory.mktemp("results")
-    pools = []
+def _recording_start_pool(pools: list):
+    """`prof.start_pool` that appends (hardware type, each actor's describe()) to `pools`."""
     original = prof.start_pool
 
     def recording_start_pool(*args, **kwargs):
@@ -98,6 +95,15 @@ def profiled(cluster, checkpoint, tmp_path_factory):
         pools.append((args[2].name, ray.get([a.describe.remote() for a in pool])))
         return pool
 
+    return recording_start_pool
+
+
+@pytest.fixture(scope="module")
+def profiled(cluster, checkpoint, tmp_path_factory):
+    """One profile_configs run on every hardware type, recording each pool's actors."""
+    root = tmp_path_factory.mktemp("results")
+    pools = []
+    recording_start_pool = _recording_start_pool(pools)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prof, "start_pool", recording_start_pool)
         rows = profile_configs(checkpoint, "small", CONFIGS, settings=SETTINGS,
@@ -410,14 +416,7 @@ def test_saved_models_are_timed_by_the_actors_of_every_type(cluster, checkpoint,
     pytest.importorskip("onnxruntime")
     stock = save_tiny_bert(tmp_path / "stock", tokenizer, seed=1)  # a plain HF directory
     placed = []
-    original = prof.start_pool
-
-    def recording_start_pool(*args, **kwargs):
-        pool = original(*args, **kwargs)
-        placed.append((args[2].name, ray.get([a.describe.remote() for a in pool])))
-        return pool
-
-    monkeypatch.setattr(prof, "start_pool", recording_start_pool)
+    monkeypatch.setattr(prof, "start_pool", _recording_start_pool(placed))
     settings = dataclasses.replace(SETTINGS, hardware=["typeA", "typeB", prof.ONNX_CPU])
     timed = prof.profile_saved([checkpoint, stock, checkpoint], settings)
     assert list(timed) == [checkpoint, stock]  # each directory once

@@ -342,16 +342,10 @@ def _budget_configs(opts: SearchOptions, space, checkpoint: str, meta: dict) -> 
     from nas_prune.models import cost_model
 
     model = cost_model(checkpoint, meta)
-    full = model.num_params()
-
-    def ratio(config: dict) -> float:
-        return model.num_params(space.to_sub_network(config)) / full
-
     rng = np.random.default_rng([opts.seed, 1])
     drawn = []
     for budget in opts.budgets:
-        configs = space.sample_within(rng, ratio, budget - opts.budget_band, budget,
-                                      opts.budget_samples)
+        configs = space.sample_below(rng, model, budget, opts.budget_band, opts.budget_samples)
         if len(configs) < opts.budget_samples:
             log.warning("search: only %d sub-networks of the %s space have a params ratio in "
                         "(%.3f, %.3f]; widen search.budget_band to draw more", len(configs),
