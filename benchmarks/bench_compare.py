@@ -88,7 +88,8 @@ def options(args: argparse.Namespace) -> PipelineOptions:
                       if args.budget_samples else {})},
         "profile": {"repeats": 5, "seq_len": 64},
         "refine": {"examples": args.refine_examples, "lr": args.refine_lr, "max_length": 64,
-                   "select": args.refine_select},
+                   "select": args.refine_select, "per_budget": args.refine_per_budget,
+                   "band": args.refine_band, "screen_steps": args.refine_screen_steps},
         "compare": ({"budgets": list(args.latency_budgets), "axis": "latency_ms"}
                     if args.latency_budgets else {"budgets": list(args.budgets)}),
         "baselines": args.baselines,
@@ -121,6 +122,13 @@ def main() -> None:
                         help="training examples each refined sub-network is distilled on")
     parser.add_argument("--refine-lr", type=float, default=None,
                         help="peak learning rate of refine (default: RefineOptions.lr's)")
+    parser.add_argument("--refine-per-budget", type=int, default=1,
+                        help="candidates per budget (refine.per_budget)")
+    parser.add_argument("--refine-band", type=float, default=None,
+                        help="candidates within [budget - band, budget] (refine.band)")
+    parser.add_argument("--refine-screen-steps", type=int, default=None,
+                        help="screen each budget's candidates with this many refine steps and "
+                        "refine only the best to the end (refine.screen_steps)")
     parser.add_argument("--refine-select", choices=["pareto", "budgets"], default="budgets",
                         help="refine every Pareto-optimal sub-network, or per budget the "
                         "validation-best within it (what the comparison can choose)")

@@ -37,8 +37,8 @@ The protocol:
    ``shared_train_time_s``: what all of the method's models share, e.g. supernet training and the
    search). The cost at a budget is shared + own, so a one-budget method (one run per model) is
    charged per budget; :func:`total_costs` charges each method once for its shared cost plus
-   each distinct chosen model's own cost. A missing cost column reads as "not counted" (NaN),
-   never as zero.
+   the own cost of every model it trained, chosen at a budget or not. A missing cost column
+   reads as "not counted" (NaN), never as zero.
 
 `compare` runs all of this and returns the table; `write_comparison` writes it as Markdown,
 CSV and a plot of the test figure (with interval bars) against the budget axis.

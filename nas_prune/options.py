@@ -400,7 +400,19 @@ class RefineOptions:
     error within the budget on `compare.axis`: what the comparison can choose, at a fraction
     of the cost)."""
     per_budget: int = 1
-    """With select "budgets": sub-networks refined per budget."""
+    """With select "budgets": candidates per budget (each refined in full, or screened with
+    `screen_steps`); the comparison takes the one best on validation after refine."""
+    band: float | None = None
+    """With select "budgets": candidates are the search's complete evaluations within
+    [budget - band, budget] on `compare.axis` (None: anything within the budget), not only
+    Pareto-optimal ones. Far below the dense model their unrefined validation errors sit
+    within noise of each other, while their refined ones do not (tweets, 0.55-0.58 of MiniLM:
+    0.429-0.436 unrefined, 0.276-0.377 refined; benchmarks/README.md, issue 13)."""
+    screen_steps: int | None = None
+    """With select "budgets" and per_budget > 1: each budget's candidates are first refined
+    for this many steps (the start of their own refine, checkpointed) and scored on
+    validation, and only the best is refined to the end (successive halving over one rung).
+    The screened-out candidates' steps are counted in the NAS cost. None: refine all."""
 
     examples: int | None = None
     """Training examples the student processes (forward + backward), rounded up to whole
@@ -443,19 +455,26 @@ class RefineOptions:
     """Sequence length at which the row's FLOPs are counted (the search's default)."""
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every",
-                                                       "select", "per_budget"})
+                                                       "select", "per_budget", "band",
+                                                       "screen_steps"})
     """Options that may change when an interrupted or finished refine is picked up again
     (they say which models are refined, not how)."""
 
     def __post_init__(self) -> None:
         for name in ("examples", "batch_size", "log_every", "checkpoint_every",
-                     "flops_seq_len", "per_budget"):
+                     "flops_seq_len", "per_budget", "screen_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"refine: {name} must be >= 1, got {value}")
         if self.select not in REFINE_SELECTIONS:
             raise TrainingError(f"refine: select must be one of {', '.join(REFINE_SELECTIONS)}, "
                                 f"got {self.select!r}")
+        if self.band is not None and self.band <= 0:
+            raise TrainingError(f"refine: band must be > 0 (None: anything within the "
+                                f"budget), got {self.band}")
+        if self.screen_steps is not None and (self.select != "budgets" or self.per_budget < 2):
+            raise TrainingError("refine: screen_steps chooses among a budget's candidates; set "
+                                "select budgets and per_budget >= 2, or leave it unset")
         if self.lr is not None and self.lr <= 0:
             raise TrainingError(f"refine: lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

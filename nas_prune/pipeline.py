@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from nas_prune import data as data_lib
@@ -175,12 +177,7 @@ def pareto_set(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | N
     from nas_prune import report as report_lib
 
     objectives = list(objectives or opts.search.objectives)
-    frame = results_lib.load(run.results, experiment=_search_experiment(run, opts))
-    rows = report_lib.final_rows(frame[frame["method"] == "nas"]) if not frame.empty else frame
-    if rows.empty:
-        raise OptionsError(f"no finished search results in {run.results}; run "
-                           "`nas-prune search` first")
-    return report_lib.front(rows, objectives)
+    return report_lib.front(complete_evaluations(run, opts), objectives)
 
 
 def _search_experiment(run: RunDir, opts: PipelineOptions) -> str:
@@ -265,59 +262,107 @@ def baselines(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = N
 
 def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None = None,
            teacher: str | Path | None = None) -> pd.DataFrame:
-    """Distil each Pareto-optimal sub-network from the teacher (default: the one the supernet
-    was trained from) into ``run.export(trial_id)``, the model users deploy; rows (method
-    ``nas+refine``, with their cost) go to the experiment ``refine-<search experiment>``.
-    Finished refines are not redone. Returns the refine rows."""
+    """Distil the chosen sub-networks from the teacher (default: the one the supernet was
+    trained from) into ``run.export(trial_id)``, the models users deploy: every Pareto-optimal
+    one (refine.select "pareto"), or per compare budget the candidates refine.select "budgets"
+    picks, screened with refine.screen_steps when set (the best of each budget on validation
+    after that many steps is refined to the end). Rows (method ``nas+refine``, with their
+    cost; a screened-out candidate's row has status "rung") go to the experiment
+    ``refine-<search experiment>``. Finished refines and screens are not redone. Returns the
+    refine rows."""
     from nas_prune import refine as refine_lib
 
     supernet_dir = Path(supernet_dir or run.supernet)
     meta = check_supernet(supernet_dir)
     teacher = Path(teacher or meta.get("teacher") or run.teacher)
-    front = pareto_set(run, opts)
-    if opts.refine.select == "budgets":
-        front = _near_budgets(run, opts, front)
+    r = opts.refine
+    if r.select == "budgets":
+        chosen = _near_budgets(run, opts, complete_evaluations(run, opts))
+    else:
+        chosen = pareto_set(run, opts).assign(budget=float("nan"))
     store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
     stored = store.evaluations()
-    done = set(stored["trial_id"]) if not stored.empty else set()
-    todo = front[~front["trial_id"].isin(done)]
-    if not todo.empty:
-        tokenizer = data_lib.load_tokenizer(str(supernet_dir))
-        task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer,
-                                 opts.refine.max_length)
-        space = opts.search.space or meta.get("space") or "small"
-        for i, row in enumerate(todo.itertuples(), 1):
-            log.info("refine %d/%d: %s (params ratio %.3f)", i, len(todo), row.trial_id,
-                     row.params_ratio)
-            result = refine_lib.refine(supernet_dir, teacher, json.loads(row.config), space,
-                                       task, tokenizer, run.export(row.trial_id),
-                                       opts.refine, trial_id=row.trial_id)
-            store.append_evaluations([{k: v for k, v in result.items()
-                                       if k not in ("teacher_examples", "model_dir")}])
+    finished = set() if stored.empty else set(stored.loc[stored["status"] == "ok", "trial_id"])
+    screens = {} if stored.empty else {
+        row.trial_id: row.error for row in stored[stored["status"] == "rung"].itertuples()}
+    if chosen.empty or set(chosen["trial_id"]) <= finished:
+        return stored
+    tokenizer = data_lib.load_tokenizer(str(supernet_dir))
+    task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer, r.max_length)
+    space = opts.search.space or meta.get("space") or "small"
+
+    def run_refine(row, stop_after: int | None = None) -> dict:
+        result = refine_lib.refine(supernet_dir, teacher, json.loads(row.config), space, task,
+                                   tokenizer, run.export(row.trial_id), r,
+                                   trial_id=row.trial_id, stop_after=stop_after)
+        store.append_evaluations([{k: v for k, v in result.items()
+                                   if k not in ("teacher_examples", "model_dir")}])
+        return result
+
+    winners, screened = [], set()
+    for budget, group in chosen.groupby("budget", sort=True, dropna=False):
+        if r.screen_steps is None or len(group) == 1:
+            winners += list(group.itertuples())
+            continue
+        for row in group.itertuples():
+            if row.trial_id not in screens and row.trial_id not in finished:
+                log.info("refine: screening %s (params ratio %.3f) for budget %s, %d steps",
+                         row.trial_id, row.params_ratio, budget, r.screen_steps)
+                screens[row.trial_id] = run_refine(row, stop_after=r.screen_steps)["error"]
+        scored = {row.trial_id: screens.get(row.trial_id, np.inf) for row in group.itertuples()}
+        best = min(group.itertuples(), key=lambda row: (scored[row.trial_id], row.params_ratio))
+        log.info("refine: budget %s: %s best of %d after %d steps (validation error %s)",
+                 budget, best.trial_id, len(group), r.screen_steps,
+                 ", ".join(f"{t} {e:.4f}" for t, e in scored.items()))
+        winners.append(best)
+        screened |= set(scored)
+    todo = list({row.trial_id: row for row in winners
+                 if row.trial_id not in finished}.values())
+    for i, row in enumerate(todo, 1):
+        log.info("refine %d/%d: %s (params ratio %.3f)", i, len(todo), row.trial_id,
+                 row.params_ratio)
+        run_refine(row)
+    for trial in screened - {row.trial_id for row in winners}:  # their checkpoints
+        shutil.rmtree(refine_lib.work_dir(run.export(trial)), ignore_errors=True)
     return store.evaluations()
 
 
-def _near_budgets(run: RunDir, opts: PipelineOptions, front: pd.DataFrame) -> pd.DataFrame:
-    """The Pareto-optimal rows refine.select "budgets" refines: per compare budget, the
-    validation-best `refine.per_budget` within it on the compare axis (on the latency axis, the
-    profile stage's latency of each config)."""
+def complete_evaluations(run: RunDir, opts: PipelineOptions) -> pd.DataFrame:
+    """The search experiment's complete evaluations in ``run.results``, one per trial."""
+    from nas_prune import report as report_lib
+
+    frame = results_lib.load(run.results, experiment=_search_experiment(run, opts))
+    rows = report_lib.final_rows(frame[frame["method"] == "nas"]) if not frame.empty else frame
+    if rows.empty:
+        raise OptionsError(f"no finished search results in {run.results}; run "
+                           "`nas-prune search` first")
+    return rows
+
+
+def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame) -> pd.DataFrame:
+    """The candidates refine.select "budgets" refines, with a ``budget`` column: per compare
+    budget, the validation-best `refine.per_budget` of `rows` within it (and within
+    refine.band below it) on the compare axis (on the latency axis, the profile stage's latency
+    of each config)."""
     from nas_prune import report as report_lib
     from nas_prune.refine import near_budgets
 
     axis = opts.compare.axis
     if axis == "latency_ms":
-        front = report_lib.attach_latency(front, results_lib.load(run.results, table="latency"))
-        if "latency_ms" not in front or front["latency_ms"].isna().all():
+        rows = report_lib.attach_latency(rows, results_lib.load(run.results, table="latency"))
+        if "latency_ms" not in rows or rows["latency_ms"].isna().all():
             raise OptionsError("refine: select budgets on the latency_ms axis needs the "
                                "profile stage's latency of the Pareto set; run `nas-prune "
                                "profile` first, or set refine.select pareto")
-    chosen = near_budgets(front, opts.compare.budgets, axis, opts.refine.per_budget)
+    chosen = near_budgets(rows, opts.compare.budgets, axis, opts.refine.per_budget,
+                          opts.refine.band)
     if chosen.empty:
-        log.warning("refine: no Pareto-optimal sub-network fits any of the budgets %s on %s; "
+        log.warning("refine: no evaluated sub-network fits any of the budgets %s on %s; "
                     "nothing to refine", opts.compare.budgets, axis)
     else:
-        log.info("refine: %d of %d Pareto-optimal sub-networks fit the budgets %s on %s",
-                 len(chosen), len(front), opts.compare.budgets, axis)
+        log.info("refine: %d candidates (%d distinct) of %d evaluated sub-networks for the "
+                 "budgets %s on %s", len(chosen), chosen["trial_id"].nunique(), len(rows),
+                 opts.compare.budgets, axis)
     return chosen
 
 
@@ -347,10 +392,10 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
                        into=run.compare / "nas")
     candidates = [front.assign(model_dir=[str(p) for p in unrefined], train_examples=0,
                                train_time_s=0.0, **shared)]
-    refined = everything[everything["experiment"] == f"refine-{experiment}"]
+    refined = refined_candidates(
+        run, everything[everything["experiment"] == f"refine-{experiment}"], shared)
     if not refined.empty:
-        candidates.append(refined.assign(
-            model_dir=[str(run.export(t)) for t in refined["trial_id"]], **shared))
+        candidates.append(refined)
     for name in opts.baselines:
         rows = everything[everything["experiment"].str.startswith(f"baseline-{name}-")
                           & (everything["method"] != "dense")]
@@ -368,6 +413,22 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
         alpha=c.alpha, batch_size=c.batch_size,
         max_test_examples=c.max_test_examples)
     return compare_lib.write_comparison(frame, run.compare, table)
+
+
+def refined_candidates(run: RunDir, rows: pd.DataFrame, shared: dict[str, float | None]
+                       ) -> pd.DataFrame:
+    """The compare stage's ``nas+refine`` candidates from the refine experiment's `rows`: the
+    finished refines, each with its model directory and the NAS `shared` cost
+    (``shared_train_examples``, ``shared_train_time_s``) plus the steps of the candidates
+    refine.screen_steps screened out, which every refined model shares."""
+    if rows.empty:
+        return rows
+    refined = rows[rows["status"] == "ok"]
+    dropped = rows[(rows["status"] == "rung") & ~rows["trial_id"].isin(refined["trial_id"])]
+    cost = {key: None if shared.get(key) is None else shared[key] + float(dropped[own].sum())
+            for key, own in (("shared_train_examples", "train_examples"),
+                             ("shared_train_time_s", "train_time_s"))}
+    return refined.assign(model_dir=[str(run.export(t)) for t in refined["trial_id"]], **cost)
 
 
 def report(run: RunDir, opts: PipelineOptions, objectives: Sequence[str] | None = None

@@ -18,7 +18,9 @@ layers uniformly onto teacher layers. `refine` does this for one sub-network of 
    teacher layer), the MSE over real tokens, the teacher's channels in the supernet's rewired
    order; for regression MSE to the teacher's output replaces the KL term. Decoders distil
    the logits alone by default (Minitron; their unnormalised residual streams make the raw MSE
-   swamp the logit term), as does a sub-network whose hidden size is narrowed;
+   swamp the logit term). A sub-network whose hidden size is narrowed keeps a prefix of the
+   supernet's (importance-sorted) channels, and its states are matched with the same channels
+   of the teacher's (`teacher_channels`);
 3. it is scored on the validation split (the split every method chooses on) and saved with
    ``nas_prune.export.export_sub_network`` (a stock BERT/RoBERTa directory when its shape allows,
    else our encoder with its remote code), the result row inside its
@@ -120,6 +122,18 @@ def learning_rate(opts: RefineOptions, module: torch.nn.Module) -> float:
     return 2e-4 if hasattr(module, "layers") else 5e-5
 
 
+def teacher_channels(order: Sequence[int] | None, teacher_width: int, student_width: int,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """The teacher's hidden channels a student's states are compared with, channel for
+    channel: the supernet's channel order (`order`, the rewiring's; None: the teacher's own),
+    cut to the student's width. A sub-network that narrows the hidden size keeps a prefix of
+    the supernet's channels (the most important ones), so its states match that prefix of the
+    teacher's (as Minitron prunes the embedding channels; its layer norms then normalise over
+    the kept channels, so the match is close rather than exact)."""
+    full = list(range(teacher_width)) if order is None else list(order)
+    return torch.tensor(full[:student_width], dtype=torch.long, device=device)
+
+
 def num_layers(module: torch.nn.Module) -> int:
     """Layers of our encoder or decoder."""
     return len(module.layers) if hasattr(module, "layers") else len(module.model.layers)
@@ -144,18 +158,30 @@ def layer_outputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------ the stage
-def near_budgets(front: pd.DataFrame, budgets: Sequence[float], axis: str = "params_ratio",
-                 per_budget: int = 1) -> pd.DataFrame:
-    """The rows of `front` (one method's candidates) a comparison at `budgets` can choose
+def near_budgets(rows: pd.DataFrame, budgets: Sequence[float], axis: str = "params_ratio",
+                 per_budget: int = 1, band: float | None = None) -> pd.DataFrame:
+    """The rows of `rows` (one method's candidates) a comparison at `budgets` can choose
     (RefineOptions.select "budgets"): for each budget, the `per_budget` rows
-    nas_prune.compare.match_budgets ranks first within it; each row once, in `front`'s order.
-    Rows without an error or an `axis` value are never chosen."""
+    nas_prune.compare.match_budgets ranks first within it (within [budget - band, budget]
+    when `band` is given), best first, with a ``budget`` column; a row that two budgets
+    choose appears once per budget. Rows without an error or an `axis` value are never
+    chosen."""
     if per_budget < 1:
         raise ValueError(f"per_budget must be >= 1, got {per_budget}")
-    if axis not in front:
-        return front.iloc[:0]
-    chosen = match_budgets(front, budgets, axis, top=per_budget)
-    return front[front["trial_id"].isin(set(chosen["trial_id"]))]
+    if axis not in rows:
+        return rows.iloc[:0].assign(budget=pd.Series(dtype=float))
+    chosen = []
+    for budget in sorted(float(b) for b in budgets):
+        near = rows if band is None else rows[rows[axis] >= budget - band]
+        chosen.append(match_budgets(near, [budget], axis, top=per_budget))
+    return pd.concat(chosen, ignore_index=True)
+
+
+def work_dir(out_dir: str | os.PathLike) -> Path:
+    """Where the refine into `out_dir` keeps its resumable state: ``.<name>.refine`` beside
+    it."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.refine"
 
 
 def finished_row(out_dir: str | os.PathLike, config: Mapping[str, int],
@@ -258,7 +284,7 @@ def refine(
         raise TrainingError(f"refine: {len(task.train)} training examples are fewer than one "
                             f"batch of {opts.batch_size}; lower batch_size")
     total = math.ceil((opts.examples or len(task.train)) / opts.batch_size)
-    work = out.parent / f".{out.name}.refine"
+    work = work_dir(out)
     state = {"config": config, "options": opts.fingerprint(), "total_steps": total,
              "supernet": str(supernet_dir), "teacher": str(teacher_dir)}
     resume = _resumable(work, state)
@@ -287,26 +313,19 @@ def refine(
     teacher = teacher.to(engine.device, next(module.parameters()).dtype).eval()
     student_layers = num_layers(module)
     mapping = layer_map(student_layers, num_layers(teacher)) if student_layers else []
-    # a sub-network that narrows the hidden size has states of another width than the
-    # teacher's: it distils the logits alone
-    comparable = (getattr(module.config, "hidden_size", None)
-                  == getattr(teacher.config, "hidden_size", None))
     # rewiring sorted the supernet's hidden channels: the teacher's states are compared in
     # the same order; a supernet saved before the order was recorded cannot be matched
     order = meta.get("hidden_order")
     rewired = meta.get("options", {}).get("rewire", False) and meta.get("strategy") != "standard"
     known = order is not None or not rewired
     weight = hidden_weight(opts, module)
-    hidden = weight > 0 and bool(mapping) and comparable and known
-    if weight > 0 and not comparable:
-        log.info("refine %s: hidden-state distillation off (the sub-network keeps %s of the "
-                 "teacher's %s hidden channels): logits only", trial_id,
-                 module.config.hidden_size, teacher.config.hidden_size)
-    elif weight > 0 and not known:
+    hidden = weight > 0 and bool(mapping) and known
+    if weight > 0 and not known:
         log.warning("refine %s: hidden-state distillation off: the supernet %s was rewired "
                     "before its channel order was recorded (retrain it to use it): logits "
                     "only", trial_id, supernet_dir)
-    channels = None if order is None else torch.tensor(order, device=engine.device)
+    channels = teacher_channels(order, teacher.config.hidden_size, module.config.hidden_size,
+                                engine.device)
 
     def epoch_loader(epoch: int):
         return data_lib.make_loader(task.train, tokenizer, opts.batch_size, shuffle=True,
@@ -336,8 +355,7 @@ def refine(
                                  opts.alpha)
         if hidden:
             student_list = [student_states[j] for j in range(len(mapping))]
-            teacher_list = [teacher_states[i] if channels is None
-                            else teacher_states[i].index_select(-1, channels) for i in mapping]
+            teacher_list = [teacher_states[i].index_select(-1, channels) for i in mapping]
             loss = loss + weight * hidden_mse(student_list, teacher_list,
                                               batch.get("attention_mask"))
         engine.backward(loss)

@@ -29,6 +29,8 @@ from nas_prune.refine import (
     learning_rate,
     near_budgets,
     refine,
+    teacher_channels,
+    work_dir,
 )
 from nas_prune.space import make_space
 from nas_prune.supernet import load_pretrained
@@ -54,26 +56,40 @@ def test_options_say_what_to_change():
         RefineOptions(select="best")
     with pytest.raises(TrainingError, match="per_budget must be >= 1"):
         RefineOptions(per_budget=0)
+    with pytest.raises(TrainingError, match="band must be > 0"):
+        RefineOptions(band=0)
+    with pytest.raises(TrainingError, match="set select budgets and per_budget >= 2"):
+        RefineOptions(select="budgets", screen_steps=4)
+    with pytest.raises(TrainingError, match="screen_steps must be >= 1"):
+        RefineOptions(select="budgets", per_budget=2, screen_steps=0)
 
 
 def test_which_models_select_budgets_refines():
-    front = pd.DataFrame({
+    rows = pd.DataFrame({
         "method": "nas", "trial_id": ["a", "b", "c", "d", "e", "f"],
         "params_ratio": [0.50, 0.55, 0.60, 0.62, 0.75, 0.90],
         "error": [0.40, 0.30, 0.28, 0.28, 0.20, 0.15],
         "latency_ms": [1.0, 2.0, None, 3.0, 4.0, 5.0],
     })
+
+    def chosen(*args, **kwargs) -> list[tuple[float, str]]:
+        found = near_budgets(rows, *args, **kwargs)
+        return list(zip(found["budget"], found["trial_id"], strict=True))
+
     # per budget the validation-best within it; a tie (c, d) goes to the smaller model
-    assert list(near_budgets(front, [0.58, 0.63, 0.77])["trial_id"]) == ["b", "c", "e"]
-    assert list(near_budgets(front, [0.63], per_budget=3)["trial_id"]) == ["b", "c", "d"]
-    # two budgets that choose the same model refine it once; nothing fits 0.4
-    assert list(near_budgets(front, [0.4, 0.6, 0.61])["trial_id"]) == ["c"]
+    assert chosen([0.58, 0.63, 0.77]) == [(0.58, "b"), (0.63, "c"), (0.77, "e")]
+    assert chosen([0.63], per_budget=3) == [(0.63, "c"), (0.63, "d"), (0.63, "b")]
+    # a band keeps the candidates close below the budget
+    assert chosen([0.63], per_budget=3, band=0.05) == [(0.63, "c"), (0.63, "d")]
+    assert chosen([0.77], band=0.1) == [(0.77, "e")] and chosen([0.7], band=0.05) == []
+    # two budgets may choose the same model; nothing fits 0.4
+    assert chosen([0.4, 0.6, 0.61]) == [(0.6, "c"), (0.61, "c")]
     # on the latency axis a model without a latency is never chosen
-    assert list(near_budgets(front, [3.5], "latency_ms")["trial_id"]) == ["d"]
-    assert near_budgets(front.drop(columns="latency_ms"), [3.5], "latency_ms").empty
+    assert chosen([3.5], "latency_ms") == [(3.5, "d")]
+    assert near_budgets(rows.drop(columns="latency_ms"), [3.5], "latency_ms").empty
     # the options that choose which models are refined do not decide a refined model
-    assert RefineOptions(select="budgets", per_budget=2).fingerprint() == \
-        RefineOptions().fingerprint()
+    assert RefineOptions(select="budgets", per_budget=2, band=0.03,
+                         screen_steps=4).fingerprint() == RefineOptions().fingerprint()
 
 
 def test_hidden_states_are_distilled_by_default_for_encoders_only(make_hf_bert):
@@ -294,12 +310,11 @@ def test_hidden_states_are_the_layer_outputs(teacher_dir, task, tokenizer):
     assert read_meta(teacher_dir)["kind"] == "teacher"
 
 
-def test_hidden_states_are_matched_in_the_rewired_channel_order(tmp_path, task, tokenizer,
-                                                                 caplog):
-    """Rewiring sorts the supernet's hidden channels, so the full sub-network of an untrained
-    (epochs 0) supernet computes the teacher's function with its channels permuted. Without
-    dropout its first distillation loss (logits and hidden states) is zero only if the
-    teacher's states are compared in the supernet's channel order."""
+@pytest.fixture(scope="module")
+def rewired(tmp_path_factory, task, tokenizer):
+    """(teacher, supernet) directories: a tiny dropout-free BERT teacher and its untrained
+    (epochs 0) rewired supernet, whose hidden channels are sorted by importance."""
+    tmp_path = tmp_path_factory.mktemp("rewired")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=48, num_labels=2,
@@ -312,19 +327,119 @@ def test_hidden_states_are_matched_in_the_rewired_channel_order(tmp_path, task, 
     supernet_dir = tmp_path / "supernet"
     train.train_supernet(teacher_dir, task, supernet_dir,
                          SupernetOptions(epochs=0, batch_size=16, rewire_batches=2))
-    order = read_meta(supernet_dir)["hidden_order"]
+    return teacher_dir, supernet_dir
+
+
+def _first_loss(rewired, config, space, task, tokenizer, out, weight, caplog) -> float:
+    """The loss of the first step of a one-step refine of `config` (logits by KL alone, the
+    hidden-state term at `weight`)."""
+    teacher_dir, supernet_dir = rewired
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nas_prune.refine"):
+        refine(supernet_dir, teacher_dir, config, space, task, tokenizer, out,
+               RefineOptions(examples=16, batch_size=16, alpha=1.0, hidden_weight=weight,
+                             log_every=1))
+    (loss,) = re.findall(r"step 1/1 +loss ([0-9.e+-]+)", caplog.text)
+    return float(loss)
+
+
+def test_hidden_states_are_matched_in_the_rewired_channel_order(rewired, tmp_path, task,
+                                                                 tokenizer, caplog):
+    """Rewiring sorts the supernet's hidden channels, so the full sub-network of an untrained
+    (epochs 0) supernet computes the teacher's function with its channels permuted. Without
+    dropout its first distillation loss (logits and hidden states) is zero only if the
+    teacher's states are compared in the supernet's channel order."""
+    order = read_meta(rewired[1])["hidden_order"]
     assert sorted(order) == list(range(32)) and order != list(range(32))
     full = {"num_layers": 2, "num_heads": 4, "num_units": 48}
+    # the logits are the teacher's, and so are the states, channel for channel
+    for weight in (0.0, 1.0):
+        assert _first_loss(rewired, full, "small", task, tokenizer, tmp_path / f"r{weight}",
+                           weight, caplog) < 1e-6
 
-    def first_loss(weight: float) -> float:
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="nas_prune.refine"):
-            refine(supernet_dir, teacher_dir, full, "small", task, tokenizer,
-                   tmp_path / f"refined-{weight}",
-                   RefineOptions(examples=16, batch_size=16, alpha=1.0, hidden_weight=weight,
-                                 log_every=1))
-        (loss,) = re.findall(r"step 1/1 +loss ([0-9.e+-]+)", caplog.text)
-        return float(loss)
 
-    assert first_loss(0.0) < 1e-6  # the logits are the teacher's
-    assert first_loss(1.0) < 1e-6  # and so are the states, channel for channel
+def test_a_narrowed_hidden_size_distils_the_teachers_kept_channels(rewired, tmp_path, task,
+                                                                    tokenizer, caplog):
+    """A sub-network that keeps 16 of the 32 hidden channels keeps the supernet's first 16,
+    i.e. the teacher's channels order[:16]: its states are compared with those (the hidden
+    term is on, not dropped for the narrower width), and they are closer to them than to any
+    other 16 of the teacher's channels, e.g. the 16 it drops."""
+    teacher_dir, supernet_dir = rewired
+    order = read_meta(supernet_dir)["hidden_order"]
+    assert teacher_channels(order, 32, 16).tolist() == order[:16]
+    assert teacher_channels(None, 32, 16).tolist() == list(range(16))
+    narrow = {"num_layers": 2, "num_heads": 4, "num_units": 48, "hidden": 16}
+    losses = [_first_loss(rewired, narrow, "small+hidden", task, tokenizer,
+                          tmp_path / f"r{weight}", weight, caplog) for weight in (0.0, 1.0)]
+    assert losses[1] > losses[0] + 1e-4, losses
+
+    supernet, _ = load_checkpoint(supernet_dir)
+    teacher, _ = load_checkpoint(teacher_dir)
+    student = supernet.extract_sub_network(
+        make_space("small+hidden", supernet.config).to_sub_network(narrow)).eval()
+    assert student.config.hidden_size == 16
+    batch = next(iter(data.make_loader(task.valid, tokenizer, 16)))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), layer_outputs(student) as mine, layer_outputs(teacher.eval()) as theirs:
+        student(**inputs)
+        teacher(**inputs)
+
+    def distance(channels: list[int]) -> float:
+        return sum(F.mse_loss(mine[i], theirs[i][..., channels]).item() for i in (0, 1))
+
+    assert distance(order[:16]) < 0.5 * distance(order[16:]), (distance(order[:16]),
+                                                               distance(order[16:]))
+
+
+def test_screening_refines_each_budgets_best_candidate_to_the_end(
+        tmp_path, tmp_path_factory, supernet_dir, teacher_dir):
+    """refine.screen_steps: the three candidates within the budget are each refined for 20
+    steps and scored on validation; only the best of them by that score (not by its unrefined
+    error, which here ranks it last) is refined to the end and exported refined; the others
+    keep a "rung" row whose cost the compare stage charges to every refined model, and no
+    checkpoint. A second run redoes nothing."""
+    from nas_prune import pipeline
+    from nas_prune import results as results_lib
+    from nas_prune.options import PipelineOptions, replace
+    from nas_prune.rundir import RunDir
+    from tests.test_results import eval_row
+
+    run = RunDir(tmp_path / "run")
+    # no layer: the head sees the [CLS] embedding alone, whatever the text, so it cannot learn
+    configs = {"narrow": {"num_layers": 0, "num_heads": 1, "num_units": 4},
+               "middle": CONFIG,
+               "full": {"num_layers": 2, "num_heads": 4, "num_units": 48}}
+    # the unrefined errors rank the full sub-network last and the narrow one first
+    store = results_lib.ResultStore(run.results, "nas-x")
+    store.append_evaluations([
+        eval_row(trial, config, error=error, params_ratio=ratio)
+        for (trial, config), error, ratio in zip(configs.items(), (0.30, 0.40, 0.50),
+                                                 (0.5, 0.7, 0.9), strict=True)])
+    csv = _synthetic_csv(tmp_path_factory.mktemp("screen_data") / "toy.csv")
+    opts = replace(PipelineOptions(), {
+        "experiment": "nas-x", "data": {"task": csv, "seed": 0},
+        "refine": {**FAST, "examples": 16 * 40, "max_length": 32, "select": "budgets",
+                   "per_budget": 3, "screen_steps": 20},
+        "compare": {"budgets": [0.95]}})
+    rows = pipeline.refine(run, opts, supernet_dir, teacher_dir)
+    screens = rows[rows["status"] == "rung"].set_index("trial_id")
+    assert sorted(screens.index) == sorted(configs)
+    assert (screens["fidelity"] == 320).all() and (screens["train_examples"] == 320).all()
+    best = screens["error"].idxmin()
+    finished = rows[rows["status"] == "ok"]
+    assert list(finished["trial_id"]) == [best] and finished["train_examples"].item() == 16 * 40
+    assert best != "narrow", screens["error"]  # the screen, not the unrefined error, chose
+    info = json.loads((run.export(best) / SUBNETWORK_FILE).read_text())
+    assert info["refine"]["config"] == configs[best]
+    for trial in configs:  # no checkpoint is left behind
+        assert not work_dir(run.export(trial)).exists()
+        assert (run.export(trial) / SUBNETWORK_FILE).exists() == (trial == best)
+    again = pipeline.refine(run, opts, supernet_dir, teacher_dir)
+    assert len(again) == len(rows)
+    # the compare stage: one candidate, charged the shared cost plus the screened-out steps
+    refined = pipeline.refined_candidates(run, again, {"shared_train_examples": 1000,
+                                                       "shared_train_time_s": 10.0})
+    assert list(refined["trial_id"]) == [best]
+    assert refined["shared_train_examples"].item() == 1000 + 2 * 320
+    assert refined["shared_train_time_s"].item() == pytest.approx(
+        10.0 + screens.drop(index=best)["train_time_s"].sum())
