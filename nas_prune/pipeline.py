@@ -265,8 +265,9 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
     """Distil the chosen sub-networks from the teacher (default: the one the supernet was
     trained from) into ``run.export(trial_id)``, the models users deploy: every Pareto-optimal
     one (refine.select "pareto"), or per compare budget the candidates refine.select "budgets"
-    picks, screened with refine.screen_steps when set (the best of each budget on validation
-    after that many steps is refined to the end). Rows (method ``nas+refine``, with their
+    picks, screened with refine.screen_steps when set (the search's choice for each budget,
+    or a candidate significantly better on validation after that many steps, is refined to
+    the end: refine.screen_z). Rows (method ``nas+refine``, with their
     cost; a screened-out candidate's row has status "rung") go to the experiment
     ``refine-<search experiment>``. Finished refines and screens are not redone. Returns the
     refine rows."""
@@ -310,11 +311,13 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
                          row.trial_id, row.params_ratio, budget, r.screen_steps)
                 screens[row.trial_id] = run_refine(row, stop_after=r.screen_steps)["error"]
         scored = {row.trial_id: screens.get(row.trial_id, np.inf) for row in group.itertuples()}
-        best = min(group.itertuples(), key=lambda row: (scored[row.trial_id], row.params_ratio))
-        log.info("refine: budget %s: %s best of %d after %d steps (validation error %s)",
-                 budget, best.trial_id, len(group), r.screen_steps,
-                 ", ".join(f"{t} {e:.4f}" for t, e in scored.items()))
-        winners.append(best)
+        rates = task.spec.metric == "accuracy"  # an error that is a rate of examples
+        best = refine_lib.screen_winner(scored, group["trial_id"].iloc[0],
+                                        len(task.valid) if rates else None, r.screen_z)
+        log.info("refine: budget %s: %s chosen of %d after %d steps (the search's choice %s; "
+                 "validation error %s)", budget, best, len(group), r.screen_steps,
+                 group["trial_id"].iloc[0], ", ".join(f"{t} {e:.4f}" for t, e in scored.items()))
+        winners += [row for row in group.itertuples() if row.trial_id == best]
         screened |= set(scored)
     todo = list({row.trial_id: row for row in winners
                  if row.trial_id not in finished}.values())

@@ -177,6 +177,21 @@ def near_budgets(rows: pd.DataFrame, budgets: Sequence[float], axis: str = "para
     return pd.concat(chosen, ignore_index=True)
 
 
+def screen_winner(errors: Mapping[str, float], incumbent: str, examples: int | None,
+                  z: float = 1.96) -> str:
+    """The candidate a screen chooses (RefineOptions.screen_z): `incumbent` (the search's
+    choice) unless the candidate with the lowest screened error in `errors` (trial id ->
+    validation error after the screen) beats it by more than `z` standard errors of the
+    difference of two error rates on `examples` validation examples; with `examples` None
+    (an error that is not a rate, e.g. perplexity) the lowest error wins."""
+    best = min(errors, key=lambda trial: (errors[trial], trial != incumbent))
+    if best == incumbent or examples is None:
+        return best
+    mine, theirs = errors[incumbent], errors[best]
+    se = math.sqrt((mine * (1 - mine) + theirs * (1 - theirs)) / examples)
+    return best if mine - theirs > z * se else incumbent
+
+
 def work_dir(out_dir: str | os.PathLike) -> Path:
     """Where the refine into `out_dir` keeps its resumable state: ``.<name>.refine`` beside
     it."""
