@@ -21,6 +21,7 @@ dataclass            section (CLI prefix / YAML key)            used by
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -483,6 +484,11 @@ class RefineOptions:
         if self.screen_steps is not None and (self.select != "budgets" or self.per_budget < 2):
             raise TrainingError("refine: screen_steps chooses among a budget's candidates; set "
                                 "select budgets and per_budget >= 2, or leave it unset")
+        if (self.screen_steps is not None and self.examples is not None
+                and self.screen_steps >= math.ceil(self.examples / self.batch_size)):
+            raise TrainingError(f"refine: screen_steps {self.screen_steps} must be fewer than "
+                                f"the refine's {math.ceil(self.examples / self.batch_size)} "
+                                "steps (examples / batch_size)")
         if self.screen_z < 0:
             raise TrainingError(f"refine: screen_z must be >= 0, got {self.screen_z}")
         if self.lr is not None and self.lr <= 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -290,6 +291,11 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
         return stored
     tokenizer = data_lib.load_tokenizer(str(supernet_dir))
     task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer, r.max_length)
+    steps = math.ceil((r.examples or len(task.train)) / r.batch_size)
+    if r.screen_steps is not None and r.screen_steps >= steps:
+        raise OptionsError(f"refine: screen_steps {r.screen_steps} must be fewer than the "
+                           f"refine's {steps} steps (one pass over {len(task.train)} training "
+                           "examples); lower it or set refine.examples")
     space = opts.search.space or meta.get("space") or "small"
 
     def run_refine(row, stop_after: int | None = None) -> dict:

@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from nas_prune import baselines, data, train
 from nas_prune.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from nas_prune.errors import TrainingError
+from nas_prune.errors import OptionsError, TrainingError
 from nas_prune.evaluate import evaluate
 from nas_prune.export import SUBNETWORK_FILE
 from nas_prune.options import FinetuneOptions, RefineOptions, SupernetOptions
@@ -61,6 +61,9 @@ def test_options_say_what_to_change():
         RefineOptions(band=0)
     with pytest.raises(TrainingError, match="set select budgets and per_budget >= 2"):
         RefineOptions(select="budgets", screen_steps=4)
+    with pytest.raises(TrainingError, match="screen_steps 4 must be fewer than the refine's 4"):
+        RefineOptions(select="budgets", per_budget=2, screen_steps=4, examples=100,
+                      batch_size=32)
     with pytest.raises(TrainingError, match="screen_steps must be >= 1"):
         RefineOptions(select="budgets", per_budget=2, screen_steps=0)
 
@@ -439,6 +442,12 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
         "refine": {**FAST, "examples": 16 * 40, "max_length": 32, "select": "budgets",
                    "per_budget": 3, "screen_steps": 20},
         "compare": {"budgets": [0.95]}})
+    # a screen as long as the refine (one pass: 179 training examples, 12 steps of 16) is an
+    # error before anything is trained
+    whole = replace(opts, {"refine": {"examples": None, "screen_steps": 12}})
+    with pytest.raises(OptionsError, match="screen_steps 12 must be fewer than the refine's 12"):
+        pipeline.refine(run, whole, supernet_dir, teacher_dir)
+    assert results_lib.load(run.results, experiment="refine-nas-x").empty
     rows = pipeline.refine(run, opts, supernet_dir, teacher_dir)
     screens = rows[rows["status"] == "rung"].set_index("trial_id")
     assert sorted(screens.index) == sorted(configs)
