@@ -408,7 +408,7 @@ class RefineOptions:
     [budget - band, budget] on `compare.axis` (None: anything within the budget), not only
     Pareto-optimal ones. Far below the dense model their unrefined validation errors sit
     within noise of each other, while their refined ones do not (tweets, 0.55-0.58 of MiniLM:
-    0.429-0.436 unrefined, 0.276-0.377 refined; benchmarks/README.md, issue 13)."""
+    0.429-0.446 unrefined, 0.276-0.377 refined; benchmarks/README.md, issue 13)."""
     screen_steps: int | None = None
     """With select "budgets" and per_budget > 1: each budget's candidates are first refined
     for this many steps (the start of their own refine, checkpointed) and scored on
