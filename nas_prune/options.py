@@ -485,10 +485,10 @@ class RefineOptions:
             raise TrainingError("refine: screen_steps chooses among a budget's candidates; set "
                                 "select budgets and per_budget >= 2, or leave it unset")
         if (self.screen_steps is not None and self.examples is not None
-                and self.screen_steps >= math.ceil(self.examples / self.batch_size)):
+                and self.screen_steps >= self.steps(self.examples)):
             raise TrainingError(f"refine: screen_steps {self.screen_steps} must be fewer than "
-                                f"the refine's {math.ceil(self.examples / self.batch_size)} "
-                                "steps (examples / batch_size)")
+                                f"the refine's {self.steps(self.examples)} steps (examples / "
+                                "batch_size)")
         if self.screen_z < 0:
             raise TrainingError(f"refine: screen_z must be >= 0, got {self.screen_z}")
         if self.lr is not None and self.lr <= 0:
@@ -514,6 +514,11 @@ class RefineOptions:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise TrainingError(f"refine: precision must be auto, fp32 or bf16, got "
                                 f"{self.precision!r}")
+
+    def steps(self, train_examples: int) -> int:
+        """Optimizer steps of one refine: `examples` (None: one pass over the
+        `train_examples` of the training split) in batches of `batch_size`, rounded up."""
+        return math.ceil((self.examples or train_examples) / self.batch_size)
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide the refined model (all but RESUME_FREE and `enabled`)."""

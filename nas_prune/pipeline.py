@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -291,7 +290,7 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
         return stored
     tokenizer = data_lib.load_tokenizer(str(supernet_dir))
     task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer, r.max_length)
-    steps = math.ceil((r.examples or len(task.train)) / r.batch_size)
+    steps = r.steps(len(task.train))
     if r.screen_steps is not None and r.screen_steps >= steps:
         raise OptionsError(f"refine: screen_steps {r.screen_steps} must be fewer than the "
                            f"refine's {steps} steps (one pass over {len(task.train)} training "
@@ -306,6 +305,7 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
                                    if k not in ("teacher_examples", "model_dir")}])
         return result
 
+    rates = task.spec.metric == "accuracy"  # an error that is a rate of examples
     winners, screened = [], set()
     for budget, group in chosen.groupby("budget", sort=True, dropna=False):
         if r.screen_steps is None or len(group) == 1:
@@ -317,7 +317,6 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
                          row.trial_id, row.params_ratio, budget, r.screen_steps)
                 screens[row.trial_id] = run_refine(row, stop_after=r.screen_steps)["error"]
         scored = {row.trial_id: screens.get(row.trial_id, np.inf) for row in group.itertuples()}
-        rates = task.spec.metric == "accuracy"  # an error that is a rate of examples
         best = refine_lib.screen_winner(scored, group["trial_id"].iloc[0],
                                         len(task.valid) if rates else None, r.screen_z)
         log.info("refine: budget %s: %s chosen of %d after %d steps (the search's choice %s; "

@@ -298,7 +298,7 @@ def refine(
     if len(task.train) < opts.batch_size:
         raise TrainingError(f"refine: {len(task.train)} training examples are fewer than one "
                             f"batch of {opts.batch_size}; lower batch_size")
-    total = math.ceil((opts.examples or len(task.train)) / opts.batch_size)
+    total = opts.steps(len(task.train))
     work = work_dir(out)
     state = {"config": config, "options": opts.fingerprint(), "total_steps": total,
              "supernet": str(supernet_dir), "teacher": str(teacher_dir)}
