@@ -399,7 +399,8 @@ class RefineOptions:
     """Which Pareto-optimal sub-networks the pipeline refines: "pareto" (all of them) or
     "budgets" (for each of `compare.budgets`, the `per_budget` ones with the lowest validation
     error within the budget on `compare.axis`: what the comparison can choose, at a fraction
-    of the cost)."""
+    of the cost; on the latency axis each evaluated sub-network is timed in the refine stage
+    with the `profile` settings, as the compare stage times the models it compares)."""
     per_budget: int = 1
     """With select "budgets": candidates per budget (each refined in full, or screened with
     `screen_steps`); the comparison takes the one best on validation after refine."""

@@ -277,8 +277,9 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
     meta = check_supernet(supernet_dir)
     teacher = Path(teacher or meta.get("teacher") or run.teacher)
     r = opts.refine
+    space = opts.search.space or meta.get("space") or "small"
     if r.select == "budgets":
-        chosen = _near_budgets(run, opts, complete_evaluations(run, opts))
+        chosen = _near_budgets(run, opts, complete_evaluations(run, opts), supernet_dir, space)
     else:
         chosen = pareto_set(run, opts).assign(budget=float("nan"))
     store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
@@ -295,7 +296,6 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
         raise OptionsError(f"refine: screen_steps {r.screen_steps} must be fewer than the "
                            f"refine's {steps} steps (one pass over {len(task.train)} training "
                            "examples); lower it or set refine.examples")
-    space = opts.search.space or meta.get("space") or "small"
 
     def run_refine(row, stop_after: int | None = None) -> dict:
         result = refine_lib.refine(supernet_dir, teacher, json.loads(row.config), space, task,
@@ -347,21 +347,18 @@ def complete_evaluations(run: RunDir, opts: PipelineOptions) -> pd.DataFrame:
     return rows
 
 
-def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame) -> pd.DataFrame:
+def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame, supernet_dir: Path,
+                  space: str) -> pd.DataFrame:
     """The candidates refine.select "budgets" refines, with a ``budget`` column: per compare
     budget, the validation-best `refine.per_budget` of `rows` within it (and within
-    refine.band below it) on the compare axis (on the latency axis, the profile stage's latency
-    of each config)."""
-    from nas_prune import report as report_lib
+    refine.band below it) on the compare axis. On the latency axis every row is timed here
+    (`retime`), as the compare stage times the models it compares, not taken from the
+    profile stage's timing of the search's Pareto set."""
     from nas_prune.refine import near_budgets
 
     axis = opts.compare.axis
     if axis == "latency_ms":
-        rows = report_lib.attach_latency(rows, results_lib.load(run.results, table="latency"))
-        if "latency_ms" not in rows or rows["latency_ms"].isna().all():
-            raise OptionsError("refine: select budgets on the latency_ms axis needs the "
-                               "profile stage's latency of the Pareto set; run `nas-prune "
-                               "profile` first, or set refine.select pareto")
+        rows = retime(run, opts, rows, supernet_dir, space)
     chosen = near_budgets(rows, opts.compare.budgets, axis, opts.refine.per_budget,
                           opts.refine.band)
     if chosen.empty:
@@ -372,6 +369,28 @@ def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame) -> pd.
                  "budgets %s on %s", len(chosen), chosen["trial_id"].nunique(), len(rows),
                  opts.compare.budgets, axis)
     return chosen
+
+
+def retime(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame, supernet_dir: Path,
+           space: str) -> pd.DataFrame:
+    """`rows` (search evaluations) with ``latency_ms`` / ``hardware`` timed now by the profiler
+    actors with `opts.profile` (the runtime and settings the compare stage times its models
+    with), each config once: the timings go to the refine experiment's latency table, so a
+    resumed refine chooses from the same numbers. Why not the profile stage's timings: those
+    are taken right after the search, of the Pareto set only, and on a loaded 2-core CPU one
+    sub-network's timing there and in the compare stage differed by 1.4 ms (5.40 vs 4.00),
+    enough for refine and the comparison to disagree on which models fit a budget."""
+    from nas_prune import report as report_lib
+    from nas_prune.profile import profile_configs
+
+    store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
+    profile_configs(str(supernet_dir), space, [json.loads(c) for c in rows["config"]],
+                    settings=opts.profile, store=store, trial_ids=list(rows["trial_id"]))
+    timed = report_lib.attach_latency(rows.drop(columns=["latency_ms", "hardware"],
+                                                errors="ignore"), store.latency())
+    log.info("refine: timed %d sub-networks on %s: %.2f-%.2f ms", len(timed),
+             timed["hardware"].iloc[0], timed["latency_ms"].min(), timed["latency_ms"].max())
+    return timed
 
 
 def compare(run: RunDir, opts: PipelineOptions) -> Path:

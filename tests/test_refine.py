@@ -470,3 +470,45 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
     assert refined["shared_train_examples"].item() == 1000 + 2 * 320
     assert refined["shared_train_time_s"].item() == pytest.approx(
         10.0 + screens.drop(index=best)["train_time_s"].sum())
+
+
+def test_latency_budgets_choose_by_timings_taken_in_the_refine_stage(
+        tmp_path, tmp_path_factory, supernet_dir, teacher_dir):
+    """On the latency axis refine times every evaluated sub-network itself (as the compare
+    stage times the models it compares), so stale profile-stage timings do not decide: the
+    validation-best sub-network is refined although the search's latency table says it is
+    far over the budget, and one with no timing there is a candidate too."""
+    from nas_prune import pipeline
+    from nas_prune import results as results_lib
+    from nas_prune.options import PipelineOptions, replace
+    from nas_prune.rundir import RunDir
+    from tests.test_results import eval_row, latency_row
+
+    run = RunDir(tmp_path / "run")
+    configs = {"narrow": {"num_layers": 0, "num_heads": 1, "num_units": 4},
+               "middle": CONFIG,
+               "full": {"num_layers": 2, "num_heads": 4, "num_units": 48}}
+    store = results_lib.ResultStore(run.results, "nas-x")
+    store.append_evaluations([
+        eval_row(trial, config, error=error, params_ratio=ratio)
+        for (trial, config), error, ratio in zip(configs.items(), (0.50, 0.40, 0.30),
+                                                 (0.5, 0.7, 0.9), strict=True)])
+    # the profile stage's (stale) timings: "full" far over the budget, "middle" not timed
+    store.append_latency([latency_row(configs["full"], median_ms=1e6, seq_len=8,
+                                      batch_size=1),
+                          latency_row(configs["narrow"], median_ms=1e-6, seq_len=8,
+                                      batch_size=1)])
+    csv = _synthetic_csv(tmp_path_factory.mktemp("retime_data") / "toy.csv")
+    opts = replace(PipelineOptions(), {
+        "experiment": "nas-x", "data": {"task": csv, "seed": 0},
+        "refine": {**FAST, "examples": 16 * 4, "max_length": 32, "select": "budgets"},
+        "profile": {"repeats": 1, "warmup": 0, "seq_len": 8, "batch_size": 1},
+        "compare": {"budgets": [1e3], "axis": "latency_ms"}})
+    rows = pipeline.refine(run, opts, supernet_dir, teacher_dir)
+    assert list(rows.loc[rows["status"] == "ok", "trial_id"]) == ["full"]
+    timed = results_lib.ResultStore(run.results, "refine-nas-x").latency()
+    assert len(timed) == 3 and set(timed["trial_id"]) == set(configs)
+    assert (timed["median_ms"] < 1e3).all() and (timed["median_ms"] > 1e-3).all()
+    # a second run neither times nor refines again
+    pipeline.refine(run, opts, supernet_dir, teacher_dir)
+    assert len(results_lib.ResultStore(run.results, "refine-nas-x").latency()) == 3
