@@ -87,7 +87,9 @@ def options(args: argparse.Namespace) -> PipelineOptions:
                    **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
                       if args.budget_samples else {})},
         "profile": {"repeats": 5, "seq_len": 64},
-        "refine": {"examples": args.refine_examples, "lr": args.refine_lr, "max_length": 64,
+        "refine": {"examples": None if args.refine_total_examples else args.refine_examples,
+                   "total_examples": args.refine_total_examples,
+                   "lr": args.refine_lr, "max_length": 64,
                    "select": args.refine_select, "per_budget": args.refine_per_budget,
                    "band": args.refine_band, "screen_steps": args.refine_screen_steps},
         "compare": ({"budgets": list(args.latency_budgets), "axis": "latency_ms"}
@@ -120,6 +122,9 @@ def main() -> None:
                         "passes = this + 2)")
     parser.add_argument("--refine-examples", type=int, default=3200,
                         help="training examples each refined sub-network is distilled on")
+    parser.add_argument("--refine-total-examples", type=int, default=None,
+                        help="the refine stage's whole budget, split over the models it refines "
+                        "(refine.total_examples; replaces --refine-examples)")
     parser.add_argument("--refine-lr", type=float, default=None,
                         help="peak learning rate of refine (default: RefineOptions.lr's)")
     parser.add_argument("--refine-per-budget", type=int, default=1,

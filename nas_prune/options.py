@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -428,6 +429,11 @@ class RefineOptions:
     """Training examples the student processes (forward + backward), rounded up to whole
     batches; None: one pass over the training split, what one layer-dropping baseline model
     gets by default."""
+    total_examples: int | None = None
+    """The stage's whole training budget instead of `examples`: the examples the screens
+    discard come off it first, the rest is split evenly over the models refined to the end
+    (whole batches; see `split`). For a refine of the whole Pareto set within a cost, e.g.
+    what the baselines get less the supernet's training."""
     batch_size: int = 32
     """Examples per optimizer step."""
     lr: float | None = None
@@ -471,8 +477,8 @@ class RefineOptions:
     (they say which models are refined, not how)."""
 
     def __post_init__(self) -> None:
-        for name in ("examples", "batch_size", "log_every", "checkpoint_every",
-                     "flops_seq_len", "per_budget", "screen_steps"):
+        for name in ("examples", "total_examples", "batch_size", "log_every",
+                     "checkpoint_every", "flops_seq_len", "per_budget", "screen_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"refine: {name} must be >= 1, got {value}")
@@ -490,6 +496,9 @@ class RefineOptions:
             raise TrainingError(f"refine: screen_steps {self.screen_steps} must be fewer than "
                                 f"the refine's {self.steps(self.examples)} steps (examples / "
                                 "batch_size)")
+        if self.examples is not None and self.total_examples is not None:
+            raise TrainingError("refine: set examples (per model) or total_examples (the whole "
+                                "stage), not both")
         if self.screen_z < 0:
             raise TrainingError(f"refine: screen_z must be >= 0, got {self.screen_z}")
         if self.lr is not None and self.lr <= 0:
@@ -520,6 +529,23 @@ class RefineOptions:
         """Optimizer steps of one refine: `examples` (None: one pass over the
         `train_examples` of the training split) in batches of `batch_size`, rounded up."""
         return math.ceil((self.examples or train_examples) / self.batch_size)
+
+    def split(self, group_sizes: Sequence[int]) -> RefineOptions:
+        """These options with `examples` per model from `total_examples` (unchanged when it is
+        None), for a stage whose candidates come in `group_sizes`: one group per model refined
+        to the end, its other members screened for `screen_steps` (none without screening)."""
+        if self.total_examples is None:
+            return self
+        screens = self.screen_steps or 0
+        discarded = screens * self.batch_size * sum(size - 1 for size in group_sizes)
+        per_model = (self.total_examples - discarded) // max(len(group_sizes), 1)
+        per_model -= per_model % self.batch_size
+        if per_model <= screens * self.batch_size or per_model < self.batch_size:
+            raise TrainingError(
+                f"refine: total_examples {self.total_examples} leaves {per_model} examples for "
+                f"each of {len(group_sizes)} models after {discarded} for the screens; raise "
+                "it, screen fewer candidates, or refine fewer models (select budgets)")
+        return dataclasses.replace(self, examples=per_model, total_examples=None)
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide the refined model (all but RESUME_FREE and `enabled`)."""

@@ -289,6 +289,9 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
         row.trial_id: row.error for row in stored[stored["status"] == "rung"].itertuples()}
     if chosen.empty or set(chosen["trial_id"]) <= finished:
         return stored
+    # refine.total_examples: one group per model refined to the end, the rest screened out
+    r = r.split([1] * chosen["trial_id"].nunique() if r.screen_steps is None else
+                [len(group) for _, group in chosen.groupby("budget", dropna=False)])
     tokenizer = data_lib.load_tokenizer(str(supernet_dir))
     task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer, r.max_length)
     steps = r.steps(len(task.train))

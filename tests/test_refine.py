@@ -66,6 +66,25 @@ def test_options_say_what_to_change():
                       batch_size=32)
     with pytest.raises(TrainingError, match="screen_steps must be >= 1"):
         RefineOptions(select="budgets", per_budget=2, screen_steps=0)
+    with pytest.raises(TrainingError, match="set examples .per model. or total_examples"):
+        RefineOptions(examples=100, total_examples=1000)
+
+
+def test_a_total_budget_is_split_over_the_models_refined_to_the_end():
+    # three budgets, three candidates each, 8-step screens: 2 x 256 screened out per budget
+    budgets = RefineOptions(select="budgets", per_budget=3, screen_steps=8, total_examples=21_600)
+    assert budgets.split([3, 3, 3]).examples == (21_600 - 3 * 512) // 3 == 6688
+    assert budgets.split([3, 1]).examples == (21_600 - 512) // 2 // 32 * 32
+    # the whole Pareto set, no screens: whole batches, never more than the total
+    pareto = RefineOptions(total_examples=1000)
+    assert pareto.split([1] * 7).examples == 128 and 7 * 128 <= 1000
+    assert pareto.split([1] * 7).total_examples is None
+    assert RefineOptions(examples=300).split([1] * 7).examples == 300  # no total: unchanged
+    with pytest.raises(TrainingError, match="leaves 0 examples for each of 40 models"):
+        pareto.split([1] * 40)
+    with pytest.raises(TrainingError, match="leaves 256 examples for each of 3 models"):
+        RefineOptions(select="budgets", per_budget=3, screen_steps=8,
+                      total_examples=3 * 512 + 3 * 256).split([3, 3, 3])
 
 
 def test_which_models_select_budgets_refines():
@@ -439,12 +458,14 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
     csv = _synthetic_csv(tmp_path_factory.mktemp("screen_data") / "toy.csv")
     opts = replace(PipelineOptions(), {
         "experiment": "nas-x", "data": {"task": csv, "seed": 0},
-        "refine": {**FAST, "examples": 16 * 40, "max_length": 32, "select": "budgets",
-                   "per_budget": 3, "screen_steps": 20},
+        "refine": {**FAST, "examples": None, "max_length": 32, "select": "budgets",
+                   # the winner's 40 steps and two 20-step screens
+                   "total_examples": 16 * 40 + 2 * 16 * 20, "per_budget": 3,
+                   "screen_steps": 20},
         "compare": {"budgets": [0.95]}})
     # a screen as long as the refine (one pass: 179 training examples, 12 steps of 16) is an
     # error before anything is trained
-    whole = replace(opts, {"refine": {"examples": None, "screen_steps": 12}})
+    whole = replace(opts, {"refine": {"total_examples": None, "screen_steps": 12}})
     with pytest.raises(OptionsError, match="screen_steps 12 must be fewer than the refine's 12"):
         pipeline.refine(run, whole, supernet_dir, teacher_dir)
     assert results_lib.load(run.results, experiment="refine-nas-x").empty
@@ -455,6 +476,10 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
     best = screens["error"].idxmin()
     finished = rows[rows["status"] == "ok"]
     assert list(finished["trial_id"]) == [best] and finished["train_examples"].item() == 16 * 40
+    # refine.total_examples: the winner's whole refine (its screen is its start) and the
+    # two screened-out candidates'
+    assert (finished["train_examples"].sum() + screens.drop(index=best)["train_examples"].sum()
+            == 16 * 40 + 2 * 16 * 20)
     assert best != "narrow", screens["error"]  # the screen, not the unrefined error, chose
     info = json.loads((run.export(best) / SUBNETWORK_FILE).read_text())
     assert info["refine"]["config"] == configs[best]
