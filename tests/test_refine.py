@@ -430,6 +430,26 @@ def test_a_narrowed_hidden_size_distils_the_teachers_kept_channels(rewired, tmp_
                                                                distance(order[16:]))
 
 
+# no layer: the head sees the [CLS] embedding alone, whatever the text, so it cannot learn
+SEARCHED = {"narrow": {"num_layers": 0, "num_heads": 1, "num_units": 4},
+            "middle": CONFIG,
+            "full": {"num_layers": 2, "num_heads": 4, "num_units": 48}}
+
+
+def _search_rows(run, errors):
+    """The search experiment "nas-x" of `run` with one complete evaluation of each SEARCHED
+    sub-network (params ratios 0.5 / 0.7 / 0.9), with these validation errors."""
+    from nas_prune import results as results_lib
+    from tests.test_results import eval_row
+
+    store = results_lib.ResultStore(run.results, "nas-x")
+    store.append_evaluations([
+        eval_row(trial, config, error=error, params_ratio=ratio)
+        for (trial, config), error, ratio in zip(SEARCHED.items(), errors, (0.5, 0.7, 0.9),
+                                                 strict=True)])
+    return store
+
+
 def test_screening_refines_each_budgets_best_candidate_to_the_end(
         tmp_path, tmp_path_factory, supernet_dir, teacher_dir):
     """refine.screen_steps: the three candidates within the budget are each refined for 20
@@ -442,19 +462,10 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
     from nas_prune import results as results_lib
     from nas_prune.options import PipelineOptions, replace
     from nas_prune.rundir import RunDir
-    from tests.test_results import eval_row
 
     run = RunDir(tmp_path / "run")
-    # no layer: the head sees the [CLS] embedding alone, whatever the text, so it cannot learn
-    configs = {"narrow": {"num_layers": 0, "num_heads": 1, "num_units": 4},
-               "middle": CONFIG,
-               "full": {"num_layers": 2, "num_heads": 4, "num_units": 48}}
     # the unrefined errors rank the full sub-network last and the narrow one first
-    store = results_lib.ResultStore(run.results, "nas-x")
-    store.append_evaluations([
-        eval_row(trial, config, error=error, params_ratio=ratio)
-        for (trial, config), error, ratio in zip(configs.items(), (0.30, 0.40, 0.50),
-                                                 (0.5, 0.7, 0.9), strict=True)])
+    _search_rows(run, (0.30, 0.40, 0.50))
     csv = _synthetic_csv(tmp_path_factory.mktemp("screen_data") / "toy.csv")
     opts = replace(PipelineOptions(), {
         "experiment": "nas-x", "data": {"task": csv, "seed": 0},
@@ -471,7 +482,7 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
     assert results_lib.load(run.results, experiment="refine-nas-x").empty
     rows = pipeline.refine(run, opts, supernet_dir, teacher_dir)
     screens = rows[rows["status"] == "rung"].set_index("trial_id")
-    assert sorted(screens.index) == sorted(configs)
+    assert sorted(screens.index) == sorted(SEARCHED)
     assert (screens["fidelity"] == 320).all() and (screens["train_examples"] == 320).all()
     best = screens["error"].idxmin()
     finished = rows[rows["status"] == "ok"]
@@ -482,8 +493,8 @@ def test_screening_refines_each_budgets_best_candidate_to_the_end(
             == 16 * 40 + 2 * 16 * 20)
     assert best != "narrow", screens["error"]  # the screen, not the unrefined error, chose
     info = json.loads((run.export(best) / SUBNETWORK_FILE).read_text())
-    assert info["refine"]["config"] == configs[best]
-    for trial in configs:  # no checkpoint is left behind
+    assert info["refine"]["config"] == SEARCHED[best]
+    for trial in SEARCHED:  # no checkpoint is left behind
         assert not work_dir(run.export(trial)).exists()
         assert (run.export(trial) / SUBNETWORK_FILE).exists() == (trial == best)
     again = pipeline.refine(run, opts, supernet_dir, teacher_dir)
@@ -507,21 +518,14 @@ def test_latency_budgets_choose_by_timings_taken_in_the_refine_stage(
     from nas_prune import results as results_lib
     from nas_prune.options import PipelineOptions, replace
     from nas_prune.rundir import RunDir
-    from tests.test_results import eval_row, latency_row
+    from tests.test_results import latency_row
 
     run = RunDir(tmp_path / "run")
-    configs = {"narrow": {"num_layers": 0, "num_heads": 1, "num_units": 4},
-               "middle": CONFIG,
-               "full": {"num_layers": 2, "num_heads": 4, "num_units": 48}}
-    store = results_lib.ResultStore(run.results, "nas-x")
-    store.append_evaluations([
-        eval_row(trial, config, error=error, params_ratio=ratio)
-        for (trial, config), error, ratio in zip(configs.items(), (0.50, 0.40, 0.30),
-                                                 (0.5, 0.7, 0.9), strict=True)])
+    store = _search_rows(run, (0.50, 0.40, 0.30))
     # the profile stage's (stale) timings: "full" far over the budget, "middle" not timed
-    store.append_latency([latency_row(configs["full"], median_ms=1e6, seq_len=8,
+    store.append_latency([latency_row(SEARCHED["full"], median_ms=1e6, seq_len=8,
                                       batch_size=1),
-                          latency_row(configs["narrow"], median_ms=1e-6, seq_len=8,
+                          latency_row(SEARCHED["narrow"], median_ms=1e-6, seq_len=8,
                                       batch_size=1)])
     csv = _synthetic_csv(tmp_path_factory.mktemp("retime_data") / "toy.csv")
     opts = replace(PipelineOptions(), {
@@ -532,7 +536,7 @@ def test_latency_budgets_choose_by_timings_taken_in_the_refine_stage(
     rows = pipeline.refine(run, opts, supernet_dir, teacher_dir)
     assert list(rows.loc[rows["status"] == "ok", "trial_id"]) == ["full"]
     timed = results_lib.ResultStore(run.results, "refine-nas-x").latency()
-    assert len(timed) == 3 and set(timed["trial_id"]) == set(configs)
+    assert len(timed) == 3 and set(timed["trial_id"]) == set(SEARCHED)
     assert (timed["median_ms"] < 1e3).all() and (timed["median_ms"] > 1e-3).all()
     # a second run neither times nor refines again
     pipeline.refine(run, opts, supernet_dir, teacher_dir)
