@@ -7,6 +7,7 @@ tiny saved Llamas on the token blocks of a synthetic corpus."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -238,6 +239,25 @@ def test_latency_budgets_are_measured_here_for_every_candidate(model_dirs, task,
     with pytest.raises(ValueError, match="gone holds no saved model"):
         compare.compare(gone, model_dirs["dense"], task, tokenizer, [1.0],
                         measure_latency=False)
+
+
+def test_one_sub_network_shape_is_timed_once(model_dirs, task, tokenizer):
+    """A NAS sub-network and its refined copy (one config, two saved models) get one latency,
+    so they cannot fall on either side of a budget; a baseline with the same config string is
+    timed on its own."""
+    config = json.dumps({"num_layers": 2, "num_heads": 4, "num_units": 48})
+    candidates = pd.DataFrame({
+        "method": ["nas", "nas+refine", "pins"],
+        "model_dir": [model_dirs["a"], model_dirs["b"], model_dirs["dense"]],
+        "config": [config, json.dumps(json.loads(config), sort_keys=True), config],
+        "params_ratio": [0.5, 0.5, 0.5], "error": [0.2, 0.1, 0.3]})
+    frame = compare.compare(candidates, model_dirs["dense"], task, tokenizer, [1e6],
+                            axis="latency_ms", latency=FAST_LATENCY, n_bootstrap=20,
+                            n_paired=20).set_index("method")
+    assert frame.loc["nas", "latency_ms"] == frame.loc["nas+refine", "latency_ms"]
+    # the baseline (the dense model's directory) is timed separately: one repeat of two
+    # independent timings agreeing to the last bit would be a coincidence
+    assert frame.loc["pins", "latency_ms"] != frame.loc["nas", "latency_ms"]
 
 
 def test_test_predictions_score_the_test_split_in_order(model_dirs, task, tokenizer):
