@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -648,13 +647,14 @@ def _same_shape(frame: pd.DataFrame) -> dict[str, str]:
     budget (Rotten Tomatoes: 12.29 ms unrefined, over 12.5 refined, one session)."""
     if "config" not in frame:
         return {}
+    from nas_prune.results import config_hash
+
     first: dict[str, str] = {}
     alias = {}
     for method, config, model_dir in zip(frame["method"], frame["config"], frame["model_dir"],
                                          strict=True):
         if method in ("nas", "nas+refine") and isinstance(config, str):
-            shape = json.dumps(json.loads(config), sort_keys=True)
-            alias[model_dir] = first.setdefault(shape, model_dir)
+            alias[model_dir] = first.setdefault(config_hash(config), model_dir)
     return alias
 
 

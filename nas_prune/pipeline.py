@@ -278,11 +278,11 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
     teacher = Path(teacher or meta.get("teacher") or run.teacher)
     r = opts.refine
     space = opts.search.space or meta.get("space") or "small"
+    store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
     if r.select == "budgets":
-        chosen = _near_budgets(run, opts, complete_evaluations(run, opts), supernet_dir, space)
+        chosen = _near_budgets(opts, complete_evaluations(run, opts), supernet_dir, space, store)
     else:
         chosen = pareto_set(run, opts).assign(budget=float("nan"))
-    store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
     stored = store.evaluations()
     finished = set() if stored.empty else set(stored.loc[stored["status"] == "ok", "trial_id"])
     screens = {} if stored.empty else {
@@ -350,8 +350,8 @@ def complete_evaluations(run: RunDir, opts: PipelineOptions) -> pd.DataFrame:
     return rows
 
 
-def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame, supernet_dir: Path,
-                  space: str) -> pd.DataFrame:
+def _near_budgets(opts: PipelineOptions, rows: pd.DataFrame, supernet_dir: Path, space: str,
+                  store: results_lib.ResultStore) -> pd.DataFrame:
     """The candidates refine.select "budgets" refines, with a ``budget`` column: per compare
     budget, the validation-best `refine.per_budget` of `rows` within it (and within
     refine.band below it) on the compare axis. On the latency axis every row is timed here
@@ -361,7 +361,7 @@ def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame, supern
 
     axis = opts.compare.axis
     if axis == "latency_ms":
-        rows = retime(run, opts, rows, supernet_dir, space)
+        rows = retime(opts, rows, supernet_dir, space, store)
     chosen = near_budgets(rows, opts.compare.budgets, axis, opts.refine.per_budget,
                           opts.refine.band)
     if chosen.empty:
@@ -374,19 +374,19 @@ def _near_budgets(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame, supern
     return chosen
 
 
-def retime(run: RunDir, opts: PipelineOptions, rows: pd.DataFrame, supernet_dir: Path,
-           space: str) -> pd.DataFrame:
+def retime(opts: PipelineOptions, rows: pd.DataFrame, supernet_dir: Path, space: str,
+           store: results_lib.ResultStore) -> pd.DataFrame:
     """`rows` (search evaluations) with ``latency_ms`` / ``hardware`` timed now by the profiler
     actors with `opts.profile` (the runtime and settings the compare stage times its models
-    with), each config once: the timings go to the refine experiment's latency table, so a
-    resumed refine chooses from the same numbers. Why not the profile stage's timings: those
-    are taken right after the search, of the Pareto set only, and on a loaded 2-core CPU one
-    sub-network's timing there and in the compare stage differed by 1.4 ms (5.40 vs 4.00),
-    enough for refine and the comparison to disagree on which models fit a budget."""
+    with), each config once: the timings go to `store` (the refine experiment's latency
+    table), so a resumed refine chooses from the same numbers. Why not the profile stage's
+    timings: those are taken right after the search, of the Pareto set only, and on a loaded
+    2-core CPU one sub-network's timing there and in the compare stage differed by 1.4 ms
+    (5.40 vs 4.00), enough for refine and the comparison to disagree on which models fit a
+    budget."""
     from nas_prune import report as report_lib
     from nas_prune.profile import profile_configs
 
-    store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
     profile_configs(str(supernet_dir), space, [json.loads(c) for c in rows["config"]],
                     settings=opts.profile, store=store, trial_ids=list(rows["trial_id"]))
     timed = report_lib.attach_latency(rows.drop(columns=["latency_ms", "hardware"],
