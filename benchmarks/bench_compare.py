@@ -74,33 +74,34 @@ def options(args: argparse.Namespace) -> PipelineOptions:
     sparsities = sorted(round((1 - b) / share, 3) for b in aims if (1 - b) / share < 1)
     keeps = sorted(round((b - (1 - share)) / share, 3) for b in aims if b > 1 - share)
     epochs = args.baseline_epochs
+    seed = args.seed
     return replace(PipelineOptions(), {
         "data": task,
         "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
         "supernet": {"strategy": "full", "num_random": args.supernet_random,
                      "epochs": args.supernet_epochs, "batch_size": 32,
-                     "lr": 1e-4, "max_length": 64, "space": args.space,
+                     "lr": 1e-4, "max_length": 64, "space": args.space, "seed": seed,
                      **({"budgets": list(args.budgets)} if args.supernet_budgets else {})},
         "search": {"searcher": "local", "num_samples": args.trials,
                    "valid_examples": args.valid_examples,
-                   "batch_size": 100,
+                   "batch_size": 100, "seed": seed, "valid_seed": 0,
                    **({"budgets": list(args.budgets), "budget_samples": args.budget_samples}
                       if args.budget_samples else {})},
         "profile": {"repeats": 5, "seq_len": 64},
         "refine": {"examples": None if args.refine_total_examples else args.refine_examples,
                    "total_examples": args.refine_total_examples,
-                   "lr": args.refine_lr, "max_length": 64,
+                   "lr": args.refine_lr, "max_length": 64, "seed": seed,
                    "select": args.refine_select, "per_budget": args.refine_per_budget,
                    "band": args.refine_band, "screen_steps": args.refine_screen_steps},
         "compare": ({"budgets": list(args.latency_budgets), "axis": "latency_ms"}
                     if args.latency_budgets else {"budgets": list(args.budgets)}),
         "baselines": args.baselines,
         "baseline_options": {
-            "pins": {"sparsities": sparsities, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
-                     "max_length": 64},
-            "grain": {"target_ratios": keeps, "epochs": epochs, "batch_size": 32, "lr": 1e-4,
-                      "max_length": 64},
-            "layer_drop": {"layers": [1, 2, 3], "epochs": epochs, "batch_size": 32,
+            "pins": {"sparsities": sparsities, "seed": seed, "epochs": epochs, "batch_size": 32,
+                     "lr": 1e-4, "max_length": 64},
+            "grain": {"target_ratios": keeps, "seed": seed, "epochs": epochs, "batch_size": 32,
+                      "lr": 1e-4, "max_length": 64},
+            "layer_drop": {"layers": [1, 2, 3], "seed": seed, "epochs": epochs, "batch_size": 32,
                            "lr": 1e-4, "max_length": 64},
         },
     })
@@ -147,6 +148,10 @@ def main() -> None:
     parser.add_argument("--baseline-margin", type=float, default=0.005,
                         help="the baselines aim this far below each budget (their per-layer "
                         "rounding can land a little above the aim)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of supernet training, search, refine and the baselines (the "
+                             "teacher, the data split and the validation order stay seed 0, so "
+                             "seeds compare on the same examples)")
     parser.add_argument("--space", default="small", help="supernet space, e.g. small+hidden")
     parser.add_argument("--budget-samples", type=int, default=0,
                         help="first trials drawn per budget among configs just below it "
