@@ -243,6 +243,12 @@ class ProfileOptions:
     """Untimed runs before timing."""
     repeats: int = 10
     """Timed runs; the median is the latency."""
+    rounds: int = 3
+    """Time every model `repeats` times once per round, all the models of one measurement in
+    turn and then all again, and keep each model's lowest median: a burst of load from other
+    processes spoils one round of a few models instead of one model's only timing, and a slow
+    drift of the machine's speed reaches every compared model alike (a shared CPU moved
+    timings 10-15% between sessions). The lookup table's entries are timed the same way."""
     threads: int = 1
     """CPU threads per measurement (pinned with torch.set_num_threads)."""
     clock: str = "wall"
@@ -259,7 +265,7 @@ class ProfileOptions:
             raise ProfileError(f"clock must be wall or thread, got {self.clock!r}")
         if self.clock == "thread" and self.threads != 1:
             raise ProfileError("clock thread times one thread; set threads 1")
-        _at_least(self, 1, ("batch_size", "seq_len", "repeats", "threads"), ProfileError)
+        _at_least(self, 1, ("batch_size", "seq_len", "repeats", "rounds", "threads"), ProfileError)
         _at_least(self, 0, ("warmup",), ProfileError)
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ProfileError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")

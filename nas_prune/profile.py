@@ -24,7 +24,9 @@ Parameter count is a poor proxy for latency on a given GPU or CPU, so nas_prune 
   a grid of hidden widths (`hidden_grid`) and the prediction interpolated linearly in the
   sub-network's width.
 * `profile_configs` runs a pool per hardware type, caches measurements in the results store
-  (the same config on the same hardware is measured once per experiment) and returns rows.
+  (the same config on the same hardware is measured once per experiment) and returns rows;
+  `profile_saved` times saved models (exports, baselines, the teacher) with the same actors.
+  Both time in interleaved rounds and keep each model's lowest median (`fastest_round`).
 * `decoder_latency` times a decoder (nas_prune.decoder) the way text generation runs it: the
   prefill (one forward pass over the prompts, filling the KV cache) and the decode steps (one
   token per sequence per forward pass, reading the cache), reported per generated token.
@@ -711,11 +713,16 @@ def profile_configs(
         if not todo:
             continue
         pool = start_pool(str(checkpoint), space, hw, settings, actors_per_type)
-        for i, (config, _, _) in enumerate(todo):
-            futures.append(pool[i % len(pool)].measure.remote(dict(config)))
+        # an actor runs its calls in the order they were made: round by round
+        for _ in range(settings.rounds):
+            for i, (config, _, _) in enumerate(todo):
+                futures.append(pool[i % len(pool)].measure.remote(dict(config)))
+        results = ray.get(futures)
         measured = []
-        for (config, key, trial_id), result in zip(todo, ray.get(futures), strict=True):
-            measured.append({**result, "config": dict(config), "config_hash": key,
+        for i, (config, key, trial_id) in enumerate(todo):
+            row = fastest_round(results[i::len(todo)])
+            row.pop("round_ms")
+            measured.append({**row, "config": dict(config), "config_hash": key,
                              "predicted": False, "trial_id": trial_id})
         log.info("measured %d sub-networks on %s (%s)", len(measured), hw.name,
                  measured[0]["device_name"])
@@ -727,13 +734,27 @@ def profile_configs(
     return rows
 
 
+def fastest_round(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One model's timing from its rounds (`ProfileOptions.rounds`): the row of the round with
+    the lowest median (its p90, mean and spread with it), a decoder's ``decode_ms`` the lowest
+    of the rounds' too, ``rounds`` the number of rounds and ``round_ms`` their medians."""
+    best = dict(min(rows, key=lambda r: r["median_ms"]))
+    if best.get("decode_ms") is not None:
+        fastest_decode = min(rows, key=lambda r: r["decode_ms"])
+        best.update(decode_ms=fastest_decode["decode_ms"],
+                    decode_p90_ms=fastest_decode.get("decode_p90_ms"))
+    return {**best, "rounds": len(rows), "round_ms": [r["median_ms"] for r in rows]}
+
+
 def profile_saved(model_dirs: Sequence[str | os.PathLike],
                   settings: ProfileOptions | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """Time the saved models in `model_dirs` (exports, baselines' models, the teacher) on every
     hardware type of `settings.hardware` (as `profile_configs`), each by a profiler actor
-    pinned to that type, the same runtime that times NAS sub-networks (`Profiler.measure_saved`).
-    Returns ``{model_dir: {hardware: row}}``, the hardware types in `resolve_hardware`'s order
-    (the first is the one a single latency column reports)."""
+    pinned to that type, the same runtime that times NAS sub-networks (`Profiler.measure_saved`),
+    in `settings.rounds` interleaved rounds (every model, then every model again), each model's
+    lowest median kept (`fastest_round`), so that models compared with each other were timed
+    under the same conditions. Returns ``{model_dir: {hardware: row}}``, the hardware types in
+    `resolve_hardware`'s order (the first is the one a single latency column reports)."""
     import ray
 
     settings = settings or ProfileOptions()
@@ -744,9 +765,10 @@ def profile_saved(model_dirs: Sequence[str | os.PathLike],
     for hw in resolve_hardware(settings.hardware, discover_hardware()):
         pool = start_pool(None, None, hw, settings)
         try:
-            for d, row in zip(dirs, ray.get([pool[0].measure_saved.remote(d) for d in dirs]),
-                              strict=True):
-                measured[d][hw.name] = row
+            results = ray.get([pool[0].measure_saved.remote(d)
+                               for _ in range(settings.rounds) for d in dirs])
+            for i, d in enumerate(dirs):
+                measured[d][hw.name] = fastest_round(results[i::len(dirs)])
         finally:
             for actor in pool:
                 ray.kill(actor)
@@ -757,15 +779,16 @@ def profile_saved(model_dirs: Sequence[str | os.PathLike],
 def measure_tables(checkpoint: str | os.PathLike, space: str,
                    hardware: Sequence[str] | None = None,
                    settings: ProfileOptions | None = None,
-                   rounds: int = 1) -> dict[str, LatencyTable]:
+                   rounds: int | None = None) -> dict[str, LatencyTable]:
     """A LatencyTable per hardware type, each measured by an actor on that type with
     `settings.clock`: every head count (a decoder: KV head count x queries per KV head), seven
     neuron counts, and, for a space that searches the hidden size (``+hidden``), four hidden
     widths from the space's smallest to the full width (`hidden_grid`); each entry the lowest
-    of `rounds` medians (see `Profiler.lookup_table`)."""
+    of `rounds` medians (default `settings.rounds`; see `Profiler.lookup_table`)."""
     import ray
 
     settings = settings or ProfileOptions()
+    rounds = settings.rounds if rounds is None else rounds
     config, grid = _table_grid(checkpoint, space)
     if not ray.is_initialized():
         ray.init()

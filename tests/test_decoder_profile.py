@@ -17,6 +17,7 @@ import tempfile
 from datetime import UTC, datetime
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -263,14 +264,16 @@ def test_measure_tables_for_a_hidden_decoder_space(local_ray, supernet):
 
 
 def test_latency_files_without_decode_columns_still_load(tmp_path):
-    """A latency file written before the decode columns existed reads back with them null."""
+    """A latency file written before the decode (and rounds) columns existed reads back with
+    them null."""
     store = results.ResultStore(tmp_path, "new")
     row = {"hardware": "cpu", "device_name": "x", "config": {"num_layers": 1},
            "batch_size": 1, "seq_len": 8, "dtype": "fp32", "median_ms": 1.0, "p90_ms": 1.0,
            "mean_ms": 1.0, "std_ms": 0.0, "repeats": 3, "predicted": False, "params": 10}
     store.append_latency([{**row, "decode_ms": 0.5, "decode_p90_ms": 0.6, "new_tokens": 16}])
     old_columns = [f for f in results.LATENCY_SCHEMA
-                   if f.name not in ("experiment", "decode_ms", "decode_p90_ms", "new_tokens")]
+                   if f.name not in ("experiment", "decode_ms", "decode_p90_ms", "new_tokens",
+                                     "rounds")]
     old = pa.Table.from_pylist(
         [{**row, "config": '{"num_layers":1}', "config_hash": results.config_hash(row["config"]),
           "timestamp": datetime(2024, 1, 1, tzinfo=UTC), "method": None, "trial_id": None}],
@@ -281,6 +284,7 @@ def test_latency_files_without_decode_columns_still_load(tmp_path):
     table = results.load(tmp_path, table="latency").set_index("experiment")
     assert table.loc["new", "decode_ms"] == 0.5 and table.loc["new", "new_tokens"] == 16
     assert np.isnan(table.loc["old", "decode_ms"]) and table.loc["old", "median_ms"] == 1.0
+    assert pd.isna(table.loc["old", "rounds"])
     cached = results.ResultStore(tmp_path, "old").cached_latency(
         results.config_hash(row["config"]), "cpu", 1, 8, "fp32")
     assert cached["median_ms"] == 1.0

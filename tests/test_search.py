@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from nas_prune.options import (
     SupernetOptions,
     TaskOptions,
 )
+from nas_prune.search import pareto
 from nas_prune.search.driver import run_search
 from nas_prune.search.searchers import (
     LocalSearcher,
@@ -338,11 +340,13 @@ def test_search_rejects_a_non_supernet_and_infeasible_workers(supernet, ray_loca
 
 
 _DRIVER = textwrap.dedent("""
+    import logging
     import sys
     import ray
     from nas_prune.options import SearchOptions, TaskOptions
     from nas_prune.search.driver import run_search
     supernet, csv, out = sys.argv[1:4]
+    logging.basicConfig(level=logging.INFO)
     ray.init(num_cpus=1, include_dashboard=False)
     opts = SearchOptions(searcher="local", num_samples=int(sys.argv[4]), batch_size=16,
                          num_workers=1)
@@ -383,6 +387,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(supernet, tmp_p
     kept = after.set_index("trial_id").loc[before["trial_id"]]
     np.testing.assert_allclose(kept["error"], before.set_index("trial_id")["error"])
     assert set(before["timestamp"]) <= set(after["timestamp"])  # old rows kept, not re-run
+    # the progress line's front counts the trials finished before the kill too
+    last = re.findall(r"trials (\d+)/60 done, Pareto front (\d+)", done.stderr)[-1]
+    front = pareto.pareto_mask(after[["error", "params_ratio"]].to_numpy(float)).sum()
+    assert (int(last[0]), int(last[1])) == (after["trial_id"].nunique(), front)
 
 
 def test_latency_objective_in_moasha_search(supernet, ray_local, tmp_path):

@@ -104,6 +104,8 @@ LATENCY_SCHEMA: pa.Schema = pa.schema(
         _field("decode_ms", pa.float64(), nullable=True),
         _field("decode_p90_ms", pa.float64(), nullable=True),
         _field("new_tokens", pa.int64(), nullable=True),
+        # interleaved rounds the lowest median was kept of (ProfileOptions.rounds); null: one
+        _field("rounds", pa.int64(), nullable=True),
     ]
 )
 """Columns of the latency table. Files written before a nullable column was added read back

@@ -97,9 +97,23 @@ class ResultsCallback(tune.Callback):
         holds (finished before an interruption) are not recorded twice."""
         self.recorded = self.store.finished_trials()
         self.done = len(self.recorded)
+        self.front = [self._objectives(row) for row in self._stored_complete()]
         self.pending = {}
         self.started = time.perf_counter()
         self._done_at_start = self.done
+
+    def _objectives(self, row) -> np.ndarray:
+        return np.array([row["latency_ms" if k.startswith("latency:") else k]
+                         for k in self.objectives], float)
+
+    def _stored_complete(self) -> list[dict]:
+        """The complete evaluations of trials the store holds (a resumed search's progress
+        line counts their Pareto front too)."""
+        if not self.recorded:
+            return []
+        rows = self.store.evaluations()
+        rows = rows[rows["trial_id"].isin(self.recorded) & (rows["status"] == "ok")]
+        return rows.to_dict("records")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id in self.recorded:
@@ -123,11 +137,12 @@ class ResultsCallback(tune.Callback):
         return rows
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.recorded:
+            return  # finished (and counted) before an interruption; Tune ran it again
         rows = self._flush(trial)
         self.done += 1
         if rows and rows[-1]["status"] == "ok":
-            self.front.append(np.array([rows[-1]["latency_ms" if k.startswith("latency:")
-                                                  else k] for k in self.objectives], float))
+            self.front.append(self._objectives(rows[-1]))
         front = int(pareto.pareto_mask(np.array(self.front)).sum()) if self.front else 0
         new = self.done - self._done_at_start
         rate = new / max(1e-9, time.perf_counter() - self.started)
