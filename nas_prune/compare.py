@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -366,7 +367,14 @@ def paired_perplexity_test(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndar
     if a.shape != b.shape or a.size == 0:
         raise CompareError(f"a paired test needs the same, non-empty set of blocks for both "
                            f"models; got {a.size} and {b.size} blocks")
-    rows = _blocks(a - b, tokens)
+    test = _sign_flip_test(_blocks(a - b, tokens), n, seed, level)
+    return {**test, "a_lower": int((a < b).sum()), "b_lower": int((b < a).sum())}
+
+
+def _sign_flip_test(rows: np.ndarray, n: int, seed: int, level: float) -> dict[str, float]:
+    """The weighted mean difference ``sum(d) / sum(w)`` of per-unit rows (d, w), its paired
+    percentile-bootstrap interval (units resampled) and its two-sided sign-flip permutation
+    p-value (see `paired_perplexity_test`)."""
     if n < 1:
         raise CompareError(f"n must be >= 1 resample, got {n}")
     _check_level(level)
@@ -383,8 +391,7 @@ def paired_perplexity_test(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndar
         signs = rng.choice((-1.0, 1.0), size=(min(256, n - start), len(d)))
         extreme += int((np.abs(signs @ d) / total >= abs(diff) - slack).sum())
     return {"diff": float(diff), "low": float(low), "high": float(high),
-            "p_value": (1 + extreme) / (n + 1), "a_lower": int((a < b).sum()),
-            "b_lower": int((b < a).sum())}
+            "p_value": (1 + extreme) / (n + 1)}
 
 
 # ------------------------------------------------------------------------------ the choice
@@ -465,6 +472,7 @@ def compare(
     alpha: float = 0.05,
     batch_size: int = 64,
     max_test_examples: int | None = None,
+    scores_out: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The comparison table of the module docstring's protocol.
 
@@ -496,6 +504,9 @@ def compare(
         max_test_examples: score only this many test examples (blocks), drawn with `seed`
             and kept in their order, the same ones for every model (a quicker comparison;
             the digest identifies them); None: the whole test split.
+        scores_out: a dict this fills with every reported model's per-example test scores
+            (``{model_dir: correctness}``, or (NLL, tokens) rows per block for language
+            modelling), what `write_comparison` stores for `pool_seeds`.
 
     Returns:
         One row for the dense model (budget NaN), then one per (budget, method): ``budget``,
@@ -635,6 +646,8 @@ def compare(
     result = pd.DataFrame(table, columns=_columns(lm) + per_hardware)
     result.attrs.update({"axis": axis, "metric": metric, "level": level, "alpha": alpha,
                          "seed": seed})
+    if scores_out is not None:
+        scores_out.update({d: scored[d] for d in result["model_dir"]})
     log.info("compared %d methods at %d budgets on %d test %s", len(methods),
              len(set(chosen["budget"])), dense["test_examples"], "blocks" if lm else "examples")
     return result
@@ -746,13 +759,25 @@ def comparison_markdown(frame: pd.DataFrame, costs: pd.DataFrame | None = None) 
                  f"paired against {reference} at the same budget (exact McNemar test; Δ "
                  "interval by paired bootstrap).")
         head, delta_head, spec = f"test accuracy [{level:.0%} CI]", "Δ", ".4f"
+    pooled = "test_by_seed" in frame.columns
+    if pooled:
+        runs = int(frame["seeds"].max())
+        intro = (f"Pooled over {runs} runs of one recipe (seeds): each method's model at a "
+                 f"budget is each run's own choice ({choice}); the figure is the mean over the "
+                 f"runs, taken per test example first, on the same {n} test examples (digest "
+                 f"{digest}); its {level:.0%} interval is a bootstrap over test examples of "
+                 "the per-example means (test-sample uncertainty given these runs; the spread "
+                 "between seeds is the 'by seed' column). Δ: per example the mean over the "
+                 f"runs of (method - {reference}), paired-bootstrap interval, p by a paired "
+                 "sign-flip permutation test over examples. Parameters, latency and cost are "
+                 "the runs' means.")
     lines = [
         intro,
         "",
-        f"| budget ({axis}) | method | model | {head} | params ratio | "
-        f"latency ms | cost: train examples | cost: time s | {delta_head} vs ref [CI] | p | "
-        "significant |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| budget ({axis}) | method | model | {head} |{' by seed |' if pooled else ''} "
+        f"params ratio | latency ms | cost: train examples | cost: time s | {delta_head} vs ref "
+        "[CI] | p | significant |",
+        "|---|---|---|---|" + ("---|" if pooled else "") + "---|---|---|---|---|---|---|",
     ]
     for _, r in frame.iterrows():
         diff = r.get("diff_vs_reference")
@@ -762,7 +787,8 @@ def comparison_markdown(frame: pd.DataFrame, costs: pd.DataFrame | None = None) 
             f"| {_fmt(r['budget'], '.4g')} | {r['method']} | {r['trial_id']} | "
             f"{format(r[f'test_{metric}'], spec)} [{format(r['test_low'], spec)}, "
             f"{format(r['test_high'], spec)}] | "
-            f"{_fmt(r['params_ratio'], '.3f')} | {_fmt(r['latency_ms'], '.2f')} | "
+            + (f"{r['test_by_seed']} | " if pooled else "")
+            + f"{_fmt(r['params_ratio'], '.3f')} | {_fmt(r['latency_ms'], '.2f')} | "
             f"{_fmt(r['cost_examples'], ',.0f')} | {_fmt(r['cost_time_s'], '.1f')} | {delta} | "
             f"{_fmt(r.get('p_value'), '.3g')} | {_yes_no(r.get('significant'))} |"
         )
@@ -831,15 +857,163 @@ def plot_comparison(frame: pd.DataFrame, out_png: str | os.PathLike) -> Path:
 
 
 def write_comparison(frame: pd.DataFrame, out_dir: str | os.PathLike,
-                     candidates: pd.DataFrame | None = None) -> Path:
+                     candidates: pd.DataFrame | None = None,
+                     scores: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write ``comparison.md`` (the table, and the total costs when `candidates` are given),
-    ``comparison.csv`` (every column) and ``comparison.png`` to `out_dir`; returns the
-    Markdown file's path."""
+    ``comparison.csv`` (every column), ``comparison.json`` (the table's ``attrs``: axis,
+    metric, level, ...), ``comparison.png`` and, when `scores` are given (`compare`'s
+    `scores_out`), ``test_scores.parquet`` (one row per model and test example: ``model_dir``,
+    ``example`` and ``correct``, or ``nll`` and ``tokens`` per block) to `out_dir`; returns
+    the Markdown file's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     costs = total_costs(frame, candidates) if candidates is not None else None
     markdown = out / "comparison.md"
     markdown.write_text(comparison_markdown(frame, costs))
     frame.to_csv(out / "comparison.csv", index=False)
+    (out / "comparison.json").write_text(json.dumps(frame.attrs, indent=1, default=str))
+    if scores:
+        parts = []
+        for model_dir, values in scores.items():
+            values = np.asarray(values, dtype=np.float64)
+            part = {"model_dir": model_dir, "example": np.arange(len(values))}
+            if values.ndim == 2:
+                part.update(nll=values[:, 0], tokens=values[:, 1])
+            else:
+                part["correct"] = values
+            parts.append(pd.DataFrame(part))
+        pd.concat(parts, ignore_index=True).to_parquet(out / "test_scores.parquet", index=False)
     plot_comparison(frame, out / "comparison.png")
     return markdown
+
+
+def read_comparison(out_dir: str | os.PathLike
+                    ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The comparison `write_comparison` wrote to `out_dir` (its ``attrs`` restored) and its
+    per-example test scores by model directory."""
+    out = Path(out_dir)
+    files = [out / "comparison.csv", out / "comparison.json", out / "test_scores.parquet"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CompareError(f"{out} lacks {', '.join(missing)}: run the compare stage there "
+                           f"again (nas-prune compare --out {out.parent}) to write them")
+    frame = pd.read_csv(files[0])
+    frame.attrs.update(json.loads(files[1].read_text()))
+    table = pd.read_parquet(files[2]).sort_values(["model_dir", "example"])
+    columns = ["nll", "tokens"] if "nll" in table else ["correct"]
+    scores = {str(d): (g[columns].to_numpy(np.float64) if len(columns) == 2
+                       else g["correct"].to_numpy(np.float64))
+              for d, g in table.groupby("model_dir", sort=False)}
+    return frame, scores
+
+
+def pool_seeds(out_dirs: Sequence[str | os.PathLike], *, n_bootstrap: int = 1000,
+               n_paired: int = 10000, seed: int = 0, level: float = 0.95,
+               alpha: float = 0.05) -> pd.DataFrame:
+    """The comparisons of several runs of one recipe (different seeds, the same test
+    examples), pooled: one row per (budget, method) that every run has.
+
+    Each run chose its own model at each budget on validation; the pooled figure is the mean
+    over the runs of those models' test figures, computed per test example first (a model's
+    correctness, or a block's NLL, averaged over the runs), so that intervals and paired tests
+    stay over test examples: the figure's percentile-bootstrap interval resamples examples
+    with their per-example means; the difference to the reference method is, per example,
+    the mean over the runs of (method - reference), its interval a paired bootstrap and its
+    p-value a two-sided sign-flip permutation test over examples (classification; the
+    exact McNemar test of a single run needs 0/1 outcomes). This is test-sample uncertainty
+    given these runs: with few runs it does not estimate the spread between seeds, which the
+    ``test_by_seed`` column shows. Validation errors, parameters, latency and cost are the
+    runs' means.
+
+    Args:
+        out_dirs: the runs' compare directories (``OUT/compare``), each written by
+            `write_comparison` with its test scores.
+        n_bootstrap, n_paired, seed, level, alpha: as for `compare`.
+
+    Returns:
+        A table with `compare`'s columns (``trial_id`` the runs' models joined by " / ") plus
+        ``seeds`` and ``test_by_seed``; ``attrs`` also hold ``runs`` (the directories).
+    """
+    if len(out_dirs) < 2:
+        raise CompareError(f"pooling needs the comparisons of at least two runs, got "
+                           f"{len(out_dirs)}")
+    if not 0 < alpha < 1:
+        raise CompareError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    runs = [read_comparison(d) for d in out_dirs]
+    first = runs[0][0]
+    for key in ("axis", "metric"):
+        values = {frame.attrs.get(key) for frame, _ in runs}
+        if len(values) > 1:
+            raise CompareError(f"the runs were compared on different {key}s ({values}); pool "
+                               f"runs of one comparison")
+    digests = {str(frame["test_digest"].iloc[0]) for frame, _ in runs}
+    if len(digests) > 1:
+        raise CompareError(f"the runs were scored on different test examples (digests "
+                           f"{sorted(digests)}); pool runs of one task and test split")
+    lm = first.attrs.get("metric") == "perplexity"
+    metric = "perplexity" if lm else "accuracy"
+
+    def key(row) -> tuple:
+        return ("dense",) if row["method"] == "dense" else (float(row["budget"]), row["method"])
+
+    keyed = [{key(r): r for _, r in frame.iterrows()} for frame, _ in runs]
+    common = [k for k in keyed[0] if all(k in other for other in keyed[1:])]
+    left_out = sorted({k for table in keyed for k in table} - set(common), key=str)
+    if left_out:
+        log.warning("not in every run, left out of the pool: %s", left_out)
+    references = {frame["reference"].iloc[0] for frame, _ in runs}
+    if len(references) > 1:
+        raise CompareError(f"the runs were tested against different reference methods "
+                           f"({references}); pool runs of one comparison")
+    reference = references.pop()
+
+    def pooled_scores(k: tuple) -> np.ndarray:
+        return np.mean([scores[table[k]["model_dir"]]
+                        for table, (_, scores) in zip(keyed, runs, strict=True)], axis=0)
+
+    def mean(k: tuple, column: str) -> float:
+        values = [table[k].get(column) for table in keyed]
+        values = [float(v) for v in values if v is not None and not pd.isna(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    table = []
+    for k in common:
+        rows = [t[k] for t in keyed]
+        values = pooled_scores(k)
+        if lm:
+            figure, low, high = perplexity_interval(values[:, 0], values[:, 1], n_bootstrap,
+                                                    seed, level)
+        else:
+            figure, low, high = bootstrap_interval(values, n_bootstrap, seed, level)
+        out = {"budget": float("nan") if k == ("dense",) else k[0], "method": rows[0]["method"],
+               "trial_id": " / ".join(str(r["trial_id"]) for r in rows),
+               "model_dir": " ; ".join(str(r["model_dir"]) for r in rows),
+               "seeds": len(rows),
+               "test_by_seed": " / ".join(f"{r[f'test_{metric}']:.4f}" for r in rows),
+               f"test_{metric}": figure, "test_low": low, "test_high": high,
+               "test_examples": len(values), "test_digest": rows[0]["test_digest"],
+               "hardware": rows[0].get("hardware"), "reference": reference}
+        if lm:
+            out["test_tokens"] = int(values[:, 1].sum())
+        for column in ("valid_error", "params_ratio", "latency_ms", "decode_ms",
+                       "cost_examples", "cost_time_s", "train_examples", "train_time_s",
+                       *(c for c in first.columns if c.startswith("latency_ms["))):
+            if column in first:
+                out[column] = mean(k, column)
+        ref = None if k == ("dense",) else (k[0], reference)
+        if ref in common and k != ref:
+            mine, theirs = values, pooled_scores(ref)
+            rows_d = (np.stack([mine[:, 0] - theirs[:, 0], mine[:, 1]], axis=1) if lm
+                      else np.stack([mine - theirs, np.ones(len(mine))], axis=1))
+            test = _sign_flip_test(rows_d, n_paired, seed, level)
+            out.update({"diff_vs_reference": test["diff"], "diff_low": test["low"],
+                        "diff_high": test["high"], "p_value": test["p_value"],
+                        "significant": bool(test["p_value"] < alpha)})
+        table.append(out)
+    columns = [*_columns(lm), "seeds", "test_by_seed"]
+    columns += sorted({c for row in table for c in row if c.startswith("latency_ms[")})
+    result = pd.DataFrame(table, columns=columns)
+    result.attrs.update({"axis": first.attrs.get("axis", "params_ratio"), "metric": metric,
+                         "level": level, "alpha": alpha, "seed": seed,
+                         "runs": [str(d) for d in out_dirs]})
+    return result

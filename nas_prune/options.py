@@ -591,9 +591,17 @@ class CompareOptions:
     max_test_examples: int | None = None
     """Score a seeded subset of this many test examples (blocks, for language modelling), the
     same for every model; None: the whole test split."""
+    pool: list[str] | None = None
+    """Run directories of one recipe run with different seeds (the same task and test
+    examples, each compared already): instead of comparing this run's models, pool their
+    comparisons into OUT/compare (nas_prune.compare.pool_seeds: each figure the mean over the
+    runs, intervals and paired tests over test examples, each run's figure beside it)."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, ("max_test_examples",), OptionsError)
+        if self.pool is not None and len(self.pool) < 2:
+            raise OptionsError(f"compare: pool needs at least two run directories, got "
+                               f"{self.pool}")
         if not self.budgets or any(b <= 0 for b in self.budgets):
             raise OptionsError(f"compare: budgets must be positive numbers, got {self.budgets}")
         if self.axis not in ("params_ratio", "latency_ms"):

@@ -403,9 +403,17 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
     by the profiler actors on every hardware type (unless profile.enabled is false); written
     to ``run.compare``. A
     language-modelling task is compared by test perplexity over the supernet's token blocks;
-    ``compare.max_test_examples`` caps the test examples (blocks) scored."""
+    ``compare.max_test_examples`` caps the test examples (blocks) scored. With
+    ``compare.pool`` it scores nothing: it pools those runs' comparisons
+    (`nas_prune.compare.pool_seeds`) into ``run.compare``."""
     from nas_prune import compare as compare_lib
 
+    c = opts.compare
+    if c.pool:
+        pooled = compare_lib.pool_seeds(
+            [RunDir(d).compare for d in c.pool], n_bootstrap=c.n_bootstrap,
+            n_paired=c.n_paired, seed=c.seed, level=c.level, alpha=c.alpha)
+        return compare_lib.write_comparison(pooled, run.compare)
     supernet_dir = run.supernet
     meta = check_supernet(supernet_dir)
     teacher = Path(meta.get("teacher") or run.teacher)
@@ -435,14 +443,14 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
     tokenizer = data_lib.load_tokenizer(str(teacher))
     max_length = read_meta(supernet_dir).get("options", {}).get("max_length", 128)
     task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer, max_length)
-    c = opts.compare
+    scores: dict[str, np.ndarray] = {}
     frame = compare_lib.compare(
         table, teacher, task, tokenizer, c.budgets, c.axis, reference=c.reference,
         latency=opts.profile, measure_latency=c.axis == "latency_ms" or opts.profile.enabled,
         n_bootstrap=c.n_bootstrap, n_paired=c.n_paired, seed=c.seed, level=c.level,
         alpha=c.alpha, batch_size=c.batch_size,
-        max_test_examples=c.max_test_examples)
-    return compare_lib.write_comparison(frame, run.compare, table)
+        max_test_examples=c.max_test_examples, scores_out=scores)
+    return compare_lib.write_comparison(frame, run.compare, table, scores)
 
 
 def refined_candidates(run: RunDir, rows: pd.DataFrame, shared: dict[str, float | None]
@@ -535,6 +543,10 @@ def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     from nas_prune.models import family_of
 
     rundir = RunDir(out)
+    if opts.compare.pool:
+        raise OptionsError("compare.pool pools the comparisons of finished runs; give it to "
+                           "`nas-prune compare --out POOLED --compare.pool RUN RUN ...`, not to "
+                           "run")
     family, kind = family_of(opts.model), data_lib.task_kind(opts.data)
     for name in opts.baselines:  # built (and so checked) now, before hours of training
         baselines_lib.check_applies(name, family, kind)

@@ -113,6 +113,9 @@ def _run(args, tmp_path):
         (["profile", "--out", "x", "--configs", "{\"num_layers\": \"many\"}"], "--configs"),
         (["export", "--out", "x", "--sub_network", "{not json"], "--sub_network"),
         (["finetune", "--out", "afile"], "is a file, not a directory"),
+        (["compare", "--out", "x", "--compare.pool", "[one]"], "pool needs at least two"),
+        (["compare", "--out", "x", "--compare.pool", "[one, two]"], "lacks comparison.csv"),
+        (["run", "--out", "x", "--compare.pool", "[one, two]"], "`nas-prune compare --out"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):

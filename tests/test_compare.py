@@ -22,7 +22,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from nas_prune import compare, data
+from nas_prune import cli, compare, data
 from nas_prune.options import ProfileOptions
 from tests.conftest import randomise_
 from tests.test_lm_pipeline import _document, _tiny_llama
@@ -204,6 +204,85 @@ def test_comparison_of_saved_models_on_the_same_test_examples(model_dirs, task, 
     assert "| 0.5 | pins | p-0.5 |" in text
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == len(frame)
+
+
+def _seed_run(root: Path, choices: dict[str, str], model_dirs, task, tokenizer,
+              **kwargs) -> Path:
+    """A run's compare directory: NAS and PINS each offer one model at budget 0.5 (`choices`:
+    method -> model key), NAS at cost 5000 shared, PINS 700 of its own."""
+    candidates = pd.DataFrame([
+        ("nas", f"nas-{choices['nas']}", model_dirs[choices["nas"]], 0.45, 0.2, 0, 0.0, 5000),
+        ("pins", f"pins-{choices['pins']}", model_dirs[choices["pins"]], 0.48, 0.3, 700, 7.0,
+         None),
+    ], columns=["method", "trial_id", "model_dir", "params_ratio", "error", "train_examples",
+                "train_time_s", "shared_train_examples"])
+    scores: dict[str, np.ndarray] = {}
+    frame = compare.compare(candidates, model_dirs["dense"], task, tokenizer, [0.5],
+                            measure_latency=False, n_bootstrap=100, n_paired=200,
+                            scores_out=scores, **kwargs)
+    compare.write_comparison(frame, root / "compare", candidates, scores)
+    return root / "compare"
+
+
+def test_seeds_are_pooled_per_test_example(model_dirs, task, tokenizer, tmp_path):
+    """Runs of one recipe (seeds) pool into one table: each figure the mean over the runs'
+    own choices, the paired difference per example averaged over the runs first, so two runs
+    that swap which method got which model tie exactly."""
+    run1 = _seed_run(tmp_path / "s1", {"nas": "a", "pins": "b"}, model_dirs, task, tokenizer)
+    run2 = _seed_run(tmp_path / "s2", {"nas": "b", "pins": "a"}, model_dirs, task, tokenizer)
+    run3 = _seed_run(tmp_path / "s3", {"nas": "a", "pins": "b"}, model_dirs, task, tokenizer)
+    acc = {k: _accuracy_by_hand(model_dirs[k], task, tokenizer) for k in ("a", "b", "dense")}
+    assert acc["a"] != acc["b"]
+    # what a run stores is what pooling reads: the per-example correctness of each model
+    frame, scores = compare.read_comparison(run1)
+    assert frame.attrs["axis"] == "params_ratio" and frame.attrs["metric"] == "accuracy"
+    assert set(scores) == set(frame["model_dir"])
+    for key in ("dense", "a", "b"):
+        assert scores[model_dirs[key]].mean() == pytest.approx(acc[key])
+
+    swapped = compare.pool_seeds([run1, run2], n_bootstrap=100, n_paired=500)
+    rows = swapped.set_index("method")
+    assert list(swapped["method"]) == ["dense", "nas", "pins"]
+    assert (swapped["seeds"] == 2).all() and (swapped["test_examples"] == len(task.test)).all()
+    for method in ("nas", "pins"):
+        assert rows.loc[method, "test_accuracy"] == pytest.approx((acc["a"] + acc["b"]) / 2)
+        assert rows.loc[method, "test_low"] <= rows.loc[method, "test_accuracy"]
+    assert rows.loc["nas", "trial_id"] == "nas-a / nas-b"
+    assert rows.loc["nas", "test_by_seed"] == f"{acc['a']:.4f} / {acc['b']:.4f}"
+    assert rows.loc["dense", "test_accuracy"] == pytest.approx(acc["dense"])
+    pins = rows.loc["pins"]
+    assert pins["diff_vs_reference"] == 0 and pins["p_value"] == 1.0 and not pins["significant"]
+    assert rows.loc["nas", "cost_examples"] == 5000 and pins["cost_examples"] == 700
+    assert rows.loc["nas", "params_ratio"] == pytest.approx(0.45)
+
+    kept = compare.pool_seeds([run1, run3], n_bootstrap=100, n_paired=500).set_index("method")
+    assert kept.loc["pins", "diff_vs_reference"] == pytest.approx(acc["b"] - acc["a"])
+    assert kept.loc["pins", "p_value"] < 1
+    assert kept.loc["pins", "diff_low"] <= acc["b"] - acc["a"] <= kept.loc["pins", "diff_high"]
+
+    # the route users take: nas-prune compare --compare.pool, into OUT/compare
+    pooled = tmp_path / "pooled"
+    assert cli.main(["compare", "--out", str(pooled), "--compare.pool",
+                     json.dumps([str(run1.parent), str(run2.parent)])]) == 0
+    text = (pooled / "compare" / "comparison.md").read_text()
+    assert "Pooled over 2 runs" in text and "| by seed |" in text
+    assert f"| 0.5 | pins | pins-b / pins-a | {(acc['a'] + acc['b']) / 2:.4f}" in text
+    written = pd.read_csv(pooled / "compare" / "comparison.csv")
+    assert list(written["test_by_seed"]) == list(swapped["test_by_seed"])
+    assert (pooled / "compare" / "comparison.png").stat().st_size > 1000
+
+
+def test_pooling_refuses_runs_it_cannot_pool(model_dirs, task, tokenizer, tmp_path):
+    run1 = _seed_run(tmp_path / "s1", {"nas": "a", "pins": "b"}, model_dirs, task, tokenizer)
+    other = _seed_run(tmp_path / "s2", {"nas": "a", "pins": "b"}, model_dirs, task, tokenizer,
+                      max_test_examples=len(task.test) - 3)
+    with pytest.raises(compare.CompareError, match="different test examples"):
+        compare.pool_seeds([run1, other])
+    with pytest.raises(compare.CompareError, match="at least two runs"):
+        compare.pool_seeds([run1])
+    (other / "test_scores.parquet").unlink()
+    with pytest.raises(compare.CompareError, match="lacks test_scores.parquet: run the compare"):
+        compare.pool_seeds([run1, other])
 
 
 def test_latency_budgets_are_measured_here_for_every_candidate(model_dirs, task, tokenizer,
