@@ -10,7 +10,8 @@ OUT/baselines/<method>/ one model dir per baseline model              pipeline.b
 OUT/report/             pareto.png, summary.md                        pipeline.report
 OUT/export/<name>/      one Hugging Face model dir per sub-network    pipeline.refine (refined),
                         (refined when refine ran)                     pipeline.export
-OUT/compare/            comparison.md/.csv/.png on the test split     pipeline.compare
+OUT/compare/            comparison.md/.csv/.json/.png on the test     pipeline.compare
+                        split, test_scores.parquet (per example)
 OUT/compare/nas/<name>/ the unrefined Pareto models it scores         pipeline.compare
 OUT/summary.json        what `nas-prune run` did, stage by stage      pipeline.run
 ```
