@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nas_prune import data, pipeline  # noqa: E402
 from nas_prune.options import PipelineOptions, TaskOptions, replace  # noqa: E402
+from nas_prune.rundir import RunDir  # noqa: E402
 
 BUDGETS = (0.58, 0.63, 0.77)
 """Parameter budgets (fraction of the whole dense model) of the comparison."""
@@ -161,6 +162,9 @@ def main() -> None:
                         "just below the budgets")
     parser.add_argument("--baselines", nargs="*", default=["pins", "grain", "layer_drop"],
                         help="baselines to run (none: --baselines with no value)")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="run the compare stage alone on the finished run in --out (e.g. "
+                        "to write what a newer compare writes); summary.json is kept")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
@@ -168,6 +172,9 @@ def main() -> None:
     for noisy in ("DeepSpeed", "transformers", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.out or f"build/bench_compare/{Path(args.task).stem}")
+    if args.compare_only:
+        print(pipeline.compare(RunDir(out), options(args)).read_text())
+        return
     summary = pipeline.run(out, options(args))
     print(json.dumps(summary, indent=2))
     comparison = out / "compare" / "comparison.md"
