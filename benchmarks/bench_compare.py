@@ -79,7 +79,7 @@ def options(args: argparse.Namespace) -> PipelineOptions:
     return replace(PipelineOptions(), {
         "data": task,
         "finetune": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 64},
-        "supernet": {"strategy": "full", "num_random": args.supernet_random,
+        "supernet": {"strategy": args.supernet_strategy, "num_random": args.supernet_random,
                      "epochs": args.supernet_epochs, "batch_size": 32,
                      "lr": 1e-4, "max_length": 64, "space": args.space, "seed": seed,
                      **({"budgets": list(args.budgets)} if args.supernet_budgets else {})},
@@ -119,6 +119,10 @@ def main() -> None:
     parser.add_argument("--valid-examples", type=int, default=1000,
                         help="validation examples each trial is scored on (the search's choice)")
     parser.add_argument("--supernet-epochs", type=float, default=1.0)
+    parser.add_argument("--supernet-strategy", default="full",
+                        help="supernet.strategy: full (sandwich + in-place distillation), kd "
+                        "(--supernet-random sub-networks per step, each distilled from the "
+                        "full network's logits, which get no update), ...")
     parser.add_argument("--supernet-random", type=int, default=2,
                         help="random sub-networks per supernet step (the `full` sandwich: "
                         "passes = this + 2)")
