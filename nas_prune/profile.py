@@ -699,7 +699,7 @@ def profile_configs(
     trial_ids = list(trial_ids) if trial_ids is not None else [None] * len(configs)
     rows: list[dict[str, Any]] = []
     for hw in types:
-        todo, futures = [], []
+        todo = []
         for config, trial_id in zip(configs, trial_ids, strict=True):
             key = config_hash(config)
             dtype = _dtype_for(hw, settings)
@@ -713,14 +713,10 @@ def profile_configs(
         if not todo:
             continue
         pool = start_pool(str(checkpoint), space, hw, settings, actors_per_type)
-        # an actor runs its calls in the order they were made: round by round
-        for _ in range(settings.rounds):
-            for i, (config, _, _) in enumerate(todo):
-                futures.append(pool[i % len(pool)].measure.remote(dict(config)))
-        results = ray.get(futures)
+        timed = _in_rounds(pool, "measure", [dict(config) for config, _, _ in todo],
+                           settings.rounds)
         measured = []
-        for i, (config, key, trial_id) in enumerate(todo):
-            row = fastest_round(results[i::len(todo)])
+        for row, (config, key, trial_id) in zip(timed, todo, strict=True):
             row.pop("round_ms")
             measured.append({**row, "config": dict(config), "config_hash": key,
                              "predicted": False, "trial_id": trial_id})
@@ -732,6 +728,19 @@ def profile_configs(
         for actor in pool:
             ray.kill(actor)
     return rows
+
+
+def _in_rounds(pool: Sequence[Any], method: str, items: Sequence[Any], rounds: int
+               ) -> list[dict[str, Any]]:
+    """Each of `items` timed `rounds` times by the profiler actors of `pool` (`method`, e.g.
+    "measure", item i always on actor i mod the pool's size), all items in turn per round (an
+    actor runs its calls in the order they were made), each item's rounds merged by
+    `fastest_round`."""
+    import ray
+
+    results = ray.get([getattr(pool[i % len(pool)], method).remote(item)
+                       for _ in range(rounds) for i, item in enumerate(items)])
+    return [fastest_round(results[i::len(items)]) for i in range(len(items))]
 
 
 def fastest_round(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -765,10 +774,9 @@ def profile_saved(model_dirs: Sequence[str | os.PathLike],
     for hw in resolve_hardware(settings.hardware, discover_hardware()):
         pool = start_pool(None, None, hw, settings)
         try:
-            results = ray.get([pool[0].measure_saved.remote(d)
-                               for _ in range(settings.rounds) for d in dirs])
-            for i, d in enumerate(dirs):
-                measured[d][hw.name] = fastest_round(results[i::len(dirs)])
+            timed = _in_rounds(pool, "measure_saved", dirs, settings.rounds)
+            for d, row in zip(dirs, timed, strict=True):
+                measured[d][hw.name] = row
         finally:
             for actor in pool:
                 ray.kill(actor)
