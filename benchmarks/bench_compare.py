@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--supernet-strategy", default="full",
                         help="supernet.strategy: full (sandwich + in-place distillation), kd "
                         "(--supernet-random sub-networks per step, each distilled from the "
-                        "full network's logits, which get no update), ...")
+                        "full network's logits, which get no update), largest_kd (the full network "
+                        "and --supernet-random distilled ones, no smallest), ...")
     parser.add_argument("--supernet-random", type=int, default=2,
                         help="random sub-networks per supernet step (the `full` sandwich: "
                         "passes = this + 2)")

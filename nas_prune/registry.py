@@ -22,6 +22,7 @@ STRATEGIES: dict[str, str] = {
     "sandwich": "nas_prune.strategies:Sandwich",
     "kd": "nas_prune.strategies:KD",
     "full": "nas_prune.strategies:Full",
+    "largest_kd": "nas_prune.strategies:LargestKD",
 }
 """Supernet training strategies (METHODS.md section 1)."""
 

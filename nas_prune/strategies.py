@@ -9,6 +9,9 @@ sandwich         the full network, k random ones (default 2) and the smallest, o
 kd               like random, but each sub-network distils from the full network's detached
                  logits (nas_prune.train.kd_loss)
 full             sandwich + in-place distillation (the authors' final choice)
+largest_kd       the full network and k random ones (default 2) distilled from it in place: `full`
+                 without the smallest sub-network, for budgeted runs (`supernet.budgets`) where
+                 the smallest is far below every budget
 ===============  ==========================================================================
 
 A strategy only plans: it returns the step's `Pass`es; nas_prune.train runs them.
@@ -137,6 +140,19 @@ class KD(Random):
 class Full(Sandwich):
     name = "full"
     kd = True
+
+
+class LargestKD(Strategy):
+    name = "largest_kd"
+    kd = True
+    default_random = 2
+
+    @property
+    def passes_per_step(self) -> int:
+        return self.num_random + 1
+
+    def plan(self, ctx):
+        return [Pass(None), *(Pass(self._random(ctx), distil=True) for _ in range(self.num_random))]
 
 
 def make_strategy(name: str, num_random: int | None = None, temperature: float = 1.0

@@ -90,6 +90,8 @@ def _plan(name, **kw):
         ("kd", {"num_random": 2}, 2, 0, 2),
         ("full", {}, 4, 1, 3),
         ("full", {"num_random": 1}, 3, 1, 2),
+        ("largest_kd", {}, 3, 1, 2),
+        ("largest_kd", {"num_random": 3}, 4, 1, 3),
     ],
 )
 def test_strategy_plans(name, kwargs, passes, full, distil):
@@ -103,6 +105,26 @@ def test_sandwich_ends_with_smallest_and_starts_with_full():
     _, plan = _plan("sandwich")
     assert plan[0].sub is None
     assert plan[-1].sub == SubNetwork.uniform(2, 0, 1, 1)
+
+
+def test_largest_kd_starts_with_full_and_draws_the_rest_from_the_sampler():
+    """Unlike `full`, no pass is forced onto the smallest sub-network: with budgets, every
+    pass but the full one comes from the budget sampler."""
+    space = SmallSpace(2, 4, 48)
+    near_budget = SubNetwork.uniform(2, 2, 3, 30)
+    drawn = []
+
+    def sample(rng):
+        drawn.append(rng)
+        return near_budget
+
+    for name, expected in [("largest_kd", [None, near_budget, near_budget]),
+                           ("full", [None, near_budget, space.to_sub_network(space.smallest())])]:
+        plan = make_strategy(name, num_random=2 if name == "largest_kd" else 1).plan(
+            StepContext(space, np.random.default_rng(0), 0, 1, sample))
+        assert [p.sub for p in plan] == expected
+        assert [p.distil for p in plan] == [False, True, True]  # the full pass teaches
+    assert len(drawn) == 3
 
 
 def test_random_linear_probability_rises():
@@ -271,7 +293,8 @@ def _forward_counter(monkeypatch):
 
 
 @pytest.mark.parametrize(("strategy", "num_random", "forwards"),
-                         [("sandwich", 1, 3), ("sandwich", 3, 5), ("kd", 2, 3)])
+                         [("sandwich", 1, 3), ("sandwich", 3, 5), ("kd", 2, 3),
+                          ("largest_kd", 2, 3)])
 def test_num_random_changes_training(teacher_dir, task, tmp_path, monkeypatch, strategy,
                                      num_random, forwards):
     calls = _forward_counter(monkeypatch)
