@@ -121,14 +121,17 @@ class RandomLinear(Strategy):
 class Sandwich(Strategy):
     name = "sandwich"
     default_random = 2
+    with_smallest = True
 
     @property
     def passes_per_step(self) -> int:
-        return self.num_random + 2
+        return self.num_random + 1 + self.with_smallest
 
     def plan(self, ctx):
-        smallest = ctx.space.to_sub_network(ctx.space.smallest())
         randoms = [Pass(self._random(ctx), distil=self.kd) for _ in range(self.num_random)]
+        if not self.with_smallest:
+            return [Pass(None), *randoms]
+        smallest = ctx.space.to_sub_network(ctx.space.smallest())
         return [Pass(None), *randoms, Pass(smallest, distil=self.kd)]
 
 
@@ -142,17 +145,9 @@ class Full(Sandwich):
     kd = True
 
 
-class LargestKD(Strategy):
+class LargestKD(Full):
     name = "largest_kd"
-    kd = True
-    default_random = 2
-
-    @property
-    def passes_per_step(self) -> int:
-        return self.num_random + 1
-
-    def plan(self, ctx):
-        return [Pass(None), *(Pass(self._random(ctx), distil=True) for _ in range(self.num_random))]
+    with_smallest = False
 
 
 def make_strategy(name: str, num_random: int | None = None, temperature: float = 1.0
