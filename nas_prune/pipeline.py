@@ -149,10 +149,25 @@ def search(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
     experiment = opts.search_experiment
     frame = run_search(supernet_dir, opts.data, run.results, experiment, opts.search,
                        profile=opts.profile, storage_path=run.tune)
-    teacher = read_meta(supernet_dir).get("teacher")
-    if teacher and Path(teacher).exists():
-        _dense_row(run, opts, Path(teacher), supernet_dir)
+    teacher = _teacher_of(run, read_meta(supernet_dir))
+    if teacher.exists():
+        _dense_row(run, opts, teacher, supernet_dir)
     return frame
+
+
+def _teacher_of(run: RunDir, supernet_meta: dict[str, Any]) -> Path:
+    """The teacher a supernet was trained from: the path its checkpoint names, or this run's
+    own teacher when there is none or when the named path is not found from here (a supernet
+    trained before its teacher was stored by an absolute path names it relative to the working
+    directory of its training)."""
+    named = supernet_meta.get("teacher")
+    if not named:
+        return run.teacher
+    if not Path(named).exists() and (run.teacher / "config.json").exists():
+        log.warning("the supernet names its teacher %s, not found from %s; using this run's "
+                    "teacher %s", named, Path.cwd(), run.teacher)
+        return run.teacher
+    return Path(named)
 
 
 def _dense_row(run: RunDir, opts: PipelineOptions, teacher: Path, supernet_dir: Path) -> None:
@@ -275,7 +290,7 @@ def refine(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None =
 
     supernet_dir = Path(supernet_dir or run.supernet)
     meta = check_supernet(supernet_dir)
-    teacher = Path(teacher or meta.get("teacher") or run.teacher)
+    teacher = Path(teacher) if teacher else _teacher_of(run, meta)
     r = opts.refine
     space = opts.search.space or meta.get("space") or "small"
     store = results_lib.ResultStore(run.results, f"refine-{_search_experiment(run, opts)}")
@@ -416,7 +431,7 @@ def compare(run: RunDir, opts: PipelineOptions) -> Path:
         return compare_lib.write_comparison(pooled, run.compare)
     supernet_dir = run.supernet
     meta = check_supernet(supernet_dir)
-    teacher = Path(meta.get("teacher") or run.teacher)
+    teacher = _teacher_of(run, meta)
     experiment = _search_experiment(run, opts)
     everything = results_lib.load(run.results)
     front = pareto_set(run, opts)

@@ -427,7 +427,9 @@ def train_supernet(
     model, meta = load_checkpoint(source)
     check_teacher(meta, model.config.num_labels, task, source)
     tokenizer = data_lib.load_tokenizer(str(source))
-    new_meta = {"kind": "supernet", "task": task.spec.name, "teacher": str(teacher_dir),
+    # absolute: later stages find the teacher from any working directory
+    new_meta = {"kind": "supernet", "task": task.spec.name,
+                "teacher": str(Path(teacher_dir).resolve()),
                 "base_model": meta.get("base_model"), "family": model.config.family}
     return train(model.train(), task, tokenizer, out_dir, opts, meta=new_meta, **kwargs)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -193,16 +195,45 @@ def teacher_dir(tmp_path_factory, tokenizer, task):
 def supernet_dir(tmp_path_factory, teacher_dir, task, tokenizer):
     """A briefly trained supernet whose classification head is then deliberately damaged
     (its output layer negated: every prediction flipped), so every sub-network starts far
-    below the teacher."""
+    below the teacher. Its teacher is named relative to the working directory of its
+    training, as a user names it."""
     out = tmp_path_factory.mktemp("supernet")
-    train.train_supernet(teacher_dir, task, out, SupernetOptions(max_steps=2, batch_size=16,
-                                                                 log_every=100))
+    cwd = os.getcwd()
+    os.chdir(teacher_dir.parent)
+    try:
+        train.train_supernet(teacher_dir.name, task, out,
+                             SupernetOptions(max_steps=2, batch_size=16, log_every=100))
+    finally:
+        os.chdir(cwd)
     model, meta = load_checkpoint(out)
     with torch.no_grad():
         model.head.out.weight.neg_()
         model.head.out.bias.neg_()
     save_checkpoint(out, model, tokenizer, meta)
     return out
+
+
+def test_later_stages_find_the_teacher_from_any_working_directory(
+        supernet_dir, teacher_dir, tmp_path, monkeypatch, caplog):
+    """The supernet's checkpoint names its teacher by an absolute path, though it was given a
+    relative one; an older checkpoint that names it relative to another directory falls back
+    to the run's own teacher, with a warning, and to the named path when the run has none."""
+    from nas_prune import pipeline
+    from nas_prune.rundir import RunDir
+
+    meta = read_meta(supernet_dir)
+    assert meta["teacher"] == str(teacher_dir.resolve())
+    run = RunDir(tmp_path / "run")
+    run.teacher.parent.mkdir(parents=True)
+    run.teacher.symlink_to(teacher_dir)
+    monkeypatch.chdir(tmp_path)
+    assert pipeline._teacher_of(run, meta) == teacher_dir.resolve()
+    older = {**meta, "teacher": "build/elsewhere/teacher"}
+    with caplog.at_level(logging.WARNING, "nas_prune.pipeline"):
+        assert pipeline._teacher_of(run, older) == run.teacher
+    assert "build/elsewhere/teacher, not found" in caplog.text
+    run.teacher.unlink()
+    assert pipeline._teacher_of(run, older) == Path("build/elsewhere/teacher")
 
 
 def _sub_network_scores(supernet_dir, task, tokenizer) -> dict:
