@@ -4,9 +4,9 @@ the saved model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -198,13 +198,9 @@ def supernet_dir(tmp_path_factory, teacher_dir, task, tokenizer):
     below the teacher. Its teacher is named relative to the working directory of its
     training, as a user names it."""
     out = tmp_path_factory.mktemp("supernet")
-    cwd = os.getcwd()
-    os.chdir(teacher_dir.parent)
-    try:
+    with contextlib.chdir(teacher_dir.parent):
         train.train_supernet(teacher_dir.name, task, out,
                              SupernetOptions(max_steps=2, batch_size=16, log_every=100))
-    finally:
-        os.chdir(cwd)
     model, meta = load_checkpoint(out)
     with torch.no_grad():
         model.head.out.weight.neg_()
