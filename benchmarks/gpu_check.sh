@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=.venv/bin/python
+PYTHON=${PYTHON:-.venv/bin/python}  # gpu_check_device.sh sets the machine's own
 if [[ ! -x $PYTHON ]]; then
     echo "gpu_check: no $PYTHON; run \`make venv\` in the repository root first" >&2
     exit 2

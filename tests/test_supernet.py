@@ -200,6 +200,17 @@ def test_load_pretrained_from_finetuned_directory(tmp_path, make_hf_bert, make_b
     torch.testing.assert_close(_logits(model, batch), _logits(hf, batch), atol=ATOL, rtol=0)
 
 
+def test_a_loaded_checkpoint_keeps_our_layers_no_hub_kernels(tmp_path, make_hf_bert):
+    """transformers swaps "hub kernels" (code fetched from the Hub) into a loaded model at
+    train()/eval() unless told not to; offline on a GPU that failed the first supernet
+    evaluation (benchmarks/gpu_check.sh). nas_prune turns them off when it is imported."""
+    make_hf_bert(num_labels=3).save_pretrained(tmp_path / "hf")
+    load_pretrained(str(tmp_path / "hf"), num_labels=3).save_pretrained(tmp_path / "ours")
+    model = load_pretrained(str(tmp_path / "ours"), num_labels=3).train().eval()
+    assert isinstance(model, EncoderForSequenceClassification)
+    assert not model.use_kernels and model.kernels_mode is None
+
+
 def test_load_pretrained_base_checkpoint_keeps_encoder_and_adds_head(tmp_path):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
