@@ -26,8 +26,10 @@ and load through the transformers Auto classes with `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,8 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("bert", "roberta")
 """Hugging Face `model_type`s whose weights load into this encoder."""
@@ -668,6 +672,50 @@ def checkpoint_pooling(name_or_path: str, **hf_kwargs) -> str:
     return "mean" if settings.get("pooling_mode_mean_tokens") else "cls"
 
 
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT (a multi-line table logged as a warning whenever a
+    checkpoint lacks weights the model has, as every base model under a new head does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def new_head_loading(name_or_path: str, head: str) -> Iterator[dict]:
+    """Load a checkpoint under a model whose head (parameters named `head`...) may be new:
+    transformers' LOAD REPORT is shown only when something else is off (other keys missing or
+    unexpected, or the load fails: then it holds the details); a new head gets one info line.
+    Yields a dict; set its "loading" to `from_pretrained(..., output_loading_info=True)`'s info.
+    """
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    held = _HeldLoadReport()
+    result: dict = {}
+    hf_log.addFilter(held)
+    try:
+        yield result
+    except BaseException:
+        hf_log.removeFilter(held)
+        for record in held.records:
+            hf_log.handle(record)
+        raise
+    hf_log.removeFilter(held)
+    loading: Mapping[str, Sequence[str]] = result.get("loading") or {}
+    missing = list(loading.get("missing_keys", ()))
+    if any(not k.startswith(head) for k in missing) or loading.get("unexpected_keys"):
+        for record in held.records:
+            hf_log.handle(record)
+    elif missing:
+        log.info("%s has no %s weights: a new head was initialised (it is trained next)",
+                 name_or_path, head.rstrip("."))
+
+
 def load_pretrained(
     name_or_path: str, num_labels: int = 2, pooling: str = "auto", **hf_kwargs
 ) -> EncoderForSequenceClassification:
@@ -690,9 +738,11 @@ def load_pretrained(
             )
         return EncoderForSequenceClassification.from_pretrained(name_or_path, config=config)
     config_from_hf(config)  # fail early, before loading weights, for other families
-    hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, config=config, output_loading_info=True, **hf_kwargs
-    )
+    with new_head_loading(name_or_path, "classifier.") as loaded:
+        hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, output_loading_info=True, **hf_kwargs
+        )
+        loaded["loading"] = loading
     if pooling == "auto":  # a classifier the checkpoint brings was trained on the first token
         new_head = any(k.startswith("classifier.") for k in loading["missing_keys"])
         pooling = checkpoint_pooling(name_or_path, **hf_kwargs) if new_head else "cls"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -209,6 +210,32 @@ def test_a_loaded_checkpoint_keeps_our_layers_no_hub_kernels(tmp_path, make_hf_b
     model = load_pretrained(str(tmp_path / "ours"), num_labels=3).train().eval()
     assert isinstance(model, EncoderForSequenceClassification)
     assert not model.use_kernels and model.kernels_mode is None
+
+
+def test_a_new_head_is_one_info_line_and_other_load_problems_keep_the_report(
+        tmp_path, make_hf_bert, caplog):
+    """transformers 5.2x logs a LOAD REPORT table for every base model under a new head; we
+    say it in one line, and show the table only when something else is off."""
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    hf_log.addHandler(handler)
+    try:
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=48)
+        BertModel(config).save_pretrained(tmp_path / "base")
+        with caplog.at_level("INFO", logger="nas_prune.supernet"):
+            load_pretrained(str(tmp_path / "base"), num_labels=2)
+        assert not [m for m in shown if "LOAD REPORT" in m]
+        assert any("a new head was initialised" in r.getMessage() for r in caplog.records)
+
+        make_hf_bert(num_labels=3).save_pretrained(tmp_path / "three")
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            load_pretrained(str(tmp_path / "three"), num_labels=5)  # a head of the wrong size
+        assert [m for m in shown if "LOAD REPORT" in m]  # the failure's details are shown
+    finally:
+        hf_log.removeHandler(handler)
 
 
 def test_load_pretrained_base_checkpoint_keeps_encoder_and_adds_head(tmp_path):
