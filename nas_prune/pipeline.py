@@ -581,8 +581,8 @@ def run(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     stage("supernet", supernet)
     evaluated = stage("search", search)
     front = pareto_set(rundir, opts)
-    log.info("Pareto set: %d of %d sub-networks", len(front),
-             evaluated[evaluated["status"] == "ok"]["trial_id"].nunique())
+    sub_networks = evaluated[(evaluated["status"] == "ok") & (evaluated["method"] != "dense")]
+    log.info("Pareto set: %d of %d sub-networks", len(front), sub_networks["trial_id"].nunique())
     if opts.profile.enabled:
         stage("profile", profile)
     experiments = [opts.search_experiment]
