@@ -413,9 +413,10 @@ class RefineOptions:
     `screen_steps`); the comparison takes the one best on validation after refine."""
     band: float | None = None
     """With select "budgets": candidates are the search's complete evaluations within
-    [budget - band, budget] on `compare.axis` (None: anything within the budget), not only
-    Pareto-optimal ones. Far below the dense model their unrefined validation errors sit
-    within noise of each other, while their refined ones do not (tweets, 0.55-0.58 of MiniLM:
+    [budget - band, budget] on `compare.axis`, in that axis's units (a params ratio, or ms on
+    the latency axis; None: anything within the budget), not only Pareto-optimal ones. Far
+    below the dense model their unrefined validation errors sit within noise of each other,
+    while their refined ones do not (tweets, 0.55-0.58 of MiniLM:
     0.429-0.446 unrefined, 0.276-0.377 refined; benchmarks/README.md, issue 13)."""
     screen_steps: int | None = None
     """With select "budgets" and per_budget > 1: each budget's candidates are first refined

@@ -174,6 +174,11 @@ def near_budgets(rows: pd.DataFrame, budgets: Sequence[float], axis: str = "para
     for budget in sorted(float(b) for b in budgets):
         near = rows if band is None else rows[rows[axis] >= budget - band]
         chosen.append(match_budgets(near, [budget], axis, top=per_budget))
+        if band is not None and len(chosen[-1]) < per_budget:
+            # the band is in the axis's units: 0.03 of the parameters is 0.03 ms on latency
+            log.warning("refine: %d of %d candidates for budget %g within refine.band %g "
+                        "below it (%s units); widen refine.band or leave it unset",
+                        len(chosen[-1]), per_budget, budget, band, axis)
     return pd.concat(chosen, ignore_index=True)
 
 

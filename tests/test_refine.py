@@ -89,7 +89,7 @@ def test_a_total_budget_is_split_over_the_models_refined_to_the_end():
                       total_examples=3 * 512 + 3 * 256).split([3, 3, 3])
 
 
-def test_which_models_select_budgets_refines():
+def test_which_models_select_budgets_refines(caplog):
     rows = pd.DataFrame({
         "method": "nas", "trial_id": ["a", "b", "c", "d", "e", "f"],
         "params_ratio": [0.50, 0.55, 0.60, 0.62, 0.75, 0.90],
@@ -107,6 +107,10 @@ def test_which_models_select_budgets_refines():
     # a band keeps the candidates close below the budget
     assert chosen([0.63], per_budget=3, band=0.05) == [(0.63, "c"), (0.63, "d")]
     assert chosen([0.77], band=0.1) == [(0.77, "e")] and chosen([0.7], band=0.05) == []
+    # in the axis's units: a params-sized band on the latency axis holds no model, and says so
+    with caplog.at_level("WARNING", logger="nas_prune.refine"):
+        assert chosen([3.5], "latency_ms", per_budget=2, band=0.03) == []
+    assert "0 of 2 candidates for budget 3.5 within refine.band 0.03" in caplog.text
     # two budgets may choose the same model; nothing fits 0.4
     assert chosen([0.4, 0.6, 0.61]) == [(0.6, "c"), (0.61, "c")]
     # on the latency axis a model without a latency is never chosen
