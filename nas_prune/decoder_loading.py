@@ -25,7 +25,7 @@ from nas_prune.decoder import (
     DecoderForSequenceClassification,
     DecoderModel,
 )
-from nas_prune.supernet import new_head_loading
+from nas_prune.supernet import from_pretrained_new_head
 
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
 """The end of a classification architecture's name (ours and transformers')."""
@@ -114,9 +114,9 @@ def load_pretrained_decoder(name_or_path: str, num_labels: int | None = None,
     config_from_hf(config)  # fail early, before loading weights, for other architectures
     if classify:
         config = AutoConfig.from_pretrained(name_or_path, **labels, **hf_kwargs)
-        with new_head_loading(name_or_path, "score.") as loaded:
-            hf_model, loaded["loading"] = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, config=config, output_loading_info=True, **hf_kwargs)
+        hf_model, _ = from_pretrained_new_head(
+            AutoModelForSequenceClassification, name_or_path, "score.", config=config,
+            **hf_kwargs)
     else:
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **hf_kwargs)
     model = from_hf(hf_model, share=True)

@@ -26,10 +26,9 @@ and load through the transformers Auto classes with `trust_remote_code=True`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -687,33 +686,29 @@ class _HeldLoadReport(logging.Filter):
         return True
 
 
-@contextlib.contextmanager
-def new_head_loading(name_or_path: str, head: str) -> Iterator[dict]:
-    """Load a checkpoint under a model whose head (parameters named `head`...) may be new:
-    transformers' LOAD REPORT is shown only when something else is off (other keys missing or
-    unexpected, or the load fails: then it holds the details); a new head gets one info line.
-    Yields a dict; set its "loading" to `from_pretrained(..., output_loading_info=True)`'s info.
-    """
+def from_pretrained_new_head(auto_class, name_or_path: str, head: str, **kwargs):
+    """`auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)` for a
+    model whose head (parameters named `head`...) may be new: transformers' LOAD REPORT is
+    shown only when something else is off (other keys missing or unexpected, or the load fails:
+    then it holds the details); a new head gets one info line. Returns (model, loading info)."""
     hf_log = logging.getLogger("transformers.modeling_utils")
     held = _HeldLoadReport()
-    result: dict = {}
+    loading: Mapping[str, Sequence[str]] | None = None
     hf_log.addFilter(held)
     try:
-        yield result
-    except BaseException:
+        model, loading = auto_class.from_pretrained(name_or_path, output_loading_info=True,
+                                                    **kwargs)
+    finally:
         hf_log.removeFilter(held)
-        for record in held.records:
-            hf_log.handle(record)
-        raise
-    hf_log.removeFilter(held)
-    loading: Mapping[str, Sequence[str]] = result.get("loading") or {}
-    missing = list(loading.get("missing_keys", ()))
-    if any(not k.startswith(head) for k in missing) or loading.get("unexpected_keys"):
-        for record in held.records:
-            hf_log.handle(record)
-    elif missing:
+        missing = list(loading["missing_keys"]) if loading is not None else []
+        if (loading is None or loading["unexpected_keys"]
+                or any(not k.startswith(head) for k in missing)):
+            for record in held.records:
+                hf_log.handle(record)
+    if missing:
         log.info("%s has no %s weights: a new head was initialised (it is trained next)",
                  name_or_path, head.rstrip("."))
+    return model, loading
 
 
 def load_pretrained(
@@ -738,11 +733,9 @@ def load_pretrained(
             )
         return EncoderForSequenceClassification.from_pretrained(name_or_path, config=config)
     config_from_hf(config)  # fail early, before loading weights, for other families
-    with new_head_loading(name_or_path, "classifier.") as loaded:
-        hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, config=config, output_loading_info=True, **hf_kwargs
-        )
-        loaded["loading"] = loading
+    hf_model, loading = from_pretrained_new_head(
+        AutoModelForSequenceClassification, name_or_path, "classifier.", config=config,
+        **hf_kwargs)
     if pooling == "auto":  # a classifier the checkpoint brings was trained on the first token
         new_head = any(k.startswith("classifier.") for k in loading["missing_keys"])
         pooling = checkpoint_pooling(name_or_path, **hf_kwargs) if new_head else "cls"

@@ -168,8 +168,7 @@ def test_custom_export_writes_remote_code_and_auto_map(custom_export):
                 for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {name.split(".")[0] for name in imported} <= {
-        "__future__", "collections", "contextlib", "dataclasses", "json", "logging", "torch",
-        "transformers",
+        "__future__", "collections", "dataclasses", "json", "logging", "torch", "transformers"
     }  # the standard library, torch and transformers: nothing a plain transformers user lacks
     info = json.loads((out / SUBNETWORK_FILE).read_text())
     assert info["heads"] == [[1, 3], 4, 0] and info["units"] == [20, [0, 5, 47], 16]
