@@ -34,7 +34,7 @@ lint: venv
 	$(BIN)/ruff check nas_prune tests jobs benchmarks
 
 bench: venv
-	for script in subnet_speed memory training latency; do \
+	for script in subnet_speed memory training precision latency; do \
 		$(BIN)/python benchmarks/bench_$$script.py || exit 1; done
 	$(BIN)/python benchmarks/bench_search.py --supernet build/bench_training/supernet
 	$(BIN)/python benchmarks/bench_compare.py

@@ -122,7 +122,8 @@ class TrainOptions:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3)."""
     precision: str = "auto"
-    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16" (on a CPU: bf16 autocast around fp32
+    weights, faster where the CPU has AVX512-BF16 or AMX)."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Overrides merged into the generated DeepSpeed config (optimizer, scheduler, ZeRO, ...)."""
 
@@ -473,7 +474,8 @@ class RefineOptions:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3)."""
     precision: str = "auto"
-    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16" (on a CPU: bf16 autocast around fp32
+    weights, faster where the CPU has AVX512-BF16 or AMX)."""
     flops_seq_len: int = 128
     """Sequence length at which the row's FLOPs are counted (the search's default)."""
 

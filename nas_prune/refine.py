@@ -265,7 +265,7 @@ def refine(
         row of the saved model; after an early stop, the partial row has status ``rung``.
     """
     from nas_prune.checkpoint import check_supernet, check_teacher, load_checkpoint
-    from nas_prune.engine import init_distributed, make_engine
+    from nas_prune.engine import autocast, init_distributed, make_engine
     from nas_prune.evaluate import evaluate
     from nas_prune.export import export_sub_network
     from nas_prune.options import TrainOptions
@@ -366,7 +366,7 @@ def refine(
         _, batch = next(stream)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad():
+        with torch.no_grad(), autocast(engine):
             teacher_out, teacher_states = forward_with_states(teacher, teacher, inputs)
         teacher_logits = teacher_out.logits.float()
         student_out, student_states = forward_with_states(engine, module, inputs)

@@ -496,6 +496,21 @@ def test_run_end_to_end(tiny_task_and_teacher, tokenizer, tmp_path):
     assert list(stored["cfg_target_permille"]) == [500, 200]
 
 
+def test_run_in_bf16_on_a_cpu_prunes_like_fp32(tiny_task_and_teacher, tokenizer, tmp_path):
+    """precision bf16 on a CPU (torch autocast, the teacher's forward too): the same budget
+    met, fp32 weights saved, accuracy near the fp32 run's."""
+    task, teacher_dir, _ = tiny_task_and_teacher
+    base = {"target_ratios": [0.5], "max_steps": 10, "batch_size": 16, "lr": 1e-3}
+    (fp32,) = run(teacher_dir, task, tokenizer, tmp_path / "fp32", Options(**base))
+    (bf16,) = run(teacher_dir, task, tokenizer, tmp_path / "bf16",
+                  Options(**base, precision="bf16"))
+    assert bf16["config"] == fp32["config"] and bf16["params"] == fp32["params"]
+    assert bf16["metric_value"] == pytest.approx(fp32["metric_value"], abs=0.1)
+    loaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "bf16" / bf16["trial_id"], trust_remote_code=True)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
 def test_run_rejects_teacher_of_another_task(tiny_task_and_teacher, tokenizer, tmp_path):
     task, teacher_dir, _ = tiny_task_and_teacher
     other = dataclasses.replace(task, spec=dataclasses.replace(task.spec, name="sst2"))

@@ -282,6 +282,21 @@ def test_refine_recovers_a_damaged_sub_network(refined, supernet_dir, teacher_di
     assert not (out.parent / ".t1.refine").exists()  # the resumable state is gone
 
 
+def test_refine_in_bf16_on_a_cpu_matches_fp32(refined, supernet_dir, teacher_dir, task,
+                                             tokenizer, tmp_path):
+    """precision bf16 on a CPU: the student's and the teacher's forwards under bf16 autocast,
+    fp32 weights; it recovers the sub-network as the fp32 refine does and saves fp32."""
+    _, reference = refined
+    out = tmp_path / "t1"
+    row = refine(supernet_dir, teacher_dir, CONFIG, "small", task, tokenizer, out,
+                 RefineOptions(**FAST, precision="bf16"))
+    assert row["metric_value"] == pytest.approx(reference["metric_value"], abs=0.05)
+    assert row["train_examples"] == reference["train_examples"]
+    model = load_pretrained(str(out))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert row["params"] == reference["params"]
+
+
 def test_refined_model_reloads_with_the_same_logits(refined, task, tokenizer,
                                                     load_in_fresh_process):
     out, row = refined

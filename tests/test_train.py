@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -12,7 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 from nas_prune import data, train
 from nas_prune.checkpoint import load_checkpoint
-from nas_prune.engine import deepspeed_config, lr_factor, make_engine
+from nas_prune.engine import autocast, deepspeed_config, lr_factor, make_engine
 from nas_prune.errors import CheckpointError, TrainingError
 from nas_prune.evaluate import evaluate
 from nas_prune.options import FinetuneOptions, SupernetOptions, TrainOptions
@@ -221,10 +222,55 @@ def test_the_engine_follows_the_schedule_and_one_step_updates(tiny_model_dir):
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 5e-4])
 
 
-def test_bf16_on_cpu_is_rejected():
-    opts = TrainOptions(precision="bf16")
-    with pytest.raises(TrainingError, match="needs a GPU"):
-        deepspeed_config(opts, 1, 10, 1, use_gpu=False)
+def test_bf16_on_a_cpu_is_torch_autocast_not_deepspeeds_bf16():
+    cpu = deepspeed_config(TrainOptions(precision="bf16"), 1, 10, 1, use_gpu=False)
+    assert cpu["bf16"]["enabled"] is False
+    assert cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    gpu = deepspeed_config(TrainOptions(precision="bf16"), 1, 10, 1, use_gpu=True)
+    assert gpu["bf16"]["enabled"] is True and "torch_autocast" not in gpu
+    assert "torch_autocast" not in deepspeed_config(TrainOptions(), 1, 10, 1, use_gpu=False)
+    # DeepSpeed's own bf16 section would cast the whole model: on a CPU it says what to use
+    with pytest.raises(TrainingError, match="need a GPU.*precision='bf16'"):
+        deepspeed_config(TrainOptions(deepspeed={"bf16": {"enabled": True}}), 1, 10, 1,
+                         use_gpu=False)
+
+
+def test_a_bf16_engine_on_a_cpu_computes_in_bf16_and_learns_like_fp32(tiny_model_dir):
+    torch.manual_seed(0)
+    model = EncoderForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    twin, other = copy.deepcopy(model), copy.deepcopy(model).eval()
+    batch = {"input_ids": torch.randint(5, 50, (8, 12)), "labels": torch.tensor([0, 1] * 4)}
+    inputs = {"input_ids": batch["input_ids"]}
+
+    def train_on_batch(engine) -> list[float]:
+        losses = []
+        for _ in range(12):
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    fp32, _ = make_engine(twin, TrainOptions(lr=3e-3), total_steps=12)
+    reference = train_on_batch(fp32)
+    engine, _ = make_engine(model, TrainOptions(lr=3e-3, precision="bf16"), total_steps=12)
+    assert engine(**batch).logits.dtype == torch.bfloat16
+    with torch.no_grad(), autocast(engine):  # a teacher's forward, outside the engine
+        assert other(**inputs).logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert other(**inputs).logits.dtype == torch.float32
+    losses = train_on_batch(engine)
+    assert losses[-1] < 0.6 * losses[0]
+    assert losses == pytest.approx(reference, abs=0.02)  # fp32 master weights: same course
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    # an fp32 engine after it (DeepSpeed keeps autocast state process-wide) does not autocast
+    # and does not reduce this model's Linear weights in bf16
+    fp32, _ = make_engine(model, TrainOptions(lr=1e-3), total_steps=2)
+    assert fp32(**batch).logits.dtype == torch.float32
+    with torch.no_grad(), autocast(fp32):
+        assert other(**inputs).logits.dtype == torch.float32
+    assert not any(hasattr(p, "comm_dtype") for p in model.parameters())
 
 
 def test_teacher_must_be_finetuned_for_the_task(tiny_model_dir, task, tmp_path, teacher_dir):
