@@ -96,7 +96,9 @@ def deepspeed_config(
         },
         "zero_optimization": {"stage": opts.zero_stage},
         "bf16": {"enabled": bf16 and use_gpu},
-        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if cpu_bf16 else {}),
+        # no "lower precision safe" modules: gradients (fp32) are reduced in fp32, not bf16
+        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16",
+                               "lower_precision_safe_modules": []}} if cpu_bf16 else {}),
     }
     config = _merge(config, opts.deepspeed)
     micro = config["train_micro_batch_size_per_gpu"]
@@ -219,12 +221,6 @@ def make_engine(model: torch.nn.Module, opts: TrainOptions, total_steps: int,
     world = torch.distributed.get_world_size()
     config = deepspeed_config(opts, passes_per_step, total_steps, world,
                               torch.cuda.is_available())
-    if not config.get("torch_autocast", {}).get("enabled"):
-        # DeepSpeed marks the weights of an autocast engine's Linear layers to be reduced in
-        # bf16 (and keeps autocast on process-wide): an fp32 engine reduces them in fp32
-        for p in model.parameters():
-            if hasattr(p, "comm_dtype"):
-                del p.comm_dtype
     if zero_stage(config) == 3:
         _register_sliced_parameters(model)
     factor = lr_factor(total_steps, opts.warmup_ratio)

@@ -225,7 +225,8 @@ def test_the_engine_follows_the_schedule_and_one_step_updates(tiny_model_dir):
 def test_bf16_on_a_cpu_is_torch_autocast_not_deepspeeds_bf16():
     cpu = deepspeed_config(TrainOptions(precision="bf16"), 1, 10, 1, use_gpu=False)
     assert cpu["bf16"]["enabled"] is False
-    assert cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",
+                                     "lower_precision_safe_modules": []}
     gpu = deepspeed_config(TrainOptions(precision="bf16"), 1, 10, 1, use_gpu=True)
     assert gpu["bf16"]["enabled"] is True and "torch_autocast" not in gpu
     assert "torch_autocast" not in deepspeed_config(TrainOptions(), 1, 10, 1, use_gpu=False)
@@ -264,13 +265,13 @@ def test_a_bf16_engine_on_a_cpu_computes_in_bf16_and_learns_like_fp32(tiny_model
     assert losses == pytest.approx(reference, abs=0.02)  # fp32 master weights: same course
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    # gradients are reduced in fp32: DeepSpeed marked no weight for bf16 communication
+    assert not any(hasattr(p, "comm_dtype") for p in model.parameters())
     # an fp32 engine after it (DeepSpeed keeps autocast state process-wide) does not autocast
-    # and does not reduce this model's Linear weights in bf16
     fp32, _ = make_engine(model, TrainOptions(lr=1e-3), total_steps=2)
     assert fp32(**batch).logits.dtype == torch.float32
     with torch.no_grad(), autocast(fp32):
         assert other(**inputs).logits.dtype == torch.float32
-    assert not any(hasattr(p, "comm_dtype") for p in model.parameters())
 
 
 def test_teacher_must_be_finetuned_for_the_task(tiny_model_dir, task, tmp_path, teacher_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
+import torch
 
 from nas_prune import data, train
 from nas_prune.checkpoint import load_checkpoint
@@ -40,10 +41,15 @@ def test_two_workers_train_like_one(ray_local, tmp_path):
     assert valid["metric"] == pytest.approx(meta["valid"]["metric"])
     assert valid["metric"] > 0.9
 
-    sn = SupernetOptions(strategy="full", max_steps=3, batch_size=16, zero_stage=1)
+    # the supernet in bf16 (torch autocast on the CPU workers, fp32 gradients reduced by gloo)
+    sn = SupernetOptions(strategy="full", max_steps=3, batch_size=16, zero_stage=1,
+                         precision="bf16")
     meta = train.train_distributed("supernet", tmp_path / "teacher", TaskOptions(task=csv),
                                    tmp_path / "supernet", sn, num_workers=2)
     assert meta["kind"] == "supernet" and meta["steps_done"] == 3 and meta["world_size"] == 2
+    assert np.isfinite(meta["losses"]).all()
+    supernet, _ = load_checkpoint(tmp_path / "supernet")
+    assert {p.dtype for p in supernet.parameters()} == {torch.float32}
 
 
 def test_infeasible_worker_count_fails_fast(ray_local, tmp_path):
