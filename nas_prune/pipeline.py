@@ -240,8 +240,9 @@ def profile(run: RunDir, opts: PipelineOptions, supernet_dir: str | Path | None 
 
 def baselines(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = None
               ) -> list[str]:
-    """Run each of `opts.baselines` on the teacher (default ``run.teacher``) unless its
-    experiment already holds rows; returns their experiments."""
+    """Run each of `opts.baselines` on the teacher (default ``run.teacher``); models its
+    experiment already holds are kept, not trained again (an interrupted stage resumes at the
+    first missing model). Returns their experiments."""
     from nas_prune import baselines as baselines_lib
     from nas_prune.evaluate import dense_evaluation
     from nas_prune.models import is_decoder
@@ -259,9 +260,6 @@ def baselines(run: RunDir, opts: PipelineOptions, teacher: str | Path | None = N
         experiment = baselines_lib.experiment_name(name, method_opts)
         experiments.append(experiment)
         store = results_lib.ResultStore(run.results, experiment)
-        if not store.evaluations().empty:
-            log.info("baseline %s already in %s", name, experiment)
-            continue
         task = data_lib.tokenize(data_lib.load_task(opts.data), tokenizer,
                                  getattr(method_opts, "max_length", 128))
         baselines_lib.run_method(name, teacher, task, tokenizer, run.baseline(name),

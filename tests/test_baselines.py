@@ -134,7 +134,7 @@ def test_layer_drop_rows_and_stock_models(teacher_dir, task, tokenizer, tmp_path
 
 
 def test_pipeline_runs_baselines_once(teacher_dir, csv_task, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="nas_prune.pipeline")
+    caplog.set_level(logging.INFO, logger="nas_prune.baselines")
     opts = replace(PipelineOptions(), {
         "data": {"task": csv_task}, "profile": {"repeats": 2, "seq_len": 16},
         "baselines": ["layer_drop"],
@@ -149,7 +149,42 @@ def test_pipeline_runs_baselines_once(teacher_dir, csv_task, tmp_path, caplog):
     assert frame["method"].tolist() == ["layer_drop", "dense"]
     assert frame["latency_ms"].iloc[0] > 0
     assert (tmp_path / "baselines" / "layer_drop" / "layers-1" / "config.json").exists()
-    assert "already in baseline-layer_drop-seed0" in caplog.text
+    assert "kept from an earlier run: layers-1" in caplog.text
+
+
+def test_an_interrupted_baseline_stage_keeps_its_finished_models(teacher_dir, csv_task,
+                                                                 tmp_path, monkeypatch):
+    """Ctrl-C while a method trains its second model: the first model's row is already in
+    the results store; the stage run again trains only the second."""
+    opts = replace(PipelineOptions(), {
+        "data": {"task": csv_task}, "profile": {"repeats": 2, "seq_len": 16},
+        "baselines": ["layer_drop"],
+        "baseline_options": {"layer_drop": {"layers": [1, 2], "max_steps": 2, "batch_size": 16,
+                                            "max_length": 32}}})
+    real_train, trained = train.train, []
+
+    def interrupted_at_the_second_model(model, *args, **kwargs):
+        trained.append(model.config.num_hidden_layers)
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train", interrupted_at_the_second_model)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.baselines(RunDir(tmp_path), opts, teacher_dir)
+    assert results.load(tmp_path / "results")["trial_id"].tolist() == ["layers-1"]
+    first = tmp_path / "baselines" / "layer_drop" / "layers-1" / "config.json"
+    stamp = first.stat().st_mtime_ns
+
+    trained.clear()
+    monkeypatch.setattr(train, "train", lambda model, *args, **kwargs: (
+        trained.append(model.config.num_hidden_layers), real_train(model, *args, **kwargs))[1])
+    pipeline.baselines(RunDir(tmp_path), opts, teacher_dir)
+    assert trained == [2]  # only the missing model
+    frame = results.load(tmp_path / "results")
+    assert frame["trial_id"].tolist() == ["layers-1", "layers-2", "dense"]
+    assert first.stat().st_mtime_ns == stamp
+    assert (frame["latency_ms"] > 0).all()
 
 
 # ------------------------------------------------------------------------------ CLI

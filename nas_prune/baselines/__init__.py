@@ -6,15 +6,18 @@ dependencies never burden another. Every method module defines
 
 * ``Options``: a dataclass, one docstring under each field (the CLI help), validated in
   ``__post_init__``; a ``max_length`` field, if any, is the tokenisation length the caller uses;
-* ``run(teacher_dir, task, tokenizer, out_dir, opts) -> list[dict]``: prune the fine-tuned
-  teacher at ``teacher_dir`` on the tokenised ``task``, save each produced model under
-  ``out_dir/<trial_id>/`` and return one evaluation row per model (the keys of
-  :data:`ROW_KEYS`, optionally ``latency_ms`` and ``hardware``), validation split metrics.
+* ``run(teacher_dir, task, tokenizer, out_dir, opts, *, done=(), on_row=None) -> list[dict]``:
+  prune the fine-tuned teacher at ``teacher_dir`` on the tokenised ``task``, save each produced
+  model under ``out_dir/<trial_id>/`` and return one evaluation row per model (the keys of
+  :data:`ROW_KEYS`, optionally ``latency_ms`` and ``hardware``), validation split metrics;
+  models whose trial id is in ``done`` are not trained again, and ``on_row(row)`` is called as
+  each model is saved, before the next one starts.
 
 :func:`run_method` is what the CLI (``nas-prune baseline <method>``) and the pipeline
 (``nas-prune run`` with ``baselines: [...]``) call: it runs a method, measures the latency of
-each saved model that has none yet (:func:`measure_latency`) and appends the rows to the results
-store under the experiment ``baseline-<method>-seed<seed>``.
+each saved model that has none yet (:func:`measure_latency`) and appends each row to the results
+store under the experiment ``baseline-<method>-seed<seed>`` as soon as its model is saved, so an
+interrupted run keeps every finished model and, run again, trains only the missing ones.
 
 Methods (METHODS.md): ``pins`` (Ren & Zhu 2023, unstructured), ``grain`` (Yang et al. 2023,
 structured intra-attention), ``layer_drop`` (keep the first k layers of an encoder and
@@ -156,25 +159,35 @@ def run_method(
         experiment: results experiment (default :func:`experiment_name`).
 
     Returns:
-        The rows as appended to the store.
+        The rows appended to the store now (the models trained now; those the experiment
+        already held are kept, not trained again).
     """
+    from nas_prune.models import hf_family
     from nas_prune.results import ResultStore
 
     module = get(method)
     if not isinstance(opts, module.Options):
         raise BaselineError(f"{method} needs {module.__name__}.Options, got {type(opts).__name__}")
-    log.info("== baseline %s ==", method)
-    from nas_prune.models import hf_family
+    store = ResultStore(results_root, experiment or experiment_name(method, opts))
+    stored = store.evaluations()  # the pipeline keeps the dense reference row here too
+    done = frozenset() if stored.empty else frozenset(
+        stored.loc[stored["method"] != "dense", "trial_id"])
+    log.info("== baseline %s ==%s", method,
+             f" (kept from an earlier run: {', '.join(sorted(done))})" if done else "")
+    rows: list[dict[str, Any]] = []
 
-    rows = [dict(r) for r in module.run(teacher_dir, task, tokenizer, out_dir, opts)]
-    check_rows(rows, method, out_dir)
-    for row in rows:
+    def record(row: Mapping[str, Any]) -> None:
+        """Store one finished model's row at once: a later interruption cannot lose it."""
+        row = dict(row)
+        check_rows([row], method, out_dir)
         row.setdefault("family", hf_family(teacher_dir))
         if row.get("latency_ms") is None:
             row.update(measure_latency(Path(out_dir) / row["trial_id"], latency))
         log.info("%s %s: %s %.4f, %d params (%.3f of dense), %.2f ms", method, row["trial_id"],
                  row["metric_name"], row["metric_value"], row["params"], row["params_ratio"],
                  row["latency_ms"])
-    store = ResultStore(results_root, experiment or experiment_name(method, opts))
-    store.append_evaluations(rows)
+        store.append_evaluations([row])
+        rows.append(row)
+
+    module.run(teacher_dir, task, tokenizer, out_dir, opts, done=done, on_row=record)
     return rows

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -495,7 +495,8 @@ def load_teacher(teacher_dir: str | os.PathLike, task: data_lib.TaskData
 
 
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
-        out_dir: str | os.PathLike, opts: Options) -> list[dict]:
+        out_dir: str | os.PathLike, opts: Options, *, done: Collection[str] = (),
+        on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Prune the fine-tuned teacher at `teacher_dir` with GRAIN, once per target ratio.
 
     Args:
@@ -504,14 +505,20 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         tokenizer: saved beside every pruned model; pads batches.
         out_dir: each pruned model goes to ``out_dir/<trial_id>/``.
         opts: GRAIN options.
+        done: trial ids of models already stored: not trained again.
+        on_row: called with each new model's row as soon as the model is saved.
 
     Returns:
-        One row per target (see `nas_prune.baselines.ROW_KEYS`), scored on `task.valid`.
+        One row per target trained now (see `nas_prune.baselines.ROW_KEYS`), scored on
+        `task.valid`.
     """
     teacher, meta = load_teacher(teacher_dir, task)
     dense_params = teacher.num_params()
     rows = []
     for target in opts.target_ratios:
+        name = trial_id(target)
+        if name in done:
+            continue
         start = time.perf_counter()
         small, pruner, steps = prune_to(teacher, task, tokenizer, opts, target)
         t_eval = time.perf_counter()
@@ -535,14 +542,13 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         }
         message = (f"kept {ratio:.2%} of prunable encoder weights (target {target:.2%}); heads "
                    f"per layer {shape['heads']}, FFN units per layer {shape['ffn_units']}")
-        name = trial_id(target)
         info = {"method": "grain", **shape, "qk_dims_per_head": c.qk_dims,
                 "vo_dims_per_head": c.vo_dims, "params": params,
                 "params_ratio": params / dense_params, "flops": small.flops(128),
                 "flops_seq_len": 128, "teacher": str(teacher_dir), "steps": steps,
                 "metric_name": task.spec.metric, "metric_value": valid["metric"]}
         save_model_dir(small, Path(out_dir) / name, tokenizer, info)
-        rows.append({
+        row = {
             "method": "grain", "task": task.spec.name, "model": meta.get("base_model"),
             "seed": opts.seed, "trial_id": name, "config": config, "fidelity": steps,
             "fidelity_unit": "steps", "error": valid["error"], "metric_name": task.spec.metric,
@@ -551,7 +557,10 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
             "wall_time_s": time.perf_counter() - start, "eval_time_s": eval_time,
             "train_examples": steps * opts.batch_size, "train_time_s": t_eval - start,
             "status": "ok", "message": message,
-        })
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
         log.info("grain %s: %s %.4f, %s, %d params (%.3f of dense)", name, task.spec.metric,
                  valid["metric"], message, params, params / dense_params)
     return rows

@@ -39,6 +39,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,13 +115,16 @@ class Options:
 
 
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
-        out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
+        out_dir: str | os.PathLike, opts: Options, *, done: Collection[str] = (),
+        on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Keep k layers of the teacher for each k in `opts.layers` (encoders: the first k;
     decoders: :func:`run_decoder`), fine-tune, save a checkpoint (stock when the head reads
-    [CLS]) to ``out_dir/layers-<k>/`` and return one evaluation row per model (validation
-    split)."""
+    [CLS]) to ``out_dir/layers-<k>/`` and return one evaluation row per model trained now
+    (validation split). Models whose trial id is in `done` (already stored) are not trained
+    again; `on_row` gets each new row as soon as its model is saved."""
     if task.spec.is_lm:
-        return run_decoder(teacher_dir, task, tokenizer, out_dir, opts)
+        return run_decoder(teacher_dir, task, tokenizer, out_dir, opts, done=done,
+                           on_row=on_row)
     if not opts.finetune:
         raise BaselineError("finetune false applies to decoders; encoder layer dropping "
                             "always fine-tunes")
@@ -134,6 +138,9 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     out = Path(out_dir)
     rows = []
     for k in opts.layers:
+        trial_id = f"layers-{k}"
+        if trial_id in done:
+            continue
         teacher, meta = load_checkpoint(teacher_dir)
         check_teacher(meta, teacher.config.num_labels, task, teacher_dir)
         c = teacher.config
@@ -143,7 +150,6 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         sub = SubNetwork.uniform(c.num_hidden_layers, k, c.num_attention_heads,
                                  c.intermediate_size)
         small = teacher.extract_sub_network(sub)
-        trial_id = f"layers-{k}"
         work = out / f".{trial_id}.train"  # DeepSpeed checkpoint, removed once exported
         shutil.rmtree(work, ignore_errors=True)
         # train()'s own end-of-training validation runs on one batch; the row's metric
@@ -164,7 +170,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                                      "teacher": str(teacher_dir), "steps": result.steps,
                                      "valid": scores})
         shutil.rmtree(work, ignore_errors=True)
-        rows.append({
+        row = {
             "method": "layer_drop", "task": task.spec.name,
             "model": str(meta.get("base_model", "")), "seed": opts.seed, "trial_id": trial_id,
             "config": {"num_layers": k}, "fidelity": float(result.steps),
@@ -175,7 +181,10 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
             "eval_time_s": eval_time, "status": "ok",
             "message": f"first {k} of {c.num_hidden_layers} layers, fine-tuned "
                        f"{result.steps} steps",
-        })
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
         log.info("%s: %s %.4f, %.3f of the dense parameters", trial_id, task.spec.metric,
                  scores["metric"], params / dense)
     return rows
@@ -264,10 +273,15 @@ def layers_to_drop(similarity: StreamSimilarity, keep: int, criterion: str) -> l
 
 
 def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
-                out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
+                out_dir: str | os.PathLike, opts: Options, *, done: Collection[str] = (),
+                on_row: Callable[[dict[str, Any]], None] | None = None
+                ) -> list[dict[str, Any]]:
     """Drop the layers `opts.criterion` chooses from the dense decoder at `teacher_dir` to
     keep each k in `opts.layers`, optionally fine-tune, save each model to
-    ``out_dir/layers-<k>/`` and return one row per model (validation perplexity)."""
+    ``out_dir/layers-<k>/`` and return one row per model trained now (validation perplexity).
+    Models whose trial id is in `done` (already stored) are not trained again (nor is the
+    block influence measured when none is left); `on_row` gets each new row as soon as its
+    model is saved."""
     from nas_prune.baselines.llm_pruner import (
         calibration_batches,
         load_decoder_teacher,
@@ -282,6 +296,9 @@ def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokeniz
     if too_many:
         raise BaselineError(f"cannot keep {too_many[0]} layers: the teacher has "
                             f"{c.num_hidden_layers}; choose layers <= {c.num_hidden_layers}")
+    todo = [k for k in opts.layers if f"layers-{k}" not in done]
+    if not todo:
+        return []
     calibration = calibration_batches(task.train, tokenizer, opts.calibration_blocks,
                                       opts.batch_size, opts.seed)
     blocks = sum(len(b["input_ids"]) for b in calibration)
@@ -290,7 +307,7 @@ def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokeniz
     log.info("layer dropping (%s): block influence per layer %s", opts.criterion,
              [round(float(v), 4) for v in similarity.block_influence()])
     full, out, rows = teacher.full_sub_network, Path(out_dir), []
-    for k in opts.layers:
+    for k in todo:
         dropped = layers_to_drop(similarity, k, opts.criterion)
         sub = DecoderSubNetwork(*([0 if i in dropped else v for i, v in enumerate(values)]
                                   for values in (full.kv_heads, full.queries_per_kv, full.units)))
@@ -308,6 +325,8 @@ def run_decoder(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokeniz
             message=lambda steps, dropped=dropped, n=c.num_hidden_layers: (
                 f"dropped layers {dropped} of {n} by "
                 f"{opts.criterion.replace('_', ' ')}, fine-tuned {steps} steps")))
+        if on_row is not None:
+            on_row(rows[-1])
         log.info("%s: perplexity %.3f, %.3f of the dense parameters", trial_id,
                  rows[-1]["metric_value"], rows[-1]["params_ratio"])
     return rows

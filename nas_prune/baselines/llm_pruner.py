@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -388,10 +388,13 @@ def pruned_model_row(teacher: Any, sub: Any, trial_id: str, task: data_lib.TaskD
 
 
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
-        out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
+        out_dir: str | os.PathLike, opts: Options, *, done: Collection[str] = (),
+        on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Prune the dense decoder at `teacher_dir` to each of `opts.params_ratios`, optionally
     recover, save each model to ``out_dir/params-<target>/`` and return one row per model
-    (validation perplexity)."""
+    trained now (validation perplexity). Models whose trial id is in `done` (already stored)
+    are not trained again (nor is the importance computed when none is left); `on_row` gets
+    each new row as soon as its model is saved."""
     started = time.perf_counter()
     if not task.spec.is_lm:
         raise BaselineError(f"llm_pruner prunes decoder language models; task "
@@ -399,6 +402,9 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     teacher, meta = load_decoder_teacher(teacher_dir, task)
     c = teacher.config
     layers = layer_range(c.num_hidden_layers, opts.first_layer, opts.last_layer)
+    todo = [t for t in opts.params_ratios if f"params-{t:g}" not in done]
+    if not todo:
+        return []
     calibration = calibration_batches(task.train, tokenizer, opts.calibration_blocks,
                                       opts.batch_size, opts.seed)
     blocks = sum(len(b["input_ids"]) for b in calibration)
@@ -407,7 +413,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     log.info("LLM-Pruner: Taylor importance on %d blocks in %.1f s; pruning layers %d..%d",
              blocks, calibration_s, layers.start, layers.stop - 1)
     out, rows = Path(out_dir), []
-    for target in opts.params_ratios:
+    for target in todo:
         ratio, sub = fit_ratio(teacher, target, layers, opts.attention_unit)
         trial_id = f"params-{target:g}"
         rows.append(pruned_model_row(
@@ -424,6 +430,8 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                 f"{opts.attention_unit.replace('_', ' ')}s and MLP neurons of layers "
                 f"{layers.start}..{layers.stop - 1}, Taylor importance on {blocks} blocks, "
                 f"{steps} recovery steps")))
+        if on_row is not None:
+            on_row(rows[-1])
         log.info("%s: perplexity %.3f, %.3f of the dense parameters (target %.3f)", trial_id,
                  rows[-1]["metric_value"], rows[-1]["params_ratio"], target)
     return rows

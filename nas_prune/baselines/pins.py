@@ -43,7 +43,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,17 +409,24 @@ def prune_model(model, task: data_lib.TaskData, tokenizer: Any, sparsity: float,
 
 
 def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
-        out_dir: str | os.PathLike, opts: Options) -> list[dict[str, Any]]:
+        out_dir: str | os.PathLike, opts: Options, *, done: Collection[str] = (),
+        on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Prune the teacher at `teacher_dir` to each of `opts.sparsities` (one run each), save
     every model (dense-shaped, with zeros) to ``out_dir/<trial_id>/`` and return one
-    evaluation row per model (validation split; params = all parameters minus the pruned
-    weights; FLOPs of the dense model that is stored)."""
+    evaluation row per model trained now (validation split; params = all parameters minus the
+    pruned weights; FLOPs of the dense model that is stored). Models whose trial id is in
+    `done` (already stored) are not trained again; `on_row` gets each new row as soon as its
+    model is saved."""
     from nas_prune.export import export_sub_network
 
     started = time.perf_counter()
     method = "pins" if opts.importance == "pins" else "magnitude"
     rows = []
     for sparsity in opts.sparsities:
+        pct = int(round(100 * sparsity))
+        trial_id = f"{method}-s{pct}"
+        if trial_id in done:
+            continue
         run_started = time.perf_counter()
         model, meta = load_checkpoint(teacher_dir)
         check_teacher(meta, model.config.num_labels, task, teacher_dir)
@@ -429,8 +436,6 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
         scores = evaluate(model, data_lib.make_loader(task.valid, tokenizer, 64),
                                     task.spec)
         eval_time = time.perf_counter() - t_eval
-        pct = int(round(100 * sparsity))
-        trial_id = f"{method}-s{pct}"
         params = dense_params - facts["pruned"]
         flops = model.flops(seq_len=128)
         export_sub_network(model, model.full_sub_network, Path(out_dir) / trial_id, tokenizer,
@@ -438,7 +443,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                                      "params_ratio": params / dense_params, **facts,
                                      "target_sparsity": sparsity, "task": task.spec.name,
                                      "teacher": str(teacher_dir), "valid": scores})
-        rows.append({
+        row = {
             "method": method, "task": task.spec.name, "model": str(meta.get("base_model", "")),
             "seed": opts.seed, "trial_id": trial_id, "config": {"sparsity_pct": pct},
             "fidelity": float(facts["steps"]), "fidelity_unit": "steps",
@@ -453,7 +458,10 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                         f"{facts['prunable']:,} encoder weights"
                         + (f", teacher replaced {facts['teacher_replacements']} times (last at "
                            f"step {facts['teacher_step']})" if opts.self_distillation else "")),
-        })
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
         log.info("%s: %s %.4f at sparsity %.4f", trial_id, task.spec.metric, scores["metric"],
                  facts["sparsity"])
     return rows
