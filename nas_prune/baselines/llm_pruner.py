@@ -347,6 +347,11 @@ def sub_network_config(sub: Any) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------- run
+def trial_id(target: float) -> str:
+    """The name of the model pruned to `target` of the dense parameters, e.g. "params-0.5"."""
+    return f"params-{target:g}"
+
+
 def pruned_model_row(teacher: Any, sub: Any, trial_id: str, task: data_lib.TaskData,
                      tokenizer: Any, out_dir: Path, opts: Any, *, method: str, recovery: bool,
                      meta: dict[str, Any], teacher_dir: str | os.PathLike, started: float,
@@ -402,7 +407,7 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     teacher, meta = load_decoder_teacher(teacher_dir, task)
     c = teacher.config
     layers = layer_range(c.num_hidden_layers, opts.first_layer, opts.last_layer)
-    todo = [t for t in opts.params_ratios if f"params-{t:g}" not in done]
+    todo = [t for t in opts.params_ratios if trial_id(t) not in done]
     if not todo:
         return []
     calibration = calibration_batches(task.train, tokenizer, opts.calibration_blocks,
@@ -415,9 +420,9 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
     out, rows = Path(out_dir), []
     for target in todo:
         ratio, sub = fit_ratio(teacher, target, layers, opts.attention_unit)
-        trial_id = f"params-{target:g}"
+        name = trial_id(target)
         rows.append(pruned_model_row(
-            teacher, sub, trial_id, task, tokenizer, out, opts, method="llm_pruner",
+            teacher, sub, name, task, tokenizer, out, opts, method="llm_pruner",
             recovery=bool(opts.recovery_steps), meta=meta, teacher_dir=teacher_dir,
             started=started, calibration=(blocks, calibration_s),
             config={"params_pct": round(100 * target), **sub_network_config(sub)},
@@ -432,6 +437,6 @@ def run(teacher_dir: str | os.PathLike, task: data_lib.TaskData, tokenizer: Any,
                 f"{steps} recovery steps")))
         if on_row is not None:
             on_row(rows[-1])
-        log.info("%s: perplexity %.3f, %.3f of the dense parameters (target %.3f)", trial_id,
+        log.info("%s: perplexity %.3f, %.3f of the dense parameters (target %.3f)", name,
                  rows[-1]["metric_value"], rows[-1]["params_ratio"], target)
     return rows
